@@ -1,0 +1,3 @@
+from istr_viz.cli import main
+
+raise SystemExit(main())
