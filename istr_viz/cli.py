@@ -32,13 +32,36 @@ def _cmd_make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_paths(args: argparse.Namespace, split: str = "val", prefix: str = ""):
+    """The (annotation file, image folder) pair from ``--ann/--images`` or ``--data ROOT``."""
+    from istr_viz.data.layout import DatasetPaths, split_paths
+
+    ann, images = getattr(args, f"{prefix}ann"), getattr(args, f"{prefix}images")
+    if getattr(args, "data", None):
+        if ann or images:
+            raise DataError("give either --data or the annotation file and image folder, not both",
+                            file=args.data)
+        return split_paths(args.data, split)
+    if not ann or not images:
+        flag = prefix.replace("_", "-")
+        raise DataError(f"give --{flag}ann FILE and --{flag}images DIR, or --data ROOT")
+    return DatasetPaths(Path(ann), Path(images)).check_exists()
+
+
 def _cmd_check_data(args: argparse.Namespace) -> int:
+    """Print the summary; exit 2 with one line per problem when entries had to be skipped."""
     from istr_viz.data.check import check_dataset, format_summary
 
-    summary = check_dataset(Path(args.ann), Path(args.images))
+    paths = _dataset_paths(args, args.split)
+    summary = check_dataset(paths.ann_file, paths.images_dir, progress=True)
     print(format_summary(summary))
     _write_json(args.json_out, summary)
-    return 0
+    problems = summary["skipped"]
+    for p in problems[:20]:
+        print(f"error: {p['file']}: {p['entry']}: {p['reason']}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"error: ... and {len(problems) - 20} more problems (see the summary)", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def _cmd_fit_basis(args: argparse.Namespace) -> int:
@@ -78,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_make_shapes)
 
     p = sub.add_parser("check-data", help="validate a COCO data set and summarise it")
-    p.add_argument("--ann", required=True, help="COCO instances annotation file")
-    p.add_argument("--images", required=True, help="folder the file_names are relative to")
+    p.add_argument("--ann", help="COCO instances annotation file")
+    p.add_argument("--images", help="folder the file_names are relative to")
+    p.add_argument("--data", help="or a data set root holding train/ and val/")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="split of --data")
     p.add_argument("--json-out", help="also write the summary as JSON")
     p.set_defaults(func=_cmd_check_data)
 
