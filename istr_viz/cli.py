@@ -83,6 +83,101 @@ def _cmd_fit_basis(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_paths(args: argparse.Namespace):
+    """(train, val or None) data sets: explicit files, ``--data ROOT``, or the built-in shapes."""
+    from istr_viz.data.layout import DatasetPaths, default_data_root, split_paths
+
+    explicit = args.train_ann or args.train_images
+    if args.data and explicit:
+        raise DataError("give either --data or --train-ann/--train-images, not both", file=args.data)
+    if explicit:
+        if not (args.train_ann and args.train_images):
+            raise DataError("give both --train-ann FILE and --train-images DIR")
+        train = DatasetPaths(Path(args.train_ann), Path(args.train_images)).check_exists()
+        val = None
+        if args.val_ann or args.val_images:
+            if not (args.val_ann and args.val_images):
+                raise DataError("give both --val-ann FILE and --val-images DIR")
+            val = DatasetPaths(Path(args.val_ann), Path(args.val_images)).check_exists()
+        return train, val
+    root = Path(args.data) if args.data else default_data_root()
+    return split_paths(root, "train"), split_paths(root, "val")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from istr_viz.basis import MaskBasis
+    from istr_viz.config import apply_overrides, get_preset
+    from istr_viz.engine import train
+    from istr_viz.evaluate import format_stage_table
+
+    if args.max_iters is not None and args.max_minutes is not None:
+        raise DataError("give --max-iters or --max-minutes, not both")
+    train_paths, val_paths = _train_paths(args)
+    cfg = apply_overrides(get_preset(args.preset), args.set or [])
+    basis = MaskBasis.load(args.basis) if args.basis else None
+    result = train(cfg, train_paths, args.out, val_data=val_paths, basis=basis,
+                   init_from=args.init_from, resume=args.resume, max_iters=args.max_iters,
+                   max_minutes=args.max_minutes, device=args.device)
+    print(f"trained {result.iterations} iterations in {result.minutes:.1f} min; "
+          f"checkpoint {result.last_checkpoint}")
+    if result.metrics:
+        print(format_stage_table(result.metrics))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from istr_viz.data.coco import load_annotations
+    from istr_viz.evaluate import evaluate_model, format_stage_table
+    from istr_viz.predictor import load_model
+
+    paths = _dataset_paths(args, "val")
+    model, predictor = load_model(args.checkpoint, device=args.device)
+    ann = load_annotations(paths.ann_file)
+    _check_classes_fit(args.checkpoint, predictor, ann)
+    metrics = evaluate_model(model, paths, predictor.config, device=predictor.device,
+                             results_out=args.results_out)
+    print(format_stage_table(metrics))
+    for c in metrics["per_category"]:
+        print(f"  {c['id']:>6} {c['name']:<20} box AP {100 * c['bbox_AP']:5.1f}  "
+              f"mask AP {100 * c['segm_AP']:5.1f}")
+    _write_json(args.json_out, metrics)
+    return 0
+
+
+def _check_classes_fit(checkpoint: str, predictor, ann) -> None:
+    if list(predictor.category_ids) != list(ann.label_to_cat_id):
+        raise DataError(
+            f"the checkpoint's classes {dict(zip(predictor.category_ids, predictor.class_names))} "
+            f"do not fit the data set's {dict(zip(ann.label_to_cat_id, ann.class_names))}; "
+            "fine-tune with train --init-from", file=checkpoint)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from istr_viz.predictor import load_model
+    from istr_viz.viz.figures import figure_to_png
+    from istr_viz.viz.stages import plot_stage_grid
+
+    _, predictor = load_model(args.checkpoint, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for image in args.images:
+        prediction = predictor.predict(Path(image), return_attention=False)
+        if args.stage is not None and not 1 <= args.stage <= prediction.num_stages:
+            raise DataError(f"--stage must be in 1..{prediction.num_stages}", entry=str(args.stage))
+        stages = [args.stage] if args.stage else range(1, prediction.num_stages + 1)
+        record = {"image": str(image), "height": prediction.size[0], "width": prediction.size[1],
+                  "stages": [{"stage": k, "detections": prediction.to_records(k, args.score_threshold)}
+                             for k in stages]}
+        stem = Path(image).stem
+        _write_json(str(out / f"{stem}.json"), record)
+        (out / f"{stem}_stages.png").write_bytes(
+            figure_to_png(plot_stage_grid(prediction, args.score_threshold)))
+        final = record["stages"][-1]
+        print(f"{image}: {len(final['detections'])} detections at stage {final['stage']} "
+              f"(score >= {args.score_threshold}) -> {out / (stem + '.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="istr-viz",
@@ -119,6 +214,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--json-out", help="also write the report as JSON")
     p.set_defaults(func=_cmd_fit_basis)
+
+    p = sub.add_parser("train", help="train ISTR on a COCO-format data set (default: built-in shapes)")
+    g = p.add_argument_group("data (default: the built-in shapes)")
+    g.add_argument("--train-ann", help="training annotation file")
+    g.add_argument("--train-images", help="training image folder")
+    g.add_argument("--val-ann", help="validation annotation file")
+    g.add_argument("--val-images", help="validation image folder")
+    g.add_argument("--data", help="or a data set root holding train/ and val/")
+    p.add_argument("--preset", default="shapes-cpu", help="named configuration: shapes-cpu, coco-r50")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change one configuration field, e.g. --set model.num_stages=4 (repeatable)")
+    p.add_argument("--basis", help="mask basis .npz (default: fitted on the training masks)")
+    p.add_argument("--init-from", help="start from another checkpoint's weights (class head re-initialised)")
+    p.add_argument("--max-iters", type=int, help="iterations to train (default: the preset's)")
+    p.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget, turned into iterations after timing the first ones")
+    p.add_argument("--out", required=True, help="output folder (last.pt, best.pt, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="COCO box and mask AP of a checkpoint, for every stage")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--ann", help="annotation file")
+    p.add_argument("--images", help="image folder")
+    p.add_argument("--data", help="or a data set root (its val/ split)")
+    p.add_argument("--json-out", help="write the metrics as JSON")
+    p.add_argument("--results-out", help="write the final stage's COCO results (boxes + RLE masks)")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.set_defaults(func=_cmd_evaluate, split="val")
+
+    p = sub.add_parser("predict", help="predict images: a per-stage figure and a JSON each")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.4)
+    p.add_argument("--stage", type=int, help="only this stage in the JSON (1..K; default all)")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 

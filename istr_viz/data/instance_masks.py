@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
@@ -93,69 +94,50 @@ def instance_masks(ann: CocoAnnotations, mask_size: int = 28, progress: bool = T
 def synthetic_instance_masks(n: int, mask_size: int = 28, seed: int = 0) -> np.ndarray:
     """(n, S, S) bool box-tight shapes: half rotated ellipses, half star-shaped polygons (4 to 11
     vertices), each stretched so that it touches all four sides of its box, as a ground-truth
-    mask cropped to its own box does."""
+    mask cropped to its own box does. Rasterised by pycocotools, as COCO polygons are."""
     rng = np.random.default_rng(seed)
     is_ellipse = rng.random(n) < 0.5
-    out = np.empty((n, mask_size, mask_size), dtype=bool)
-    out[is_ellipse] = _box_tight_ellipses(int(is_ellipse.sum()), mask_size, rng)
-    out[~is_ellipse] = _box_tight_polygons(int((~is_ellipse).sum()), mask_size, rng)
-    return out
+    num_vertices = np.where(is_ellipse, ELLIPSE_VERTICES, rng.integers(4, 12, n))
+    outlines: list[np.ndarray] = [np.empty(0)] * n
+    for count in np.unique(num_vertices):
+        index = np.flatnonzero(num_vertices == count)
+        make = _ellipse_outlines if count == ELLIPSE_VERTICES else _star_outlines
+        points = _stretch_to_box(make(len(index), int(count), rng), mask_size)  # (m, V, 2)
+        for i, outline in zip(index, points, strict=True):
+            outlines[i] = outline
+    return _rasterise(outlines, mask_size)
 
 
-def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(1, S, S) x and y of the pixel centres in [-1, 1] box coordinates."""
-    c = (np.arange(size) + 0.5) / size * 2 - 1
-    return c[None, None, :], c[None, :, None]
+ELLIPSE_VERTICES = 48  # an ellipse is drawn as a polygon with this many vertices
 
 
-def _box_tight_ellipses(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, S, S) rotated ellipses scaled so their bounding box is the mask's box."""
-    a, b = rng.uniform(0.3, 1.0, (2, n, 1, 1))
-    theta = rng.uniform(0, np.pi, (n, 1, 1))
+def _ellipse_outlines(m: int, vertices: int, rng: np.random.Generator) -> np.ndarray:
+    """(m, V, 2) points on rotated ellipses with random axes."""
+    a, b = rng.uniform(0.3, 1.0, (2, m, 1))
+    theta = rng.uniform(0, np.pi, (m, 1))
+    t = np.linspace(0, 2 * np.pi, vertices, endpoint=False)[None]
+    x, y = a * np.cos(t), b * np.sin(t)
     cos, sin = np.cos(theta), np.sin(theta)
-    half_w = np.sqrt((a * cos) ** 2 + (b * sin) ** 2)  # half extents of the rotated ellipse
-    half_h = np.sqrt((a * sin) ** 2 + (b * cos) ** 2)
-    gx, gy = _pixel_grid(size)
-    x, y = gx * half_w, gy * half_h
-    return ((x * cos + y * sin) / a) ** 2 + ((y * cos - x * sin) / b) ** 2 <= 1
+    return np.stack([x * cos - y * sin, x * sin + y * cos], axis=-1)
 
 
-def _box_tight_polygons(n: int, size: int, rng: np.random.Generator,
-                        block: int = 128) -> np.ndarray:
-    """(n, S, S) star-shaped polygons around the origin, stretched to their bounding box; the
-    vertex count is drawn per block of masks."""
-    out = np.empty((n, size, size), dtype=bool)
-    for start in range(0, n, block):
-        m = min(block, n - start)
-        vertices = int(rng.integers(4, 12))
-        steps = (np.arange(vertices) + rng.uniform(-0.2, 0.2, (m, vertices))) / vertices
-        angles = (2 * np.pi * steps + rng.uniform(0, 2 * np.pi, (m, 1))) % (2 * np.pi)
-        angles.sort(axis=1)
-        radii = rng.uniform(0.4, 1.0, (m, vertices))
-        out[start:start + m] = _rasterise_star(angles, radii, size)
-    return out
+def _star_outlines(m: int, vertices: int, rng: np.random.Generator) -> np.ndarray:
+    """(m, V, 2) star-shaped polygons: jittered angles around the origin, random radii."""
+    steps = (np.arange(vertices) + rng.uniform(-0.2, 0.2, (m, vertices))) / vertices
+    angles = 2 * np.pi * steps + rng.uniform(0, 2 * np.pi, (m, 1))
+    radii = rng.uniform(0.4, 1.0, (m, vertices))
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=-1)
 
 
-def _rasterise_star(angles: np.ndarray, radii: np.ndarray, size: int) -> np.ndarray:
-    """(m, S, S) inside-test of star polygons with vertices at (angles, radii) (both (m, V),
-    angles sorted in [0, 2 pi)), the pixel grid mapped onto each polygon's bounding box."""
-    m, _ = angles.shape
-    vx, vy = radii * np.cos(angles), radii * np.sin(angles)  # (m, V)
-    lo_x, hi_x = vx.min(1)[:, None, None], vx.max(1)[:, None, None]
-    lo_y, hi_y = vy.min(1)[:, None, None], vy.max(1)[:, None, None]
-    gx, gy = _pixel_grid(size)
-    x = lo_x + (gx + 1) / 2 * (hi_x - lo_x)  # (m, 1, S) -> broadcast (m, S, S)
-    y = lo_y + (gy + 1) / 2 * (hi_y - lo_y)
-    x, y = np.broadcast_arrays(x, y)
-    psi = np.arctan2(y, x).reshape(m, -1) % (2 * np.pi)  # (m, P)
-    rho = np.hypot(x, y).reshape(m, -1)
-    # edge j runs from vertex j to vertex j + 1 (cyclic); pixel angle psi falls in edge j
-    j = (psi[:, :, None] >= angles[:, None, :]).sum(-1) - 1  # (m, P), -1 = wraps to the last
-    j1 = (j + 1) % angles.shape[1]
-    a0, a1 = np.take_along_axis(angles, j, 1), np.take_along_axis(angles, j1, 1)
-    r0, r1 = np.take_along_axis(radii, j, 1), np.take_along_axis(radii, j1, 1)
-    span = (a1 - a0) % (2 * np.pi)
-    offset = (psi - a0) % (2 * np.pi)
-    # distance from the origin to the edge along the pixel's ray (law of sines)
-    edge = r0 * r1 * np.sin(span) / (r0 * np.sin(offset) + r1 * np.sin(span - offset))
-    return (rho <= edge).reshape(m, size, size)
+def _stretch_to_box(points: np.ndarray, size: int) -> np.ndarray:
+    """(m, V, 2) outlines scaled per axis so that each one's bounding box is [0, S] x [0, S]."""
+    low, high = points.min(axis=1, keepdims=True), points.max(axis=1, keepdims=True)
+    return (points - low) / (high - low) * size
+
+
+def _rasterise(outlines: list[np.ndarray], size: int) -> np.ndarray:
+    """(N, S, S) bool masks of (V, 2) xy polygons in pixel units (pycocotools)."""
+    if not outlines:
+        return np.zeros((0, size, size), dtype=bool)
+    rles = mask_utils.frPyObjects([o.ravel().tolist() for o in outlines], size, size)
+    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)).astype(bool)

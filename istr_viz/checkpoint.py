@@ -1,0 +1,74 @@
+"""One checkpoint file: weights, configuration, mask basis, classes, metrics, training state.
+
+Saved atomically (temporary file in the same folder, then ``os.replace``), so a run killed at any
+moment leaves either the previous file or the new one, never a torn one. Loaded only with
+``torch.load(weights_only=True)``: everything inside is tensors, numbers, strings, lists and dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from istr_viz.errors import CheckpointError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model", "config", "basis", "class_names", "category_ids")
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | Path, **payload: Any) -> Path:
+    """Write a checkpoint holding ``payload`` (at least the keys in ``REQUIRED_KEYS`` but the version)."""
+    missing = [k for k in REQUIRED_KEYS if k != "format_version" and k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint payload lacks {missing}")
+    return save_atomic({"format_version": FORMAT_VERSION, **payload}, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read and validate a checkpoint written by :func:`save_checkpoint`.
+
+    Raises :class:`CheckpointError` (one line naming the file) for a missing file, a file that is
+    not a checkpoint, one that needs unsafe unpickling, or one of another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint file not found", file=path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+            ValueError, AttributeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"not a readable istr_viz checkpoint ({first[:160]})", file=path) from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError("not an istr_viz checkpoint (no format_version)", file=path)
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format version {ckpt['format_version']} is not supported "
+            f"(this istr_viz reads version {FORMAT_VERSION})", file=path)
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {', '.join(missing)}", file=path)
+    return ckpt

@@ -1,0 +1,198 @@
+"""Configuration dataclasses. Every default is the paper's setting (ISTR v1, R50-3x).
+
+Only builders (``build_model``, ``SetCriterion``) read these; the modules below them take plain
+typed arguments. Override a field with ``dataclasses.replace(cfg, num_queries=50)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from istr_viz.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ISTR architecture (see ``istr_viz.model.build_model``)."""
+
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    backbone_base_channels: int = 64  # ResNet stem width: 64 = torchvision, less = narrow CPU model
+    norm: str = "frozen_bn"  # "frozen_bn" (pretrained), "gn" (from scratch), "bn"
+    pretrained_path: str | None = None  # local torchvision ImageNet state dict; never downloaded
+    num_queries: int = 300
+    num_stages: int = 6
+    hidden_dim: int = 256  # also the FPN width
+    dim_dynamic: int = 64
+    dim_feedforward: int = 2048
+    num_heads: int = 8
+    num_cls_layers: int = 3  # ISTR uses 3 (Sparse R-CNN 1)
+    num_reg_layers: int = 3
+    num_mask_layers: int = 3
+    dropout: float = 0.0
+    pooler_resolution: int = 7
+    canonical_box_size: float = 224.0  # FPN level of a box: floor(4 + log2(sqrt(area) / this))
+    prior_prob: float = 0.01  # initial foreground probability of every class logit
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Matching costs and loss weights (ISTR v1 ``config.py``). All stages are weighted equally."""
+
+    class_weight: float = 2.0  # focal class loss and focal matching cost
+    l1_weight: float = 5.0  # L1 on xyxy boxes divided by the image (w, h, w, h)
+    giou_weight: float = 2.0  # 1 - GIoU (loss), -GIoU (cost)
+    mask_embed_weight: float = 2.0  # MSE between predicted and GT mask embedding, / M
+    mask_dice_weight: float = 2.0  # dice of the decoded S x S mask against the GT crop
+    match_mask_weight: float = 2.0  # matching cost -(cos(z_pred, z_gt) + 1) / 2
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    embed_target_noise: bool = True  # loss-side GT codes use the basis' fresh logit noise (v1)
+    # Frame of the loss-side GT mask crops: "gt" = the GT boxes (v1); "pred" = the detached
+    # predicted boxes, the frame the mask is pasted into at test time (v2). Matching uses "gt".
+    mask_target_boxes: str = "gt"
+
+    def cost_weights(self) -> dict[str, float]:
+        """Weights of the matching cost terms, keyed by term name (see ``istr_viz.matcher``)."""
+        return {"class": self.class_weight, "l1": self.l1_weight, "giou": self.giou_weight,
+                "mask": self.match_mask_weight}
+
+
+@dataclass(frozen=True)
+class BasisConfig:
+    """The PCA mask basis fitted on the training masks when no basis file is given."""
+
+    dim: int = 60  # embedding length M (ISTR v1: 60)
+    mask_size: int = 28  # S
+    recipe: str = "istr"  # "istr": noisy logit space, whitened, sigmoid decode; "binary": plain PCA
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input sizes and augmentation (detectron2's ResizeShortestEdge + flip, as in ISTR)."""
+
+    train_min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))  # scale jitter: one drawn per image
+    train_max_size: int = 1333
+    test_min_size: int = 800
+    test_max_size: int = 1333
+    flip_prob: float = 0.5
+    num_workers: int = 2  # DataLoader workers per process
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (ISTR v1: AdamW 2.5e-5, batch 16, 270k iterations, x0.1 at 210k and 250k)."""
+
+    batch_size: int = 16  # in total, over all processes
+    lr: float = 2.5e-5
+    weight_decay: float = 1e-4
+    max_iters: int = 270_000
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.01
+    lr_steps: tuple[float, ...] = (210_000 / 270_000, 250_000 / 270_000)  # fractions of max_iters
+    lr_gamma: float = 0.1
+    clip_grad_norm: float = 1.0  # full-model L2 norm; 0 = off
+    amp: bool = True  # autocast: bf16 (fp16 where bf16 is missing) on CUDA, bf16 on CPUs with it
+    seed: int = 40244023
+    checkpoint_every: int = 1000  # iterations
+    eval_every: int = 0  # iterations; 0 = only at the end (needs a val set)
+    eval_max_images: int = 0  # 0 = the whole val set
+    log_every: int = 1  # metrics.jsonl line every N iterations
+    threads: int = 0  # torch.set_num_threads on the CPU; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a training run needs besides the data paths; travels inside the checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Rebuild from :meth:`to_dict` output (lists become tuples again); unknown keys raise."""
+        parts = {}
+        for f in fields(cls):
+            sub_cls = f.type if isinstance(f.type, type) else _SECTIONS[f.name]
+            values = dict(d.get(f.name, {}))
+            known = {sf.name for sf in fields(sub_cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise ConfigError(f"unknown keys {sorted(unknown)} in section {f.name!r}")
+            parts[f.name] = sub_cls(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in values.items()})
+        return cls(**parts)
+
+
+_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "basis": BasisConfig, "data": DataConfig,
+             "train": TrainConfig}
+
+PRESETS: dict[str, Config] = {
+    # The paper's setting: R50-FPN (ImageNet weights from a local file via model.pretrained_path),
+    # 300 queries, 6 stages, batch 16, 270k iterations, short side 480-800.
+    "coco-r50": Config(),
+    # Small enough to train a useful model on 2 CPU cores in under 30 minutes (see benchmarks/).
+    "shapes-cpu": Config(
+        model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
+                          num_queries=50, num_stages=6, hidden_dim=128, dim_dynamic=32,
+                          dim_feedforward=512, num_heads=4, canonical_box_size=56.0),
+        basis=BasisConfig(dim=60, mask_size=28),
+        data=DataConfig(train_min_sizes=(192, 208, 224, 240, 256), train_max_size=256,
+                        test_min_size=224, test_max_size=256, num_workers=0),
+        train=TrainConfig(batch_size=8, lr=2e-4, max_iters=2000, warmup_iters=100,
+                          lr_steps=(0.8,), checkpoint_every=200, seed=0),
+    ),
+}
+
+
+def get_preset(name: str) -> Config:
+    """The named preset; an unknown name raises :class:`ConfigError` listing the valid ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def _coerce(text: str, current, annotation: str):
+    """Parse ``text`` into the type of the field (from its current value and annotation)."""
+    if text.lower() in ("none", "null") and "None" in str(annotation):
+        return None
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(current, tuple):
+        items = [t for t in text.strip("()[] ").split(",") if t.strip()]
+        kind = type(current[0]) if current else float
+        return tuple(kind(t.strip()) for t in items)
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``["model.num_stages=4", "train.lr=1e-4", ...]``; unknown keys list the valid ones."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. model.num_stages=4)")
+        key, value = item.split("=", 1)
+        section, _, name = key.strip().partition(".")
+        valid = [f"{s}.{sf.name}" for s, c in _SECTIONS.items() for sf in fields(c)]
+        if section not in _SECTIONS or name not in {f.name for f in fields(_SECTIONS[section])}:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        sub = getattr(cfg, section)
+        f = next(f for f in fields(sub) if f.name == name)
+        try:
+            new_value = _coerce(value.strip(), getattr(sub, name), f.type)
+        except ValueError as err:
+            raise ConfigError(f"bad value {value!r} for {key}: {err}") from None
+        cfg = replace(cfg, **{section: replace(sub, **{name: new_value})})
+    return cfg

@@ -1,0 +1,407 @@
+"""The training engine: one function that notebooks call and the CLI wraps.
+
+It runs unchanged on the CPU, on one GPU (autocast) and under ``torchrun`` (DDP, nccl on GPUs, gloo
+on CPUs). Nothing is lost: ``last.pt`` is written atomically every ``checkpoint_every`` iterations
+and at the end, and a killed run resumes at the exact iteration with the optimiser, scheduler and
+RNG state. Data order and augmentation are functions of (seed, iteration), so the continued run is
+the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from istr_viz.basis import MaskBasis
+from istr_viz.checkpoint import load_checkpoint, save_checkpoint
+from istr_viz.config import Config
+from istr_viz.data.coco import CocoDataset, collate
+from istr_viz.data.layout import DatasetPaths
+from istr_viz.data.transforms import TransformConfig, build_transform
+from istr_viz.errors import ConfigError, IstrVizError
+from istr_viz.losses import SetCriterion
+from istr_viz.model import build_model
+from istr_viz.runtime import autocast_dtype, default_device
+
+
+class TrainingDiverged(IstrVizError):
+    """A loss term became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device | None = None) -> tuple[DistInfo, torch.device]:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), default_device(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or str(device) in ("auto", "cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local_rank), dev
+
+
+def _all_reduce_sum(value: float, info: DistInfo, device: torch.device) -> float:
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches as a pure function of (seed, iteration): resuming at iteration i is exact.
+
+    Epoch e shuffles the data set with a generator seeded by (seed, e); the global batch of
+    iteration i is a contiguous slice of that permutation (last partial batch dropped), and each
+    process takes its own ``batch_size`` part of it. Each item is ``(index, sample_seed)``; the
+    sample seed drives that sample's augmentation, whatever the number of workers.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start_iter: int,
+                 max_iters: int, rank: int = 0, world_size: int = 1):
+        self.global_batch = batch_size * world_size
+        if num_samples < self.global_batch:
+            raise ConfigError(f"the training set has {num_samples} images, fewer than one batch "
+                              f"({self.global_batch}); lower train.batch_size")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.start_iter, self.max_iters, self.rank = start_iter, max_iters, rank
+        self.iters_per_epoch = num_samples // self.global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def batch_for(self, iteration: int) -> list[tuple[int, int]]:
+        epoch, pos = divmod(iteration, self.iters_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=g), epoch
+        start = pos * self.global_batch + self.rank * self.batch_size
+        idx = self._perm[start:start + self.batch_size].tolist()
+        return [(i, (self.seed * 7_919 + epoch) * 1_000_003 + i) for i in idx]
+
+    def __iter__(self):
+        for it in range(self.start_iter, self.max_iters):
+            yield self.batch_for(it)
+
+    def __len__(self) -> int:
+        return max(0, self.max_iters - self.start_iter)
+
+
+class SeededDataset(Dataset):
+    """Wraps a :class:`CocoDataset` so that ``ds[(index, seed)]`` augments with its own generator."""
+
+    def __init__(self, dataset: CocoDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        return self.dataset.get(index, generator=torch.Generator().manual_seed(seed))
+
+
+def transform_configs(cfg: Config) -> tuple[TransformConfig, TransformConfig]:
+    """(train, eval) transform settings of a configuration."""
+    d = cfg.data
+    train = TransformConfig(min_size=tuple(d.train_min_sizes), max_size=d.train_max_size,
+                            flip_prob=d.flip_prob)
+    test = TransformConfig(min_size=(d.test_min_size,), max_size=d.test_max_size, flip_prob=0.0)
+    return train, test
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_factor(iteration: int, max_iters: int, warmup_iters: int, warmup_factor: float,
+              steps: tuple[float, ...], gamma: float) -> float:
+    """Linear warm-up from ``warmup_factor``, then x ``gamma`` at each step (fractions of max_iters)."""
+    factor = gamma ** sum(iteration >= round(s * max_iters) for s in steps)
+    if iteration < warmup_iters:
+        alpha = iteration / max(1, warmup_iters)
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    iterations: int
+    minutes: float
+    metrics: dict | None  # final val metrics (evaluate_results format) when a val set is given
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            stage, _, term = name.partition("/")
+            raise TrainingDiverged(
+                f"loss term {term or name} of {stage} is {value.item()} at iteration {iteration}; "
+                "stopped, the last good checkpoint is kept (try a lower train.lr)")
+
+
+def _init_from(model: nn.Module, path: Path) -> list[str]:
+    """Copy every weight of ``path`` whose name and shape fit; return the names left as initialised."""
+    ckpt = load_checkpoint(path)
+    own = model.state_dict()
+    fitting = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    return sorted(k for k in own if k not in fitting)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: Path, last_iter: int) -> None:
+    """Drop records written after ``last_iter`` (by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("iter", -1) <= last_iter]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
+          val_data: DatasetPaths | None = None, basis: MaskBasis | None = None,
+          init_from: str | Path | None = None, resume: bool = False,
+          max_iters: int | None = None, max_minutes: float | None = None,
+          device: str | torch.device | None = None, progress: bool = True) -> TrainResult:
+    """Train ISTR on a COCO-format data set and return where the checkpoints are.
+
+    ``max_minutes`` is turned into an iteration budget once, after timing the first iterations,
+    and stored in the checkpoint; ``max_iters`` overrides ``cfg.train.max_iters``. With
+    ``resume=True`` the run continues from ``out_dir/last.pt`` with the configuration, basis,
+    optimiser, scheduler, RNG and iteration stored there (never refitted).
+    """
+    from tqdm.auto import tqdm
+
+    from istr_viz.data.coco import load_annotations
+    from istr_viz.evaluate import evaluate_model
+
+    info, device = setup_distributed(device)
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    metrics_path = out_dir / "metrics.jsonl"
+    ckpt = None
+    if resume:
+        if not last_path.is_file():
+            raise IstrVizError("nothing to resume: no last.pt", file=out_dir)
+        ckpt = load_checkpoint(last_path)
+        cfg = Config.from_dict(ckpt["config"])
+        basis = MaskBasis.from_dict(ckpt["basis"])
+    tc = cfg.train
+    if tc.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed + info.rank * 0)  # same init on every process
+    train_tf, test_tf = transform_configs(cfg)
+    ann = load_annotations(train_data.ann_file)
+    if basis is None:
+        basis = _fit_or_share_basis(cfg, ann, out_dir, info, progress)
+    dataset = CocoDataset(train_data.ann_file, train_data.images_dir,
+                          transform=build_transform(train_tf, train=True), annotations=ann)
+    model = build_model(cfg.model, len(ann.class_names), basis).to(device)
+    reinitialised = []
+    if init_from is not None and ckpt is None:
+        reinitialised = _init_from(model, Path(init_from))
+    criterion = SetCriterion(cfg.loss, basis)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+    budget = {"max_iters": max_iters or tc.max_iters, "from_minutes": max_minutes}
+    start_iter, best_ap = 0, -1.0
+    if ckpt is not None:
+        state = ckpt["train_state"]
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_iter, best_ap = state["iteration"], state["best_mask_ap"]
+        budget = {"max_iters": state["max_iters"], "from_minutes": state.get("max_minutes")}
+        if max_iters is not None:  # an explicit budget on resume extends or shortens the run
+            budget["max_iters"] = max_iters
+        _set_rng_state(state["rng"])
+        if info.is_main:
+            _truncate_jsonl(metrics_path, start_iter)
+    elif info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
+
+    def schedule(it: int) -> float:
+        return lr_factor(it, budget["max_iters"], tc.warmup_iters, tc.warmup_factor, tc.lr_steps,
+                         tc.lr_gamma)
+
+    per_process_batch = tc.batch_size // info.world_size
+    if per_process_batch * info.world_size != tc.batch_size:
+        raise ConfigError(f"train.batch_size {tc.batch_size} does not split over "
+                          f"{info.world_size} processes")
+    ddp_model = model
+    if info.world_size > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = autocast_dtype(device, tc.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    def payload(iteration: int, metrics: dict | None = None) -> dict:
+        return dict(
+            model=model.state_dict(), config=cfg.to_dict(), basis=basis.to_dict(),
+            class_names=ann.class_names, category_ids=ann.label_to_cat_id, metrics=metrics or {},
+            train_state={"iteration": iteration, "optimizer": optimizer.state_dict(),
+                         "rng": _rng_state(), "max_iters": budget["max_iters"],
+                         "max_minutes": budget["from_minutes"], "best_mask_ap": best_ap,
+                         "world_size": info.world_size})
+
+    def run_eval(iteration: int) -> dict | None:
+        nonlocal best_ap
+        if val_data is None or not info.is_main:
+            return None
+        metrics = evaluate_model(model, val_data, cfg, device=device,
+                                 max_images=tc.eval_max_images or None, progress=False)
+        _append_jsonl(metrics_path, {"iter": iteration, "eval": {
+            "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
+            "per_stage_segm_AP": [s["segm"]["AP"] for s in metrics["per_stage"]]}})
+        if metrics["segm"]["AP"] > best_ap:
+            best_ap = metrics["segm"]["AP"]
+            save_checkpoint(best_path, **payload(iteration, metrics))
+        model.train()
+        return metrics
+
+    t_start, timed_iters = time.perf_counter(), 0
+    measure_until = start_iter + 10 if (max_minutes and ckpt is None) else None
+    sampler = IterationBatchSampler(len(dataset), per_process_batch, tc.seed, start_iter,
+                                    budget["max_iters"] if measure_until is None else 10**12,
+                                    info.rank, info.world_size)
+    loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.data.num_workers, generator=torch.Generator(),
+                        persistent_workers=False)
+    model.train()
+    bar = tqdm(total=budget["max_iters"], initial=start_iter, disable=not (progress and info.is_main),
+               desc="train", dynamic_ncols=True)
+    iteration, final_metrics = start_iter, None
+    for batch in loader:
+        if iteration >= budget["max_iters"]:
+            break
+        for g in optimizer.param_groups:
+            g["lr"] = tc.lr * schedule(iteration)
+        images = batch.images.to(device, non_blocking=True)
+        sizes = batch.image_sizes.to(device)
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                   for t in batch.targets]
+        num_inst = _all_reduce_sum(float(sum(len(t["labels"]) for t in targets)), info, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            output = ddp_model(images, sizes)
+        loss, terms, _ = criterion(output.float(), targets, num_instances=max(num_inst, 1.0))
+        _check_finite(terms, iteration + 1)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss * info.world_size).backward()  # DDP averages; the loss is a global sum
+        if tc.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        iteration += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if info.is_main and (iteration % tc.log_every == 0 or iteration == budget["max_iters"]):
+            _append_jsonl(metrics_path, {
+                "iter": iteration, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
+                "time": round(time.perf_counter() - t_start, 3),
+                **{k: round(v.item(), 6) for k, v in terms.items()}})
+        if measure_until is not None and iteration == measure_until:
+            elapsed = time.perf_counter() - t_start
+            per_iter = elapsed / (iteration - start_iter)
+            n = max(iteration, int(max_minutes * 60 / per_iter))
+            budget["max_iters"] = int(_all_reduce_sum(n, info, device) / info.world_size)
+            bar.total = budget["max_iters"]
+            measure_until = None
+        if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
+                and iteration < budget["max_iters"]:
+            save_checkpoint(last_path, **payload(iteration))
+        if tc.eval_every and iteration % tc.eval_every == 0 and iteration < budget["max_iters"]:
+            run_eval(iteration)
+        timed_iters += 1
+    bar.close()
+    final_metrics = run_eval(iteration)
+    if info.is_main:
+        save_checkpoint(last_path, **payload(iteration, final_metrics))
+    if info.world_size > 1:
+        dist.barrier()
+    return TrainResult(out_dir, last_path, best_path if best_path.exists() else None, iteration,
+                       (time.perf_counter() - t_start) / 60, final_metrics)
+
+
+def _fit_or_share_basis(cfg: Config, ann, out_dir: Path, info: DistInfo, progress: bool) -> MaskBasis:
+    """Fit the basis on the training masks (process 0), share it through ``out_dir/basis.npz``."""
+    from istr_viz.data.instance_masks import instance_masks
+
+    path = out_dir / "basis.npz"
+    if info.is_main:
+        masks = instance_masks(ann, cfg.basis.mask_size, progress=progress)
+        basis = MaskBasis.fit(masks, dim=min(cfg.basis.dim, len(masks)), recipe=cfg.basis.recipe,
+                              seed=cfg.train.seed)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        basis.save(path)
+    if info.world_size > 1:
+        dist.barrier()
+        if not info.is_main:
+            basis = MaskBasis.load(path)
+    return basis
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file."""
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+__all__ = ["IterationBatchSampler", "TrainResult", "TrainingDiverged", "lr_factor", "read_metrics",
+           "setup_distributed", "train"]

@@ -1,0 +1,207 @@
+"""COCO box and mask AP for the final output AND every refinement stage, with pycocotools' COCOeval.
+
+Results files use the data set's own image and category ids. An image, or a whole data set, with
+no detections is a normal case (``COCO.loadRes([])`` fails, so it is handled here: AP = 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from dataclasses import dataclass, field
+
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+IOU_TYPES = ("bbox", "segm")
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass
+class StageResults:
+    """COCO results lists of every stage for a set of images: ``per_stage[k-1]`` is stage k."""
+
+    per_stage: list[list[dict]]
+    image_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.per_stage)
+
+
+def _quiet(fn, *args, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def coco_eval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None
+              ) -> tuple[dict, dict[int, float]]:
+    """Run COCOeval on ``results`` against ``gt``.
+
+    Returns the summary ({"AP", "AP50", "AP75", "APs", "APm", "APl"}, 0..1, COCOeval's own numbers with
+    its -1 for "no ground truth" turned into 0) and the AP of each category id that has ground truth.
+    """
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+    cat_ids = sorted(gt.getCatIds())
+    if not results:  # COCO.loadRes([]) raises: no detections means AP 0, not a crash
+        return {k: 0.0 for k in SUMMARY_KEYS}, {c: 0.0 for c in cat_ids if gt.getAnnIds(catIds=[c])}
+    if iou_type == "bbox":  # loadRes derives boxes from masks when both are present: keep ours
+        results = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    dt = _quiet(gt.loadRes, copy.deepcopy(results))
+    ev = COCOeval(gt, dt, iou_type)
+    if image_ids is not None:
+        ev.params.imgIds = sorted(image_ids)
+    _quiet(ev.evaluate)
+    _quiet(ev.accumulate)
+    _quiet(ev.summarize)
+    summary = {k: max(0.0, float(v)) for k, v in zip(SUMMARY_KEYS, ev.stats[:6])}
+    precision = ev.eval["precision"]  # (T, R, K, A, M): IoUs, recalls, categories, areas, maxDets
+    per_cat = {}
+    for k_idx, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k_idx, 0, -1]
+        if (p > -1).any():
+            per_cat[int(cat_id)] = float(p[p > -1].mean())
+    return summary, per_cat
+
+
+def evaluate_results(gt: COCO, stage_results: StageResults, class_names: dict[int, str] | None = None
+                     ) -> dict:
+    """Box and mask AP for the final stage, for every stage, and per category (final stage).
+
+    Returns ``{"bbox": {...}, "segm": {...}, "per_stage": [{"stage": 1, "bbox": {...}, "segm": {...}},
+    ...], "per_category": [{"id", "name", "bbox_AP", "segm_AP"}, ...]}``; stages numbered from 1.
+    """
+    image_ids = stage_results.image_ids or None
+    per_stage, per_cat_final = [], {}
+    for k, results in enumerate(stage_results.per_stage, start=1):
+        entry = {"stage": k}
+        for iou_type in IOU_TYPES:
+            summary, per_cat = coco_eval(gt, results, iou_type, image_ids)
+            entry[iou_type] = summary
+            if k == stage_results.num_stages:
+                per_cat_final[iou_type] = per_cat
+        per_stage.append(entry)
+    names = class_names or {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
+    cat_ids = sorted(set(per_cat_final.get("bbox", {})) | set(per_cat_final.get("segm", {})))
+    per_category = [
+        {"id": c, "name": names.get(c, str(c)),
+         "bbox_AP": per_cat_final.get("bbox", {}).get(c, 0.0),
+         "segm_AP": per_cat_final.get("segm", {}).get(c, 0.0)}
+        for c in cat_ids
+    ]
+    final = per_stage[-1] if per_stage else {t: {k: 0.0 for k in SUMMARY_KEYS} for t in IOU_TYPES}
+    return {"bbox": final["bbox"], "segm": final["segm"], "per_stage": per_stage,
+            "per_category": per_category}
+
+
+def format_stage_table(metrics: dict) -> str:
+    """The per-stage AP table as text (AP in percent)."""
+    lines = [f"{'stage':>5} | {'box AP':>6} {'AP50':>6} {'AP75':>6} | {'mask AP':>7} {'AP50':>6} {'AP75':>6}"]
+    lines.append("-" * len(lines[0]))
+    for e in metrics["per_stage"]:
+        b, s = e["bbox"], e["segm"]
+        lines.append(f"{e['stage']:>5} | {100 * b['AP']:6.1f} {100 * b['AP50']:6.1f} {100 * b['AP75']:6.1f} | "
+                     f"{100 * s['AP']:7.1f} {100 * s['AP50']:6.1f} {100 * s['AP75']:6.1f}")
+    return "\n".join(lines)
+
+
+def ground_truth_as_results(gt: COCO, image_ids: list[int] | None = None) -> list[dict]:
+    """The non-crowd ground truth written as COCO results (score 1): a test oracle with AP = 1."""
+    results = []
+    for ann in gt.loadAnns(gt.getAnnIds(imgIds=image_ids or [], iscrowd=False)):
+        rle = gt.annToRLE(ann)
+        if isinstance(rle["counts"], bytes):
+            rle = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                        "bbox": [float(v) for v in ann["bbox"]], "score": 1.0,
+                        "segmentation": rle})
+    return results
+
+
+__all__ = ["StageResults", "coco_eval", "evaluate_results", "format_stage_table",
+           "ground_truth_as_results"]
+
+
+# ----------------------------------------------------------------------------- model evaluation
+
+
+def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_k: int = 100,
+                          max_images: int | None = None, progress: bool = True) -> StageResults:
+    """Run ``model`` over a :class:`~istr_viz.data.coco.CocoDataset` (eval transform) and collect
+    every stage's top-``top_k`` detections as COCO results at each image's original size."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from tqdm.auto import tqdm
+
+    from istr_viz.data.coco import collate
+    from istr_viz.postprocess import mask_to_rle, rescale_boxes, top_detections
+    from istr_viz.runtime import default_device
+
+    device = default_device(device)
+    if max_images:
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=False)
+    was_training = model.training
+    model.eval()
+    per_stage: list[list[dict]] | None = None
+    image_ids = []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
+            out = model(batch.images.to(device), batch.image_sizes.to(device))
+            if per_stage is None:
+                per_stage = [[] for _ in out.stages]
+            for i, target in enumerate(batch.targets):
+                image_id = int(target["image_id"])
+                image_ids.append(image_id)
+                h, w = (int(v) for v in target["size"])
+                h0, w0 = (int(v) for v in target["orig_size"])
+                for k, st in enumerate(out.stages):
+                    boxes = rescale_boxes(st.boxes_xyxy[i].float().cpu(), (h, w), (h0, w0))
+                    det = top_detections(st.logits[i].float().cpu(), boxes,
+                                         st.masks[i].float().cpu(), top_k)
+                    masks = det.masks(h0, w0).numpy()
+                    for j in range(len(det)):
+                        x0, y0, x1, y1 = det.boxes_xyxy[j].tolist()
+                        per_stage[k].append({
+                            "image_id": image_id,
+                            "category_id": _label_to_cat(dataset, int(det.labels[j])),
+                            "score": float(det.scores[j]),
+                            "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "segmentation": mask_to_rle(masks[j])})
+    model.train(was_training)
+    return StageResults(per_stage or [], image_ids)
+
+
+def _label_to_cat(dataset, label: int) -> int:
+    base = dataset.dataset if hasattr(dataset, "indices") else dataset
+    return base.annotations.label_to_cat_id[label]
+
+
+def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
+                   batch_size: int = 4, progress: bool = True, results_out=None) -> dict:
+    """Per-stage COCO AP of ``model`` on the data set ``data`` (a ``DatasetPaths``).
+
+    The ground truth is the validated annotation file (crowd regions included, as COCOeval expects).
+    ``results_out``: also write the final stage's COCO results list there (JSON).
+    """
+    import json
+    from pathlib import Path
+
+    from istr_viz.data.coco import CocoDataset, load_annotations
+    from istr_viz.data.transforms import build_transform
+    from istr_viz.engine import transform_configs
+
+    ann = load_annotations(data.ann_file)
+    _, test_tf = transform_configs(cfg)
+    dataset = CocoDataset(data.ann_file, data.images_dir, transform=build_transform(test_tf, train=False),
+                          annotations=ann)
+    results = predict_stage_results(model, dataset, batch_size, device, max_images=max_images,
+                                    progress=progress)
+    names = dict(zip(ann.label_to_cat_id, ann.class_names))
+    metrics = evaluate_results(ann.coco, results, names)
+    if results_out is not None:
+        Path(results_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_out).write_text(json.dumps(results.per_stage[-1] if results.per_stage else []))
+    return metrics

@@ -1,0 +1,194 @@
+"""ISTR set loss (v1 ``SetCriterion``): free loss functions plus a criterion that loops over stages.
+
+Each stage is matched on its own (deep supervision) and gets the same five weighted terms:
+
+    loss_class       sigmoid focal loss over all Q x C logits (unmatched queries: all-zero targets)
+    loss_l1          L1 on matched xyxy boxes divided by the image (w, h, w, h)
+    loss_giou        1 - GIoU of matched pixel boxes
+    loss_mask_embed  MSE between predicted and GT embedding, summed, / M
+    loss_mask_dice   dice (squared sums, eps 1e-5) of the decoded S x S mask vs the GT crop
+
+Every term is a sum over the batch divided by the number of GT instances (clamped >= 1). Losses
+and matching run in fp32 with autocast off, even when the model runs under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
+
+from istr_viz.boxes import image_scale_xyxy
+from istr_viz.config import LossConfig
+from istr_viz.errors import ConfigError
+from istr_viz.matcher import (Match, MatchTarget, crop_gt_masks, hungarian_match, no_autocast,
+                              prepare_target)
+from istr_viz.model.istr import MaskCodec
+from istr_viz.model.outputs import ISTROutput, StageOutput
+
+LOSS_TERMS = ("loss_class", "loss_l1", "loss_giou", "loss_mask_embed", "loss_mask_dice")
+
+
+def focal_class_loss(logits: Tensor, target_classes: Tensor, num_instances: float,
+                     alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss summed over all logits, / ``num_instances``.
+
+    Args:
+        logits: (B, Q, C).
+        target_classes: (B, Q) long; the matched GT class, or C for an unmatched query.
+    """
+    C = logits.shape[-1]
+    onehot = F.one_hot(target_classes, C + 1)[..., :C].float()  # (B, Q, C)
+    loss = sigmoid_focal_loss(logits.float(), onehot, alpha=alpha, gamma=gamma, reduction="sum")
+    return loss / num_instances
+
+
+def box_losses(pred_xyxy: Tensor, gt_xyxy: Tensor, image_scale: Tensor,
+               num_instances: float) -> dict[str, Tensor]:
+    """L1 on normalised xyxy and 1 - GIoU over N matched pairs: pred (N, 4), gt (N, 4) pixels,
+    image_scale (N, 4) [W, H, W, H]. Returns {"l1", "giou"}, each a sum / ``num_instances``."""
+    if pred_xyxy.shape[0] == 0:
+        zero = pred_xyxy.sum() * 0
+        return {"l1": zero, "giou": zero}
+    pred, gt = pred_xyxy.float(), gt_xyxy.float()
+    l1 = (pred / image_scale - gt / image_scale).abs().sum()
+    giou = generalized_box_iou_loss(pred, gt, reduction="sum")
+    return {"l1": l1 / num_instances, "giou": giou / num_instances}
+
+
+def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
+    """(N, S, S) probabilities p and {0, 1} targets g -> (N,) dice loss
+    1 - 2 sum(pg) / (sum(p^2) + sum(g^2) + eps) (ISTR's squared form, not DETR's +1 smoothing)."""
+    p, g = probs.flatten(1).float(), targets.flatten(1).float()
+    return 1 - 2 * (p * g).sum(1) / ((p * p).sum(1) + (g * g).sum(1) + eps)
+
+
+def mask_losses(pred_embed: Tensor, gt_embed: Tensor, pred_masks: Tensor, gt_crops: Tensor,
+                num_instances: float) -> dict[str, Tensor]:
+    """Embedding MSE (/ M) and dice over N matched pairs: embeds (N, M), decoded masks and GT
+    crops (N, S, S). Returns {"mask_embed", "mask_dice"}, each a sum / ``num_instances``."""
+    if pred_embed.shape[0] == 0:
+        zero = pred_embed.sum() * 0
+        return {"mask_embed": zero, "mask_dice": zero}
+    M = pred_embed.shape[-1]
+    mse = F.mse_loss(pred_embed.float(), gt_embed.float(), reduction="sum") / M
+    dice = dice_loss(pred_masks, gt_crops).sum()
+    return {"mask_embed": mse / num_instances, "mask_dice": dice / num_instances}
+
+
+class CriterionResult(NamedTuple):
+    """``total`` = sum of ``losses`` (already weighted), keys ``"stage{k}/loss_*"`` with k from 1;
+    ``matches[k][b]`` the ``Match`` of stage k + 1, image b."""
+
+    total: Tensor
+    losses: dict[str, Tensor]
+    matches: list[list[Match]]
+
+
+class SetCriterion:
+    """Match every stage and sum its weighted losses.
+
+    Args:
+        loss_cfg: weights and options (``LossConfig``).
+        basis: the mask basis (``encode``, ``decode``, ``dim``, ``mask_size``).
+    """
+
+    def __init__(self, loss_cfg: LossConfig, basis: MaskCodec):
+        if loss_cfg.mask_target_boxes not in ("gt", "pred"):
+            raise ConfigError(f"mask_target_boxes must be 'gt' or 'pred', got "
+                              f"{loss_cfg.mask_target_boxes!r}", entry="loss.mask_target_boxes")
+        self.cfg = loss_cfg
+        self.basis = basis
+        self.cost_weights = loss_cfg.cost_weights()
+
+    def __call__(self, output: ISTROutput, targets: Sequence[Mapping[str, Tensor]],
+                 num_instances: float | None = None) -> CriterionResult:
+        """
+        Args:
+            output: the model's ``ISTROutput``.
+            targets: one dataset target dict per image (``boxes_xyxy``, ``labels``, ``masks``,
+                ``size``); crowd regions are never targets.
+            num_instances: the normaliser; default the batch's GT count. Under DDP pass the
+                all-reduced count divided by the world size. Clamped to >= 1.
+        """
+        device = output.final.logits.device
+        with no_autocast(device):
+            prepared = [prepare_target(t, self.basis, device) for t in targets]
+            if num_instances is None:
+                num_instances = float(sum(t.num_gt for t in prepared))
+            num_instances = max(float(num_instances), 1.0)
+            losses: dict[str, Tensor] = {}
+            matches = []
+            for k, stage in enumerate(output.stages, start=1):
+                stage_matches = self.match(stage, prepared)
+                for name, value in self.stage_losses(stage, prepared, stage_matches,
+                                                     num_instances).items():
+                    losses[f"stage{k}/{name}"] = value
+                matches.append(stage_matches)
+        return CriterionResult(torch.stack(list(losses.values())).sum(), losses, matches)
+
+    def match(self, stage: StageOutput, targets: Sequence[MatchTarget]) -> list[Match]:
+        """One ``Match`` per image of this stage."""
+        return [hungarian_match(stage.logits[i], stage.boxes_xyxy[i], stage.mask_embed[i], t,
+                                self.cost_weights, self.cfg.focal_alpha, self.cfg.focal_gamma)
+                for i, t in enumerate(targets)]
+
+    def stage_losses(self, stage: StageOutput, targets: Sequence[MatchTarget],
+                     matches: Sequence[Match], num_instances: float) -> dict[str, Tensor]:
+        """The five weighted losses of one stage (keys in ``LOSS_TERMS``)."""
+        cfg, device = self.cfg, stage.logits.device
+        B, Q, C = stage.logits.shape
+        batch_idx = torch.cat([torch.full_like(m.query_idx, b) for b, m in enumerate(matches)])
+        batch_idx = batch_idx.to(device)  # (N,) over all matched pairs of the batch
+        query_idx = torch.cat([m.query_idx for m in matches]).to(device)  # (N,)
+        gt_idx = [m.gt_idx.to(device) for m in matches]  # per image
+        target_classes = torch.full((B, Q), C, dtype=torch.long, device=device)  # C = unmatched
+        target_classes[batch_idx, query_idx] = torch.cat([t.labels[g] for t, g in
+                                                          zip(targets, gt_idx)])
+
+        pred_boxes = stage.boxes_xyxy[batch_idx, query_idx].float()  # (N, 4)
+        gt_boxes = torch.cat([t.boxes_xyxy[g] for t, g in zip(targets, gt_idx)])
+        scales = torch.cat([image_scale_xyxy(t.image_size).expand(len(g), 4)
+                            for t, g in zip(targets, gt_idx)]).to(device)
+        boxes = box_losses(pred_boxes, gt_boxes, scales, num_instances)
+
+        pred_embed = stage.mask_embed[batch_idx, query_idx].float()  # (N, M)
+        gt_crops, gt_embed = self.mask_targets(targets, gt_idx, pred_boxes.detach(), batch_idx)
+        pred_masks = self.basis.decode(pred_embed)  # (N, S, S) probabilities, fp32
+        masks = mask_losses(pred_embed, gt_embed, pred_masks, gt_crops, num_instances)
+
+        loss_class = focal_class_loss(stage.logits, target_classes, num_instances,
+                                      cfg.focal_alpha, cfg.focal_gamma)
+        return {"loss_class": cfg.class_weight * loss_class,
+                "loss_l1": cfg.l1_weight * boxes["l1"],
+                "loss_giou": cfg.giou_weight * boxes["giou"],
+                "loss_mask_embed": cfg.mask_embed_weight * masks["mask_embed"],
+                "loss_mask_dice": cfg.mask_dice_weight * masks["mask_dice"]}
+
+    def mask_targets(self, targets: Sequence[MatchTarget], gt_idx: Sequence[Tensor],
+                     pred_boxes: Tensor, batch_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """GT crops (N, S, S) and embeddings (N, M) of the matched instances.
+
+        Crops use the GT boxes (v1) or, with ``mask_target_boxes="pred"``, the detached
+        predicted boxes clipped to the image (v2). Embeddings are re-encoded with fresh noise
+        when ``embed_target_noise`` (v1), else the noise-free matcher encodings are reused.
+        """
+        S = self.basis.mask_size
+        if self.cfg.mask_target_boxes == "gt":
+            crops = torch.cat([t.mask_crops[g] for t, g in zip(targets, gt_idx)])
+        else:
+            per_image = []
+            for b, (t, g) in enumerate(zip(targets, gt_idx)):
+                size = (int(t.image_size[0]), int(t.image_size[1]))
+                boxes = clip_boxes_to_image(pred_boxes[batch_idx == b], size)
+                per_image.append(crop_gt_masks(t.masks[g], boxes, S).float())
+            crops = torch.cat(per_image)
+        if self.cfg.embed_target_noise or self.cfg.mask_target_boxes == "pred":
+            embed = self.basis.encode(crops, noise=self.cfg.embed_target_noise).float()
+        else:
+            embed = torch.cat([t.mask_embed[g] for t, g in zip(targets, gt_idx)])
+        return crops, embed

@@ -1,0 +1,183 @@
+"""ResNet + FPN backbone giving P2-P5 (strides 4, 8, 16, 32), as ISTR uses (no P6).
+
+The ResNet is assembled from torchvision's ``BasicBlock`` / ``Bottleneck`` with torchvision's
+parameter names, so a torchvision ImageNet state dict loads into it when ``base_channels == 64``.
+A smaller ``base_channels`` gives a narrow variant for CPU training from scratch.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+
+from istr_viz.errors import CheckpointError, ConfigError
+
+RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+NORMS = ("frozen_bn", "bn", "gn")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, images in [0, 1]
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def group_norm(num_channels: int, max_groups: int = 32, min_group_size: int = 4) -> nn.GroupNorm:
+    """GroupNorm with the most groups (<= ``max_groups``) that divide the channels into groups of
+    at least ``min_group_size`` channels (e.g. 256 -> 32 groups, 16 -> 4 groups, 24 -> 4 groups)."""
+    groups = max_groups
+    while groups > 1 and (num_channels % groups or num_channels // groups < min_group_size):
+        groups //= 2
+    return nn.GroupNorm(groups, num_channels)
+
+
+def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
+    """``"frozen_bn"`` | ``"bn"`` | ``"gn"`` -> a constructor ``f(num_channels) -> nn.Module``."""
+    layers: dict[str, Callable[[int], nn.Module]] = {
+        "frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": group_norm}
+    if norm not in layers:
+        raise ConfigError(f"unknown norm {norm!r}; valid: {', '.join(layers)}", entry="model.norm")
+    return layers[norm]
+
+
+def _make_stage(block: type[nn.Module], inplanes: int, planes: int, num_blocks: int, stride: int,
+                norm_layer: Callable[[int], nn.Module]) -> nn.Sequential:
+    """One ResNet stage (torchvision's layout): the first block may downsample."""
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False),
+                                   norm_layer(out))
+    blocks = [block(inplanes, planes, stride, downsample, norm_layer=norm_layer)]
+    blocks += [block(out, planes, norm_layer=norm_layer) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+class ResNetBody(nn.Module):
+    """ResNet without pooling and classifier; ``forward`` returns [C2, C3, C4, C5]."""
+
+    def __init__(self, name: str, base_channels: int = 64, norm: str = "frozen_bn"):
+        super().__init__()
+        if name not in RESNET_LAYOUTS:
+            raise ConfigError(f"unknown backbone {name!r}; valid: {', '.join(RESNET_LAYOUTS)}",
+                              entry="model.backbone")
+        block, layers = RESNET_LAYOUTS[name]
+        norm_layer = norm_layer_for(norm)
+        self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(base_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        inplanes, self.out_channels = base_channels, []
+        for i, num_blocks in enumerate(layers):
+            planes = base_channels * 2**i
+            stage = _make_stage(block, inplanes, planes, num_blocks, 1 if i == 0 else 2, norm_layer)
+            self.add_module(f"layer{i + 1}", stage)
+            inplanes = planes * block.expansion
+            self.out_channels.append(inplanes)
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) normalised -> [C2 (B, c, H/4, W/4), ..., C5 (B, 8c', H/32, W/32)]."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        feats = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class Backbone(nn.Module):
+    """Images in [0, 1] -> FPN features P2..P5, all with ``out_channels`` channels.
+
+    Attributes:
+        out_channels: FPN width (must equal the ISTR hidden width D).
+        strides: (4, 8, 16, 32), the stride of each returned level.
+    """
+
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, body: ResNetBody, out_channels: int = 256, fpn_norm: str | None = None):
+        super().__init__()
+        self.body = body
+        norm = None if fpn_norm is None else norm_layer_for(fpn_norm)
+        self.fpn = FeaturePyramidNetwork(body.out_channels, out_channels, norm_layer=norm)
+        self.out_channels = out_channels
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+
+    def forward(self, images: Tensor, valid_mask: Tensor | None = None) -> list[Tensor]:
+        """Normalise with the ImageNet mean/std, zero the padding, run ResNet + FPN.
+
+        Args:
+            images: (B, 3, Hp, Wp) RGB float in [0, 1], zero-padded.
+            valid_mask: (B, 1, Hp, Wp) bool, True on real pixels; padding becomes 0 after
+                normalisation (as detectron2 pads after normalising). None: no padding.
+
+        Returns:
+            [P2, P3, P4, P5], each (B, out_channels, ceil(Hp / s), ceil(Wp / s)).
+        """
+        x = (images - self.pixel_mean) / self.pixel_std
+        if valid_mask is not None:
+            x = x * valid_mask
+        feats = self.body(x)
+        pyramid = self.fpn(OrderedDict((f"c{i + 2}", f) for i, f in enumerate(feats)))
+        return list(pyramid.values())
+
+
+def load_pretrained(body: ResNetBody, path: str | Path) -> None:
+    """Load a torchvision ImageNet ResNet state dict from a local file (``fc.*`` is ignored)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise CheckpointError(f"cannot read pretrained weights ({err})", file=path) from None
+    if not isinstance(state, dict):
+        raise CheckpointError("pretrained weights must be a ResNet state dict", file=path)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not fit the backbone (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})", file=path)
+
+
+def freeze_stem_and_layer1(body: ResNetBody) -> None:
+    """detectron2 FREEZE_AT = 2: no gradients for conv1, bn1 and layer1."""
+    for module in (body.conv1, body.bn1, body.layer1):
+        module.requires_grad_(False)
+
+
+def build_backbone(name: str = "resnet50", out_channels: int = 256, norm: str = "frozen_bn",
+                   base_channels: int = 64, pretrained_path: str | Path | None = None,
+                   freeze_early: bool | None = None) -> Backbone:
+    """ResNet-FPN backbone.
+
+    Args:
+        name: one of ``RESNET_LAYOUTS`` (resnet18, resnet34, resnet50, resnet101).
+        out_channels: FPN width.
+        norm: ResNet norm. ``"frozen_bn"`` needs pretrained statistics (it is the identity
+            otherwise); use ``"gn"`` from scratch (GroupNorm is then also used in the FPN).
+        base_channels: stem width; 64 is torchvision's ResNet, e.g. 16 gives a narrow CPU model.
+        pretrained_path: local torchvision ImageNet weights (``torch.load(weights_only=True)``);
+            never downloaded. Requires ``base_channels == 64``.
+        freeze_early: freeze stem and layer1; default: only when ``pretrained_path`` is given.
+    """
+    body = ResNetBody(name, base_channels, norm)
+    if pretrained_path is not None:
+        if base_channels != 64 or norm == "gn":
+            raise ConfigError("ImageNet weights need backbone_base_channels = 64 and norm "
+                              f"'frozen_bn' or 'bn' (got {base_channels}, {norm!r})",
+                              entry="model.pretrained_path")
+        load_pretrained(body, pretrained_path)
+    if freeze_early if freeze_early is not None else pretrained_path is not None:
+        freeze_stem_and_layer1(body)
+    return Backbone(body, out_channels, fpn_norm="gn" if norm == "gn" else None)

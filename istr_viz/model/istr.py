@@ -1,0 +1,162 @@
+"""The ISTR model: learned queries refined by K stages; ``forward`` returns every stage."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from istr_viz.boxes import denormalize_boxes, normalize_boxes
+from istr_viz.config import ModelConfig
+from istr_viz.errors import ConfigError
+from istr_viz.model.backbone import build_backbone
+from istr_viz.model.outputs import ISTROutput, StageOutput
+from istr_viz.model.pooler import RoIPooler
+from istr_viz.model.stage import RefinementStage
+
+
+class MaskCodec(Protocol):
+    """What the model, matcher and losses use of a mask basis (``istr_viz.basis.MaskBasis``)."""
+
+    dim: int  # M
+    mask_size: int  # S
+
+    def encode(self, masks: Tensor, *, noise: bool) -> Tensor:
+        """(N, S, S) {0, 1} box-relative masks -> (N, M) codes."""
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """(N, M) codes -> (N, S, S) probabilities, differentiable, on the codes' device."""
+
+
+def valid_mask(image_sizes: Tensor, height: int, width: int) -> Tensor:
+    """(B, 2) [H, W] -> (B, 1, height, width) bool, True inside each image's valid region."""
+    rows = torch.arange(height, device=image_sizes.device)
+    cols = torch.arange(width, device=image_sizes.device)
+    inside_r = rows[None, :] < image_sizes[:, :1]  # (B, height)
+    inside_c = cols[None, :] < image_sizes[:, 1:]  # (B, width)
+    return (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
+
+
+def global_image_feature(features: list[Tensor], strides: tuple[int, ...],
+                         image_sizes: Tensor) -> Tensor:
+    """Sum over the FPN levels of each level's spatial mean over the image's valid region.
+
+    The official ``ImgFeatExtractor`` averages over the padded map; averaging over the valid
+    cells (ceil(H / s) x ceil(W / s) at stride s) makes the feature independent of the padding
+    that other images in the batch impose. Returns (B, D).
+    """
+    total = 0
+    for feat, stride in zip(features, strides):
+        h, w = feat.shape[-2:]
+        cells = torch.div(image_sizes + stride - 1, stride, rounding_mode="floor")
+        mask = valid_mask(cells, h, w).to(feat.dtype)  # (B, 1, h, w)
+        total = total + (feat * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1)
+    return total
+
+
+class ISTR(nn.Module):
+    """ISTR (Hu et al., CVPR 2021, code v1) for ``num_classes`` classes.
+
+    Args:
+        num_classes: C, classes without background (one sigmoid each).
+        basis: the mask basis (``istr_viz.basis.MaskBasis``), used only through ``decode``,
+            ``dim`` (M) and ``mask_size`` (S). An nn.Module basis becomes a submodule: it moves
+            with ``model.to(device)`` and its buffers sit in ``state_dict()`` under ``basis.``.
+        backbone: returns FPN maps [P2..P5] from ``backbone(images, valid_mask)``, with
+            attributes ``out_channels`` (== hidden_dim) and ``strides`` (e.g. (4, 8, 16, 32)).
+        num_queries: Q learned proposals. num_stages: K refinement stages (no shared weights).
+        hidden_dim: D. dim_dynamic, dim_feedforward, num_heads, num_*_layers, dropout,
+            pooler_resolution: the stage's sizes (``RefinementStage``).
+        canonical_box_size: FPN level assignment ``floor(4 + log2(sqrt(area) / this))``.
+        prior_prob: initial foreground probability of every class logit (focal prior).
+    """
+
+    def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
+                 num_queries: int = 100, num_stages: int = 6, hidden_dim: int = 256,
+                 dim_dynamic: int = 64, dim_feedforward: int = 2048, num_heads: int = 8,
+                 num_cls_layers: int = 3, num_reg_layers: int = 3, num_mask_layers: int = 3,
+                 dropout: float = 0.0,
+                 pooler_resolution: int = 7, canonical_box_size: float = 224.0,
+                 prior_prob: float = 0.01):
+        super().__init__()
+        if backbone.out_channels != hidden_dim:
+            raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
+                              f"is {hidden_dim}; they must be equal", entry="model.hidden_dim")
+        self.num_classes, self.num_queries = num_classes, num_queries
+        self.basis = basis
+        self.backbone = backbone
+        self.pooler = RoIPooler(tuple(backbone.strides), pooler_resolution, 2, canonical_box_size)
+        self.proposal_boxes = nn.Embedding(num_queries, 4)  # cxcywh normalised
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # N(0, 1), as in the official code
+        self.stages = nn.ModuleList(
+            RefinementStage(num_classes, basis.dim, hidden_dim, dim_dynamic, dim_feedforward,
+                            num_heads, num_cls_layers, num_reg_layers, num_mask_layers, dropout,
+                            pooler_resolution)
+            for _ in range(num_stages))
+        nn.init.constant_(self.proposal_boxes.weight[:, :2], 0.5)
+        nn.init.constant_(self.proposal_boxes.weight[:, 2:], 1.0)
+        for stage in self.stages:
+            stage.reset_parameters(prior_prob)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def initial_queries(self, features: list[Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage-1 inputs: boxes (B, Q, 4) pixels (the learned proposals scaled to each valid
+        image) and query features (B, Q, D) = global image feature + learned embedding."""
+        B = image_sizes.shape[0]
+        boxes_cxcywh = self.proposal_boxes.weight[None].expand(B, -1, -1)  # (B, Q, 4)
+        boxes_xyxy = denormalize_boxes(boxes_cxcywh, image_sizes)
+        image_feat = global_image_feature(features, self.backbone.strides, image_sizes)  # (B, D)
+        return boxes_xyxy, image_feat[:, None, :] + self.query_embed.weight[None]
+
+    def decode_masks(self, mask_embed: Tensor) -> Tensor:
+        """(B, Q, M) embeddings -> (B, Q, S, S) probabilities through the basis."""
+        B, Q, M = mask_embed.shape
+        S = self.basis.mask_size
+        return self.basis.decode(mask_embed.reshape(B * Q, M)).view(B, Q, S, S)
+
+    def forward(self, images: Tensor, image_sizes: Tensor,
+                return_attention: bool = False) -> ISTROutput:
+        """Run the backbone and all K stages.
+
+        Args:
+            images: (B, 3, Hp, Wp) RGB float in [0, 1], zero-padded (``collate`` pads to 32).
+            image_sizes: (B, 2) [H, W] valid size of each image; boxes are predicted in this
+                frame, so pass the size before padding.
+            return_attention: fill ``StageOutput.attn`` with (B, Q, Q) attention weights.
+
+        Returns:
+            ``ISTROutput`` with all stages, in train and eval mode alike (no loss inside).
+        """
+        image_sizes = image_sizes.to(images.device)
+        features = self.backbone(images, valid_mask(image_sizes, *images.shape[-2:]))
+        boxes, queries = self.initial_queries(features, image_sizes)
+        out = ISTROutput(stages=[], proposal_boxes_xyxy=boxes, image_sizes=image_sizes,
+                         query_features_init=queries)
+        for stage in self.stages:
+            result = stage(features, boxes, queries, self.pooler, return_attention)
+            out.stages.append(StageOutput(
+                logits=result.logits, boxes_xyxy=result.boxes_xyxy,
+                boxes_cxcywh=normalize_boxes(result.boxes_xyxy, image_sizes),
+                mask_embed=result.mask_embed, masks=self.decode_masks(result.mask_embed),
+                attn=result.attn))
+            boxes = result.boxes_xyxy.detach()  # features are not detached
+            queries = result.query_features
+        return out
+
+
+def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
+    """Build an ISTR from a ``ModelConfig``: every part is constructed here, top to bottom."""
+    backbone = build_backbone(cfg.backbone, out_channels=cfg.hidden_dim, norm=cfg.norm,
+                              base_channels=cfg.backbone_base_channels,
+                              pretrained_path=cfg.pretrained_path)
+    return ISTR(num_classes, basis, backbone, num_queries=cfg.num_queries,
+                num_stages=cfg.num_stages, hidden_dim=cfg.hidden_dim,
+                dim_dynamic=cfg.dim_dynamic, dim_feedforward=cfg.dim_feedforward,
+                num_heads=cfg.num_heads, num_cls_layers=cfg.num_cls_layers,
+                num_reg_layers=cfg.num_reg_layers, num_mask_layers=cfg.num_mask_layers,
+                dropout=cfg.dropout, pooler_resolution=cfg.pooler_resolution,
+                canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob)

@@ -1,0 +1,66 @@
+"""Multi-level RoIAlign over P2..P5 as detectron2's ``ROIPooler`` with ``ROIAlignV2``.
+
+``torchvision.ops.MultiScaleRoIAlign`` calls ``roi_align`` with ``aligned=False`` and a slightly
+different level formula, so this small pooler is used instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+
+def assign_fpn_levels(boxes_xyxy: Tensor, min_level: int = 2, max_level: int = 5,
+                      canonical_size: float = 224.0, canonical_level: int = 4) -> Tensor:
+    """(R, 4) pixel boxes -> (R,) long FPN level in [min_level, max_level].
+
+    level = floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8)). For small images a
+    smaller ``canonical_size`` moves boxes to coarser levels.
+    """
+    wh = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]).float().clamp(min=0)
+    sizes = torch.sqrt(wh[:, 0] * wh[:, 1])
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size + 1e-8))
+    return levels.clamp(min_level, max_level).long()
+
+
+class RoIPooler(nn.Module):
+    """Pool a fixed-size feature per box from the FPN level its size selects (no parameters)."""
+
+    def __init__(self, strides: tuple[int, ...] = (4, 8, 16, 32), output_size: int = 7,
+                 sampling_ratio: int = 2, canonical_size: float = 224.0):
+        super().__init__()
+        self.strides = tuple(strides)
+        self.levels = tuple(int(round(math.log2(s))) for s in self.strides)
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.canonical_size = canonical_size
+
+    def forward(self, features: list[Tensor], boxes_xyxy: Tensor) -> Tensor:
+        """
+        Args:
+            features: one (B, D, h_l, w_l) map per stride in ``self.strides``.
+            boxes_xyxy: (B, Q, 4) pixel boxes.
+
+        Returns:
+            (B * Q, D, P, P) float32 pooled features, P = ``output_size``, rows ordered image
+            by image (as torchvision's roi_align autocasts, pooling always runs in fp32).
+        """
+        B, Q, _ = boxes_xyxy.shape
+        flat = boxes_xyxy.reshape(B * Q, 4).float()  # fp32 even under bf16 autocast
+        batch_idx = torch.arange(B, device=flat.device).repeat_interleave(Q)
+        rois = torch.cat([batch_idx[:, None].to(flat.dtype), flat], dim=1)  # (B*Q, 5)
+        levels = assign_fpn_levels(flat, self.levels[0], self.levels[-1], self.canonical_size)
+        pooled, order = [], []
+        for feat, stride, level in zip(features, self.strides, self.levels):
+            idx = torch.nonzero(levels == level).squeeze(1)
+            if idx.numel() == 0:
+                continue
+            pooled.append(roi_align(feat.float(), rois[idx], self.output_size,
+                                    spatial_scale=1.0 / stride,
+                                    sampling_ratio=self.sampling_ratio, aligned=True))
+            order.append(idx)
+        inverse = torch.argsort(torch.cat(order))  # back to image-by-image row order
+        return torch.cat(pooled)[inverse]

@@ -1,0 +1,123 @@
+"""One ISTR refinement stage (``RCNNHead`` of the official ``head.py``), with no weights shared.
+
+Per query: RoI pool at its current box -> self-attention among the image's queries -> dynamic
+instance interaction (``DynamicConv``) -> FFN -> three MLP branches predicting class logits, box
+deltas (applied to the stage's input boxes) and the mask embedding. ELU everywhere, post-norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from istr_viz.boxes import DEFAULT_DELTA_WEIGHTS, DEFAULT_SCALE_CLAMP, apply_deltas
+from istr_viz.model.pooler import RoIPooler
+
+
+def mlp_branch(dim: int, num_layers: int) -> nn.Sequential:
+    """``num_layers`` x [Linear(D, D, no bias), LayerNorm, ELU]."""
+    layers: list[nn.Module] = []
+    for _ in range(num_layers):
+        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ELU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class DynamicConv(nn.Module):
+    """Dynamic instance interaction: each query generates two matrices for its RoI feature."""
+
+    def __init__(self, hidden_dim: int, dim_dynamic: int, pooler_resolution: int):
+        super().__init__()
+        self.hidden_dim, self.dim_dynamic = hidden_dim, dim_dynamic
+        self.dynamic_layer = nn.Linear(hidden_dim, 2 * hidden_dim * dim_dynamic)
+        self.norm1 = nn.LayerNorm(dim_dynamic)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.activation = nn.ELU(inplace=True)
+        self.out_layer = nn.Linear(hidden_dim * pooler_resolution**2, hidden_dim)
+        self.norm3 = nn.LayerNorm(hidden_dim)
+
+    def forward(self, query: Tensor, roi: Tensor) -> Tensor:
+        """query (N, D), roi (N, P*P, D) -> (N, D), N = B * Q."""
+        D, E = self.hidden_dim, self.dim_dynamic
+        params = self.dynamic_layer(query)  # (N, 2*D*E)
+        param1 = params[:, : D * E].view(-1, D, E)
+        param2 = params[:, D * E :].view(-1, E, D)
+        x = self.activation(self.norm1(roi @ param1))  # (N, P*P, E)
+        x = self.activation(self.norm2(x @ param2))  # (N, P*P, D)
+        return self.activation(self.norm3(self.out_layer(x.flatten(1))))  # (N, D)
+
+
+class StageResult(NamedTuple):
+    """What one stage returns (``ISTR`` decodes masks and assembles ``StageOutput``)."""
+
+    query_features: Tensor  # (B, Q, D) obj features, the next stage's queries
+    logits: Tensor  # (B, Q, C)
+    boxes_xyxy: Tensor  # (B, Q, 4) pixels
+    mask_embed: Tensor  # (B, Q, M)
+    attn: Tensor | None  # (B, Q, Q) self-attention weights averaged over heads
+
+
+class RefinementStage(nn.Module):
+    """One stage. Call ``reset_parameters(prior_prob)`` after construction (``ISTR`` does)."""
+
+    def __init__(self, num_classes: int, mask_dim: int, hidden_dim: int = 256,
+                 dim_dynamic: int = 64, dim_feedforward: int = 2048, num_heads: int = 8,
+                 num_cls_layers: int = 3, num_reg_layers: int = 3, num_mask_layers: int = 3,
+                 dropout: float = 0.0, pooler_resolution: int = 7,
+                 delta_weights: tuple[float, float, float, float] = DEFAULT_DELTA_WEIGHTS,
+                 scale_clamp: float = DEFAULT_SCALE_CLAMP):
+        super().__init__()
+        D = hidden_dim
+        self.self_attn = nn.MultiheadAttention(D, num_heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(D)
+        self.dynamic_conv = DynamicConv(D, dim_dynamic, pooler_resolution)
+        self.norm2 = nn.LayerNorm(D)
+        self.ffn = nn.Sequential(nn.Linear(D, dim_feedforward), nn.ELU(inplace=True),
+                                 nn.Dropout(dropout), nn.Linear(dim_feedforward, D))
+        self.norm3 = nn.LayerNorm(D)
+        self.dropout = nn.Dropout(dropout)
+        self.cls_branch = mlp_branch(D, num_cls_layers)
+        self.reg_branch = mlp_branch(D, num_reg_layers)
+        self.mask_branch = mlp_branch(D, num_mask_layers)
+        self.class_logits = nn.Linear(D, num_classes)
+        self.bbox_deltas = nn.Linear(D, 4)
+        self.mask_embed = nn.Linear(D, mask_dim)
+        self.delta_weights = delta_weights
+        self.scale_clamp = scale_clamp
+
+    def reset_parameters(self, prior_prob: float = 0.01) -> None:
+        """Official init: xavier_uniform_ on every weight with dim > 1, class bias at the prior."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.constant_(self.class_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, features: list[Tensor], boxes_xyxy: Tensor, query_features: Tensor,
+                pooler: RoIPooler, return_attention: bool = False) -> StageResult:
+        """
+        Args:
+            features: FPN maps [P2..P5], each (B, D, h_l, w_l).
+            boxes_xyxy: (B, Q, 4) this stage's input boxes in pixels (detached by the caller).
+            query_features: (B, Q, D) this stage's input queries.
+            pooler: the shared ``RoIPooler``.
+            return_attention: also return the (B, Q, Q) head-averaged self-attention weights.
+        """
+        B, Q, D = query_features.shape
+        roi = pooler(features, boxes_xyxy)  # (B*Q, D, P, P)
+        roi = roi.flatten(2).transpose(1, 2)  # (B*Q, P*P, D)
+
+        attn_out, attn = self.self_attn(query_features, query_features, query_features,
+                                        need_weights=return_attention, average_attn_weights=True)
+        x = self.norm1(query_features + self.dropout(attn_out))  # (B, Q, D)
+
+        inter = self.dynamic_conv(x.reshape(B * Q, D), roi).view(B, Q, D)
+        x = self.norm2(x + self.dropout(inter))
+        x = self.norm3(x + self.dropout(self.ffn(x)))  # (B, Q, D) obj features
+
+        logits = self.class_logits(self.cls_branch(x))  # (B, Q, C)
+        deltas = self.bbox_deltas(self.reg_branch(x))  # (B, Q, 4)
+        boxes = apply_deltas(deltas.reshape(B * Q, 4).float(), boxes_xyxy.reshape(B * Q, 4),
+                             self.delta_weights, self.scale_clamp).view(B, Q, 4)
+        mask_embed = self.mask_embed(self.mask_branch(x))  # (B, Q, M)
+        return StageResult(x, logits, boxes, mask_embed, attn if return_attention else None)

@@ -1,0 +1,111 @@
+"""Turn one stage's raw outputs into detections: top-k (query, class) pairs, no NMS.
+
+Every detection keeps the index of the query it came from, so a detection can be followed back
+through the stages. Masks are S x S probabilities in box coordinates; :func:`paste_masks` puts them
+into the image at their boxes (bilinear sampling at pixel centres, as detectron2's paste does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def paste_masks(masks: Tensor, boxes_xyxy: Tensor, height: int, width: int,
+                threshold: float | None = 0.5, chunk: int = 32) -> Tensor:
+    """Paste box-relative masks into an image.
+
+    masks: (N, S, S) probabilities; boxes_xyxy: (N, 4) pixels of the target image.
+    Returns (N, height, width): bool when ``threshold`` is given, else float probabilities.
+    Pixels outside a box are 0. Each pixel centre (x + 0.5, y + 0.5) is mapped into the box and the
+    mask is sampled bilinearly there (``grid_sample``, ``align_corners=False``).
+    """
+    n = masks.shape[0]
+    dtype = torch.bool if threshold is not None else torch.float32
+    out = torch.zeros((n, height, width), dtype=dtype, device=masks.device)
+    if n == 0 or height == 0 or width == 0:
+        return out
+    boxes = boxes_xyxy.float()
+    ys = torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5
+    for start in range(0, n, chunk):
+        b = boxes[start:start + chunk]
+        x0, y0, x1, y1 = b.unbind(1)
+        gx = (xs[None, :] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1  # (n, W)
+        gy = (ys[None, :] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1  # (n, H)
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+        m = masks[start:start + chunk, None].float()
+        pasted = F.grid_sample(m, grid, mode="bilinear", align_corners=False)[:, 0]  # (n, H, W)
+        inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
+        pasted = pasted * inside
+        out[start:start + chunk] = pasted >= threshold if threshold is not None else pasted
+    return out
+
+
+@dataclass
+class Detections:
+    """Top-scoring (query, class) pairs of one stage for one image, at the original image size.
+
+    scores (N,), labels (N,) contiguous class indices, queries (N,) the query each came from,
+    boxes_xyxy (N, 4) pixels of the original image, mask_probs (N, S, S) box-relative.
+    """
+
+    scores: Tensor
+    labels: Tensor
+    queries: Tensor
+    boxes_xyxy: Tensor
+    mask_probs: Tensor
+
+    def __len__(self) -> int:
+        return int(self.scores.numel())
+
+    def keep(self, index: Tensor) -> "Detections":
+        return Detections(self.scores[index], self.labels[index], self.queries[index],
+                          self.boxes_xyxy[index], self.mask_probs[index])
+
+    def above(self, score_threshold: float) -> "Detections":
+        return self.keep(self.scores >= score_threshold)
+
+    def masks(self, height: int, width: int) -> Tensor:
+        """(N, height, width) bool masks pasted at the boxes, thresholded at 0.5."""
+        return paste_masks(self.mask_probs, self.boxes_xyxy, height, width)
+
+
+def top_detections(logits: Tensor, boxes_xyxy: Tensor, mask_probs: Tensor, top_k: int = 100
+                   ) -> Detections:
+    """Select the ``top_k`` (query, class) pairs by sigmoid score over all Q x C pairs.
+
+    logits (Q, C), boxes_xyxy (Q, 4), mask_probs (Q, S, S). A query can appear with several
+    classes, as in the official ISTR (no NMS, no threshold).
+    """
+    q, c = logits.shape
+    scores = logits.float().sigmoid().flatten()
+    k = min(top_k, scores.numel())
+    top_scores, flat = scores.topk(k)
+    queries = torch.div(flat, c, rounding_mode="floor")
+    labels = flat % c
+    return Detections(top_scores, labels, queries, boxes_xyxy[queries], mask_probs[queries])
+
+
+def rescale_boxes(boxes_xyxy: Tensor, input_size: tuple[int, int], orig_size: tuple[int, int]
+                  ) -> Tensor:
+    """Map boxes from the network input's valid size (H, W) to the original (H0, W0) and clip."""
+    (h, w), (h0, w0) = input_size, orig_size
+    scale = torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], device=boxes_xyxy.device)
+    out = boxes_xyxy.float() * scale
+    out[:, 0::2] = out[:, 0::2].clamp(0, w0)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h0)
+    return out
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of an (H, W) bool mask, ``counts`` as str (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle

@@ -1,0 +1,45 @@
+"""Drawing for istr_viz: every function returns a ``matplotlib.figure.Figure`` built without pyplot.
+
+``figures`` holds the generic pieces (a new figure, image panels, Figure -> pixels / PNG, ``show``
+for notebooks); each other module draws one subject from arrays and output dataclasses, never
+from a model: ``basis_plots`` the mask basis. In a notebook, display a figure with
+``show(plot_...(...))``.
+"""
+
+from __future__ import annotations
+
+from istr_viz.viz.basis_plots import (
+    component_step,
+    decode_codes,
+    encode_masks,
+    mask_iou,
+    mean_mask,
+    plot_basis_components,
+    plot_coefficient_histograms,
+    plot_component_walk,
+    plot_explained_variance,
+    plot_iou_vs_k,
+    plot_recipe_comparison,
+    plot_reconstructions,
+    reconstruct,
+    walk_code,
+    walk_component,
+)
+from istr_viz.viz.figures import (
+    figure_to_array,
+    figure_to_png,
+    hide_unused,
+    image_panel,
+    new_figure,
+    show,
+    signed_panel,
+)
+
+__all__ = [
+    "component_step", "decode_codes", "encode_masks", "figure_to_array", "figure_to_png",
+    "hide_unused", "image_panel", "mask_iou", "mean_mask", "new_figure",
+    "plot_basis_components", "plot_coefficient_histograms", "plot_component_walk",
+    "plot_explained_variance", "plot_iou_vs_k", "plot_recipe_comparison",
+    "plot_reconstructions", "reconstruct", "show", "signed_panel", "walk_code",
+    "walk_component",
+]

@@ -1,0 +1,185 @@
+"""istr_viz.losses: loss functions by hand, the focal prior, empty targets, SetCriterion keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from istr_viz.basis import MaskBasis
+from istr_viz.config import LossConfig
+from istr_viz.data.instance_masks import synthetic_instance_masks
+from istr_viz.errors import ConfigError
+from istr_viz.losses import (LOSS_TERMS, SetCriterion, box_losses, dice_loss, focal_class_loss,
+                             mask_losses)
+from istr_viz.matcher import hungarian_match, prepare_target
+from istr_viz.model import ISTR, build_backbone
+from istr_viz.model.outputs import ISTROutput, StageOutput
+
+S, M, C, Q = 28, 12, 3, 8
+PRIOR = -math.log((1 - 0.01) / 0.01)
+
+
+@pytest.fixture(scope="module")
+def basis() -> MaskBasis:
+    return MaskBasis.fit(synthetic_instance_masks(200, S, seed=2), dim=M, seed=0)
+
+
+def _target(boxes: list[list[float]], labels: list[int], size=(48, 64)) -> dict:
+    H, W = size
+    masks = torch.zeros(len(boxes), H, W, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[i, int(y0):int(y1), int(x0):int(x1)] = True
+    return {"boxes_xyxy": torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.long), "masks": masks,
+            "size": torch.tensor([H, W])}
+
+
+def _output(basis: MaskBasis, B: int = 2, K: int = 2, seed: int = 0) -> ISTROutput:
+    g = torch.Generator().manual_seed(seed)
+    stages = []
+    for _ in range(K):
+        xy = torch.rand(B, Q, 2, generator=g) * 30
+        boxes = torch.cat([xy, xy + 5 + torch.rand(B, Q, 2, generator=g) * 20], -1)
+        embed = torch.randn(B, Q, M, generator=g)
+        stages.append(StageOutput(logits=torch.randn(B, Q, C, generator=g), boxes_xyxy=boxes,
+                                  boxes_cxcywh=boxes / 64, mask_embed=embed,
+                                  masks=basis.decode(embed)))
+    for s in stages:
+        for t in (s.logits, s.boxes_xyxy, s.mask_embed):
+            t.requires_grad_(True)
+    return ISTROutput(stages, torch.zeros(B, Q, 4), torch.tensor([[48, 64]] * B),
+                      torch.zeros(B, Q, 16))
+
+
+def test_focal_loss_at_the_prior_bias():
+    logits = torch.full((2, 100, 80), PRIOR)
+    unmatched = torch.full((2, 100), 80)
+    expected = 2 * 100 * 80 * 0.75 * 0.01**2 * -math.log(0.99)  # about 0.012
+    assert math.isclose(focal_class_loss(logits, unmatched, 1.0).item(), expected, rel_tol=1e-3)
+    without_prior = focal_class_loss(torch.zeros(2, 100, 80), unmatched, 1.0).item()
+    assert without_prior > 1000 * expected  # why the bias is there
+
+
+def test_fresh_model_starts_near_the_focal_prior(basis):
+    torch.manual_seed(0)
+    model = ISTR(C, basis, build_backbone("resnet18", 32, "gn", base_channels=8), num_queries=Q,
+                 num_stages=2, hidden_dim=32, dim_dynamic=4, dim_feedforward=64, num_heads=2)
+    out = model(torch.rand(1, 3, 64, 64), torch.tensor([[64, 64]]))
+    unmatched = torch.full((1, Q), C)
+    at_prior = focal_class_loss(torch.full((1, Q, C), PRIOR), unmatched, 1.0).item()
+    at_zero = focal_class_loss(torch.zeros(1, Q, C), unmatched, 1.0).item()
+    for stage in out.stages:
+        # xavier weights spread the logits around the bias, which raises the mean loss above
+        # the exact prior value (convexity), but it stays orders of magnitude below bias 0
+        loss = focal_class_loss(stage.logits, unmatched, 1.0).item()
+        assert at_prior < loss < at_zero / 300
+        assert stage.scores.mean() < 0.05
+
+
+def test_focal_loss_one_hot_targets():
+    logits = torch.tensor([[[2.0, -1.0]]])
+    p = torch.sigmoid(logits[0, 0])
+    pos = 0.25 * (1 - p[0]) ** 2 * -torch.log(p[0])
+    neg = 0.75 * p[1] ** 2 * -torch.log(1 - p[1])
+    loss = focal_class_loss(logits, torch.tensor([[0]]), num_instances=2.0)
+    assert torch.isclose(loss, (pos + neg) / 2)
+
+
+def test_box_losses_by_hand():
+    pred = torch.tensor([[0.0, 0, 10, 10], [0, 0, 20, 10]])
+    gt = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]])
+    scale = torch.tensor([[100.0, 50, 100, 50]] * 2)
+    out = box_losses(pred, gt, scale, num_instances=2.0)
+    assert torch.isclose(out["l1"], torch.tensor(10 / 100 / 2))
+    assert torch.isclose(out["giou"], torch.tensor((1 - 0.5) / 2))  # IoU 0.5, hull = union
+
+
+def test_dice_and_mask_losses_by_hand():
+    g = torch.zeros(2, 4, 4)
+    g[:, :2] = 1
+    assert torch.allclose(dice_loss(g, g), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(dice_loss(1 - g, g), torch.ones(2))
+    half = torch.full((1, 4, 4), 0.5)  # 1 - 2 * 4 / (4 + 8)
+    assert torch.isclose(dice_loss(half, g[:1])[0], torch.tensor(1 / 3), atol=1e-5)
+    z = torch.zeros(2, 6)
+    out = mask_losses(z + 1, z, g, g, num_instances=4.0)
+    assert torch.isclose(out["mask_embed"], torch.tensor(2 * 6 / 6 / 4))
+    assert torch.isclose(out["mask_dice"], torch.tensor(0.0), atol=1e-5)
+
+
+def test_criterion_keys_total_and_matches(basis):
+    targets = [_target([[5, 5, 20, 30], [30, 10, 60, 40]], [0, 2]), _target([[0, 0, 30, 30]], [1])]
+    out = _output(basis, K=3)
+    result = SetCriterion(LossConfig(), basis)(out, targets)
+    keys = [f"stage{k}/{name}" for k in (1, 2, 3) for name in LOSS_TERMS]
+    assert list(result.losses) == keys
+    assert torch.isclose(result.total, sum(result.losses.values()))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in result.losses.values())
+    assert len(result.matches) == 3 and [m.num_matched for m in result.matches[0]] == [2, 1]
+    weights = LossConfig().cost_weights()
+    for k, stage in enumerate(out.stages):  # the criterion's matches are the matcher's
+        for b, target in enumerate(targets):
+            single = hungarian_match(stage.logits[b], stage.boxes_xyxy[b], stage.mask_embed[b],
+                                     prepare_target(target, basis), weights)
+            assert torch.equal(single.query_idx, result.matches[k][b].query_idx)
+    result.total.backward()
+    assert out.stages[0].mask_embed.grad.abs().sum() > 0
+
+
+def test_num_instances_normalises_every_term(basis):
+    targets = [_target([[5, 5, 20, 30], [30, 10, 60, 40]], [0, 2]), _target([[0, 0, 30, 30]], [1])]
+    cfg = dataclasses.replace(LossConfig(), embed_target_noise=False)
+    default = SetCriterion(cfg, basis)(_output(basis), targets)
+    doubled = SetCriterion(cfg, basis)(_output(basis), targets, num_instances=6.0)
+    for key, value in default.losses.items():
+        assert torch.isclose(doubled.losses[key], value / 2, rtol=1e-4), key
+    tiny = SetCriterion(cfg, basis)(_output(basis), targets, num_instances=0.1)  # clamped to 1
+    assert torch.isclose(tiny.total, default.total * 3, rtol=1e-4)
+
+
+def test_empty_targets_keep_the_graph(basis):
+    targets = [_target([], []), _target([], [])]
+    out = _output(basis)
+    result = SetCriterion(LossConfig(), basis)(out, targets)
+    for key, value in result.losses.items():
+        assert torch.isfinite(value)
+        if not key.endswith("loss_class"):
+            assert value.item() == 0.0
+    assert result.losses["stage1/loss_class"] > 0
+    result.total.backward()
+    assert out.stages[0].logits.grad is not None and out.stages[0].boxes_xyxy.grad is not None
+
+
+def test_crowd_regions_are_not_targets(basis):
+    target = _target([[5, 5, 20, 30]], [0])
+    with_crowd = {**target, "crowd_boxes_xyxy": torch.tensor([[30.0, 0, 60, 40]]),
+                  "crowd_mask": torch.ones(48, 64, dtype=torch.bool)}
+    cfg = dataclasses.replace(LossConfig(), embed_target_noise=False)
+    a = SetCriterion(cfg, basis)(_output(basis, B=1), [target])
+    b = SetCriterion(cfg, basis)(_output(basis, B=1), [with_crowd])
+    assert torch.equal(a.total, b.total)
+
+
+def test_losses_stay_float32_under_bf16_autocast(basis):
+    targets = [_target([[5, 5, 20, 30]], [0]), _target([[0, 0, 30, 30]], [1])]
+    out = _output(basis)
+    for stage in out.stages:
+        stage.logits, stage.mask_embed = stage.logits.bfloat16(), stage.mask_embed.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = SetCriterion(LossConfig(), basis)(out, targets)
+    assert all(v.dtype == torch.float32 for v in result.losses.values())
+
+
+def test_predicted_box_frame_for_mask_targets(basis):
+    targets = [_target([[5, 5, 20, 30]], [0]), _target([[0, 0, 30, 30]], [1])]
+    cfg = LossConfig(mask_target_boxes="pred", embed_target_noise=False)
+    v1 = SetCriterion(dataclasses.replace(cfg, mask_target_boxes="gt"), basis)(_output(basis),
+                                                                               targets)
+    v2 = SetCriterion(cfg, basis)(_output(basis), targets)
+    assert torch.equal(v1.losses["stage1/loss_class"], v2.losses["stage1/loss_class"])
+    assert not torch.isclose(v1.losses["stage1/loss_mask_dice"], v2.losses["stage1/loss_mask_dice"])
+    with pytest.raises(ConfigError, match="mask_target_boxes"):
+        SetCriterion(LossConfig(mask_target_boxes="box"), basis)

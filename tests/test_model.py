@@ -1,0 +1,295 @@
+"""istr_viz.model: shapes of every stage, queries, pooler, backbone, and a tiny overfit run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.models import resnet18
+from torchvision.ops import box_iou, masks_to_boxes, roi_align
+
+from istr_viz.basis import MaskBasis
+from istr_viz.config import LossConfig, ModelConfig
+from istr_viz.data.instance_masks import synthetic_instance_masks
+from istr_viz.errors import CheckpointError, ConfigError
+from istr_viz.losses import SetCriterion
+from istr_viz.model import (ISTR, ISTROutput, RoIPooler, StageOutput, assign_fpn_levels,
+                            build_backbone, build_model)
+from istr_viz.model.backbone import group_norm
+from istr_viz.model.istr import global_image_feature
+from istr_viz.postprocess import paste_masks
+
+Q, K, D, C, M, S = 10, 2, 32, 3, 16, 28
+
+
+@pytest.fixture(scope="module")
+def basis() -> MaskBasis:
+    return MaskBasis.fit(synthetic_instance_masks(300, S, seed=0), dim=M, seed=0)
+
+
+def tiny_model(basis: MaskBasis, seed: int = 0, **kwargs) -> ISTR:
+    torch.manual_seed(seed)
+    backbone = build_backbone("resnet18", out_channels=D, norm="gn", base_channels=8)
+    args = dict(num_queries=Q, num_stages=K, hidden_dim=D, dim_dynamic=8, dim_feedforward=2 * D,
+                num_heads=4, canonical_box_size=56.0)
+    return ISTR(C, basis, backbone, **{**args, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def model(basis) -> ISTR:
+    return tiny_model(basis)
+
+
+def _images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(2, 3, 64, 96)
+    images[0] = torch.rand(3, 64, 96, generator=g)
+    images[1, :, :50, :70] = torch.rand(3, 50, 70, generator=g)
+    return images, torch.tensor([[64, 96], [50, 70]])
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("return_attention", [True, False])
+def test_every_stage_has_the_documented_shapes(model, train, return_attention):
+    images, sizes = _images()
+    model.train(train)
+    with torch.set_grad_enabled(train):
+        out = model(images, sizes, return_attention=return_attention)
+    model.eval()
+    assert isinstance(out, ISTROutput) and out.num_stages == K and out.final is out.stages[-1]
+    assert out.proposal_boxes_xyxy.shape == (2, Q, 4)
+    assert out.query_features_init.shape == (2, Q, D)
+    assert torch.equal(out.image_sizes, sizes)
+    for stage in out.stages:
+        assert isinstance(stage, StageOutput)
+        assert stage.logits.shape == (2, Q, C)
+        assert stage.boxes_xyxy.shape == stage.boxes_cxcywh.shape == (2, Q, 4)
+        assert stage.mask_embed.shape == (2, Q, M)
+        assert stage.masks.shape == (2, Q, S, S)
+        assert ((stage.masks >= 0) & (stage.masks <= 1)).all()
+        assert (stage.boxes_xyxy[..., 2:] > stage.boxes_xyxy[..., :2]).all()
+        scale = torch.tensor([[96, 64, 96, 64], [70, 50, 70, 50]])[:, None]
+        xyxy = torch.cat([stage.boxes_cxcywh[..., :2] - stage.boxes_cxcywh[..., 2:] / 2,
+                          stage.boxes_cxcywh[..., :2] + stage.boxes_cxcywh[..., 2:] / 2], -1)
+        assert torch.allclose(xyxy * scale, stage.boxes_xyxy, atol=1e-3)
+        if return_attention:
+            assert stage.attn.shape == (2, Q, Q)
+            assert torch.allclose(stage.attn.sum(-1), torch.ones(2, Q), atol=1e-5)
+        else:
+            assert stage.attn is None
+
+
+def test_initial_boxes_cover_each_valid_image(model):
+    out = model(*_images())
+    assert torch.allclose(out.proposal_boxes_xyxy[0], torch.tensor([0.0, 0, 96, 64]).expand(Q, 4))
+    assert torch.allclose(out.proposal_boxes_xyxy[1], torch.tensor([0.0, 0, 70, 50]).expand(Q, 4))
+
+
+def test_different_images_give_different_stage1_queries(model):
+    images, sizes = _images()
+    images[1] = images[0]
+    sizes[1] = sizes[0]
+    same = model(images, sizes).query_features_init
+    assert torch.allclose(same[0], same[1], atol=1e-5)
+    images[1] = 1 - images[0]
+    differ = model(images, sizes).query_features_init
+    assert (differ[0] - differ[1]).abs().max() > 1e-2
+
+
+def test_global_feature_averages_only_the_valid_region():
+    feat = torch.full((2, 4, 8, 8), 1000.0)  # padding holds garbage
+    feat[0, :, :5, :3] = 1.0  # image 0: valid region 17 x 9 px at stride 4 -> 5 x 3 cells
+    feat[1] = 2.0
+    sizes = torch.tensor([[17, 9], [32, 32]])
+    out = global_image_feature([feat, feat], (4, 4), sizes)
+    assert torch.allclose(out, torch.tensor([[2.0] * 4, [4.0] * 4]))  # summed over 2 levels
+
+
+def test_boxes_are_detached_between_stages(basis):
+    model = tiny_model(basis)
+    out = model(*_images())
+    out.stages[1].boxes_xyxy.sum().backward()
+    assert model.proposal_boxes.weight.grad is None or model.proposal_boxes.weight.grad.eq(0).all()
+    assert model.stages[0].bbox_deltas.weight.grad is None  # stage-1 deltas only feed boxes
+    assert model.stages[0].ffn[0].weight.grad.abs().sum() > 0  # features are not detached
+    model.zero_grad(set_to_none=True)
+    model(*_images()).stages[0].boxes_xyxy.sum().backward()
+    assert model.proposal_boxes.weight.grad.abs().sum() > 0  # learned proposals get gradients
+
+
+def test_output_containers(model):
+    out = model(*_images())
+    one = out[1]
+    assert one.proposal_boxes_xyxy.shape == (1, Q, 4) and one.final.masks.shape == (1, Q, S, S)
+    assert torch.equal(one.final.logits[0], out.final.logits[1])
+    assert torch.equal(out.image(-1).final.logits[0], out.final.logits[-1])
+    assert out.stacked("boxes_xyxy").shape == (K, 2, Q, 4)
+    detached = out.detach().cpu().to("cpu")
+    assert not detached.final.logits.requires_grad and out.final.logits.requires_grad
+    assert out.final[0].logits.shape == (1, Q, C)
+    half = dataclasses.replace(out, stages=[dataclasses.replace(s, logits=s.logits.bfloat16())
+                                            for s in out.stages])
+    back = half.float()
+    assert back.final.logits.dtype == torch.float32 and back.image_sizes.dtype == torch.int64
+    assert back.final.logits.requires_grad
+
+
+def test_init_matches_the_reference(model):
+    prior = -math.log((1 - 0.01) / 0.01)
+    for stage in model.stages:
+        assert torch.allclose(stage.class_logits.bias, torch.full((C,), prior))
+    assert torch.allclose(model.proposal_boxes.weight, torch.tensor([0.5, 0.5, 1, 1]).expand(Q, 4))
+
+
+def test_fpn_levels_by_hand():
+    sides = torch.tensor([10.0, 56, 111, 112, 224, 447, 448, 2000])
+    boxes = torch.stack([torch.zeros(8), torch.zeros(8), sides, sides], 1)
+    assert assign_fpn_levels(boxes).tolist() == [2, 2, 2, 3, 4, 4, 5, 5]
+    assert assign_fpn_levels(boxes, canonical_size=56.0).tolist() == [2, 4, 4, 5, 5, 5, 5, 5]
+
+
+def test_pooler_equals_roi_align_at_each_boxs_level():
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 64, 64]], [[5, 5, 40, 30], [1, 2, 3, 4]]])
+    pooler = RoIPooler(canonical_size=32.0)
+    pooled = pooler(feats, boxes)  # (4, 4, 7, 7)
+    levels = assign_fpn_levels(boxes.view(-1, 4), canonical_size=32.0)
+    for row, (b, q) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        lvl = int(levels[row])
+        roi = torch.cat([torch.tensor([[float(b)]]), boxes[b, q][None]], 1)
+        expected = roi_align(feats[lvl - 2], roi, 7, 1 / 2**lvl, sampling_ratio=2, aligned=True)
+        assert torch.allclose(pooled[row], expected[0])
+    assert levels.tolist() == [2, 5, 3, 2]  # the boxes really span several levels
+
+
+def test_backbone_levels_and_strides():
+    backbone = build_backbone("resnet18", out_channels=16, norm="gn", base_channels=8)
+    feats = backbone(torch.rand(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(1, 16, 16, 24), (1, 16, 8, 12), (1, 16, 4, 6),
+                                               (1, 16, 2, 3)]
+    assert backbone.strides == (4, 8, 16, 32)
+
+
+def test_group_norm_fits_narrow_widths():
+    assert [group_norm(c).num_groups for c in (256, 64, 16, 24, 8, 6)] == [32, 16, 4, 4, 2, 1]
+
+
+def test_pretrained_weights_load_from_a_local_file_and_freeze_early_layers(tmp_path):
+    reference = resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = build_backbone("resnet18", out_channels=16, norm="frozen_bn",
+                              pretrained_path=str(path))
+    assert torch.equal(backbone.body.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    assert torch.equal(backbone.body.layer2[0].bn1.running_var, reference.layer2[0].bn1.running_var)
+    assert not any(p.requires_grad for p in backbone.body.layer1.parameters())
+    assert not backbone.body.conv1.weight.requires_grad
+    assert all(p.requires_grad for p in backbone.body.layer2.parameters())
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    for bad in ("missing.pth", "broken.pth"):
+        with pytest.raises(CheckpointError, match=bad):
+            build_backbone("resnet18", pretrained_path=str(tmp_path / bad))
+
+
+def test_bad_names_and_sizes_raise_config_errors(basis):
+    with pytest.raises(ConfigError, match="resnet18, resnet34, resnet50, resnet101"):
+        build_backbone("resnet7")
+    with pytest.raises(ConfigError, match="gn"):
+        build_backbone("resnet18", norm="layer")
+    with pytest.raises(ConfigError, match="base_channels = 64"):
+        build_backbone("resnet18", norm="gn", pretrained_path="unused.pth")
+    with pytest.raises(ConfigError, match="hidden_dim"):
+        ISTR(C, basis, build_backbone("resnet18", out_channels=16, base_channels=8), hidden_dim=32)
+
+
+def test_build_model_reads_the_config(basis):
+    cfg = dataclasses.replace(ModelConfig(), backbone="resnet18", backbone_base_channels=8,
+                              norm="gn", num_queries=7, num_stages=3, hidden_dim=32,
+                              dim_dynamic=4, dim_feedforward=64, num_heads=2)
+    model = build_model(cfg, num_classes=5, basis=basis)
+    out = model(torch.rand(1, 3, 64, 64), torch.tensor([[64, 64]]))
+    assert out.num_stages == 3 and out.final.logits.shape == (1, 7, 5)
+    assert ModelConfig().num_queries == 300 and ModelConfig().backbone == "resnet50"
+
+
+def test_model_matcher_and_losses_import_no_ui():
+    code = ("import sys, istr_viz.model, istr_viz.matcher, istr_viz.losses; "
+            "print([m for m in ('matplotlib', 'gradio', 'ipywidgets') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------ overfit
+
+
+COLORS = ((1.0, 0.1, 0.1), (0.1, 0.9, 0.1), (0.1, 0.2, 1.0))
+
+
+def _scene(shapes, size: int = 64) -> tuple[torch.Tensor, dict]:
+    """Grey image with coloured rectangles / ellipses; class = colour index."""
+    image = torch.full((3, size, size), 0.5)
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    masks, labels = [], []
+    for kind, label, (x0, y0, x1, y1) in shapes:
+        if kind == "rect":
+            mask = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+        else:
+            cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+            mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        image[:, mask] = torch.tensor(COLORS[label])[:, None]
+        masks.append(mask)
+        labels.append(label)
+    masks = torch.stack(masks)
+    boxes = masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])  # pixel edges
+    return image, {"boxes_xyxy": boxes, "labels": torch.tensor(labels), "masks": masks,
+                   "size": torch.tensor([size, size])}
+
+
+def _ap50_is_one(stage: StageOutput, b: int, target: dict) -> bool:
+    """Ranked by score over all (query, class) pairs, the first G detections are true positives
+    of distinct GT instances (right class, box IoU >= 0.5): precision 1 at recall 1."""
+    G = len(target["labels"])
+    scores, flat = stage.scores[b].flatten().topk(G)
+    queries, labels = flat // C, flat % C
+    iou = box_iou(stage.boxes_xyxy[b][queries], target["boxes_xyxy"])  # (G, G)
+    hits = (iou >= 0.5) & (labels[:, None] == target["labels"][None])
+    return bool(hits.any(1).all() and hits.any(0).all())
+
+
+def test_overfits_two_images(basis):
+    image1, target1 = _scene([("rect", 0, (4, 6, 28, 30)), ("ellipse", 1, (34, 10, 60, 40)),
+                              ("ellipse", 2, (10, 38, 40, 60))])
+    image2, target2 = _scene([("ellipse", 1, (6, 4, 30, 26)), ("rect", 2, (30, 30, 58, 58))])
+    images, sizes = torch.stack([image1, image2]), torch.tensor([[64, 64], [64, 64]])
+    targets = [target1, target2]
+    model = tiny_model(basis, seed=0)
+    criterion = SetCriterion(LossConfig(), basis)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [225], 0.1)
+    first = None
+    for _ in range(300):
+        result = criterion(model(images, sizes), targets)
+        optimizer.zero_grad()
+        result.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        first = first if first is not None else result.total.item()
+    assert result.total.item() < first / 20
+
+    model.eval()
+    with torch.no_grad():
+        out = model(images, sizes)
+    matches = criterion(out, targets).matches[-1]
+    for b, (target, match) in enumerate(zip(targets, matches)):
+        assert _ap50_is_one(out.final, b, target)
+        boxes = out.final.boxes_xyxy[b][match.query_idx]
+        pasted = paste_masks(out.final.masks[b][match.query_idx], boxes, 64, 64)  # (G, 64, 64)
+        gt = target["masks"][match.gt_idx]
+        mask_iou = (pasted & gt).flatten(1).sum(1) / (pasted | gt).flatten(1).sum(1)
+        assert mask_iou.min() >= 0.8, mask_iou
