@@ -113,7 +113,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.max_iters is not None and args.max_minutes is not None:
         raise DataError("give --max-iters or --max-minutes, not both")
     train_paths, val_paths = _train_paths(args)
-    cfg = apply_overrides(get_preset(args.preset), args.set or [])
+    cfg = get_preset(args.preset)
+    if args.init_from:  # the architecture and basis must be the source checkpoint's
+        from dataclasses import replace
+
+        from istr_viz.checkpoint import load_checkpoint
+        from istr_viz.config import Config
+
+        source = Config.from_dict(load_checkpoint(args.init_from)["config"])
+        cfg = replace(cfg, model=source.model, basis=source.basis)
+    cfg = apply_overrides(cfg, args.set or [])
     basis = MaskBasis.load(args.basis) if args.basis else None
     result = train(cfg, train_paths, args.out, val_data=val_paths, basis=basis,
                    init_from=args.init_from, resume=args.resume, max_iters=args.max_iters,

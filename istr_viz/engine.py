@@ -190,13 +190,17 @@ def _check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
                 "stopped, the last good checkpoint is kept (try a lower train.lr)")
 
 
-def _init_from(model: nn.Module, path: Path) -> list[str]:
-    """Copy every weight of ``path`` whose name and shape fit; return the names left as initialised."""
-    ckpt = load_checkpoint(path)
+def _init_from(model: nn.Module, ckpt: dict) -> list[str]:
+    """Copy every weight of checkpoint ``ckpt`` whose name and shape fit (the basis is the model's
+    own); return the names left as initialised (the class head when the classes differ)."""
     own = model.state_dict()
-    fitting = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape}
+    fitting = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+               for k, v in ckpt["model"].items()
+               if torch.is_tensor(v) and not k.startswith("basis.") and k in own
+               and own[k].shape == v.shape}
     model.load_state_dict(fitting, strict=False)
-    return sorted(k for k in own if k not in fitting)
+    return sorted(k for k in own if torch.is_tensor(own[k]) and not k.startswith("basis.")
+                  and k not in fitting)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -247,14 +251,18 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     torch.manual_seed(tc.seed + info.rank * 0)  # same init on every process
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
+    source = load_checkpoint(init_from) if (init_from is not None and ckpt is None) else None
+    if basis is None and source is not None:  # the mask head was trained with that basis
+        basis = MaskBasis.from_dict(source["basis"])
     if basis is None:
         basis = _fit_or_share_basis(cfg, ann, out_dir, info, progress)
     dataset = CocoDataset(train_data.ann_file, train_data.images_dir,
                           transform=build_transform(train_tf, train=True), annotations=ann)
     model = build_model(cfg.model, len(ann.class_names), basis).to(device)
-    reinitialised = []
-    if init_from is not None and ckpt is None:
-        reinitialised = _init_from(model, Path(init_from))
+    if source is not None:
+        reinitialised = _init_from(model, source)
+        if info.is_main and progress:
+            print(f"initialised from {init_from}; re-initialised: {', '.join(reinitialised) or 'none'}")
     criterion = SetCriterion(cfg.loss, basis)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)

@@ -47,8 +47,11 @@ def coco_eval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]
     cat_ids = sorted(gt.getCatIds())
     if not results:  # COCO.loadRes([]) raises: no detections means AP 0, not a crash
         return {k: 0.0 for k in SUMMARY_KEYS}, {c: 0.0 for c in cat_ids if gt.getAnnIds(catIds=[c])}
-    if iou_type == "bbox":  # loadRes derives boxes from masks when both are present: keep ours
-        results = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    # loadRes takes a result's area from its "bbox" whenever one is present, and COCOeval sorts
+    # detections into the small / medium / large ranges by that area: a mask must be rated by
+    # its own area (as the ground truth is), so segm results go in without their boxes.
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
+    results = [{k: v for k, v in r.items() if k != drop} for r in results]
     dt = _quiet(gt.loadRes, copy.deepcopy(results))
     ev = COCOeval(gt, dt, iou_type)
     if image_ids is not None:
@@ -130,7 +133,8 @@ __all__ = ["StageResults", "coco_eval", "evaluate_results", "format_stage_table"
 def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_k: int = 100,
                           max_images: int | None = None, progress: bool = True) -> StageResults:
     """Run ``model`` over a :class:`~istr_viz.data.coco.CocoDataset` (eval transform) and collect
-    every stage's top-``top_k`` detections as COCO results at each image's original size."""
+    every stage's top-``top_k`` detections as COCO results at each image's original size.
+    ``device``: where the model's inputs go (default: the device of the model's parameters)."""
     import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
@@ -139,7 +143,7 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
     from istr_viz.postprocess import mask_to_rle, rescale_boxes, top_detections
     from istr_viz.runtime import default_device
 
-    device = default_device(device)
+    device = default_device(device) if device is not None else next(model.parameters()).device
     if max_images:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=False)

@@ -1,0 +1,171 @@
+"""The training engine: kill-safe resume, DDP equivalence, warm starts, schedule, budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import coco_factory as cf
+from istr_viz.basis import MaskBasis
+from istr_viz.checkpoint import load_checkpoint
+from istr_viz.config import apply_overrides, get_preset
+from istr_viz.data.coco import load_annotations
+from istr_viz.data.instance_masks import instance_masks
+from istr_viz.data.layout import split_paths
+from istr_viz.data.shapes import make_shapes
+from istr_viz.engine import IterationBatchSampler, lr_factor, read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = [
+    "model.backbone_base_channels=8", "model.num_queries=8", "model.num_stages=2",
+    "model.hidden_dim=32", "model.dim_dynamic=8", "model.dim_feedforward=64", "model.num_heads=2",
+    "model.canonical_box_size=32", "data.train_min_sizes=64", "data.train_max_size=64",
+    "data.test_min_size=64", "data.test_max_size=64", "data.num_workers=0",
+    "train.batch_size=4", "train.threads=1", "train.amp=false", "train.checkpoint_every=2",
+    "train.warmup_iters=3", "train.lr=1e-3", "train.seed=3",
+]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A tiny shapes root and a basis fitted on its training masks (so no run refits it)."""
+    root = tmp_path_factory.mktemp("engine") / "shapes"
+    make_shapes(root, num_train=16, num_val=4, size=64, seed=5, progress=False)
+    masks = instance_masks(load_annotations(root / "train" / "annotations.json"), 28, progress=False)
+    basis_path = root / "basis.npz"
+    MaskBasis.fit(masks, dim=12).save(basis_path)
+    return root, basis_path
+
+
+def _train_cmd(root: Path, basis: Path, out: Path, *extra: str, max_iters: int = 8) -> list[str]:
+    paths = split_paths(root, "train")
+    cmd = [sys.executable, "-m", "istr_viz", "train", "--train-ann", str(paths.ann_file),
+           "--train-images", str(paths.images_dir), "--basis", str(basis), "--out", str(out),
+           "--max-iters", str(max_iters), "--device", "cpu"]
+    for item in TINY:
+        cmd += ["--set", item]
+    return cmd + list(extra)
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["iter"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def test_sigkill_mid_run_resumes_to_the_same_losses(shapes, tmp_path):
+    root, basis = shapes
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cmd(root, basis, full, max_iters=10), check=True, env=_env(),
+                   capture_output=True)
+    proc = subprocess.Popen(_train_cmd(root, basis, killed, max_iters=10), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a checkpoint exists and the run has gone past it
+        if metrics.exists() and (killed / "last.pt").exists() and len(_losses(killed)) >= 3:
+            break
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = max(_losses(killed))
+    assert before < 10, "killed too late to test a resume"
+    resumed = subprocess.run(_train_cmd(root, basis, killed, "--resume", max_iters=10),
+                             env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = _losses(full), _losses(killed)
+    assert sorted(got) == list(range(1, 11))
+    assert got == expected  # bit-for-bit the same run
+    assert load_checkpoint(killed / "last.pt")["train_state"]["iteration"] == 10
+
+
+def test_two_process_gloo_equals_one_process_with_double_batch(shapes, tmp_path):
+    root, basis = shapes
+    no_noise = ["--set", "loss.embed_target_noise=false"]
+    single = tmp_path / "single"
+    subprocess.run(_train_cmd(root, basis, single, *no_noise, max_iters=4), check=True,
+                   env=_env(), capture_output=True)
+    ddp = tmp_path / "ddp"
+    cmd = _train_cmd(root, basis, ddp, *no_noise, max_iters=4)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "istr_viz", *cmd[3:]]
+    proc = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_checkpoint(single / "last.pt")["model"]
+    b = load_checkpoint(ddp / "last.pt")["model"]
+    assert load_checkpoint(ddp / "last.pt")["train_state"]["world_size"] == 2
+    for name, value in a.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            assert torch.allclose(value, b[name], atol=1e-4, rtol=0), name
+    # the parameters did move: not a comparison of two untouched initialisations
+    boxes = next(k for k in a if "proposal_boxes" in k)
+    init = torch.tensor([0.5, 0.5, 1.0, 1.0]).expand_as(a[boxes])
+    assert (a[boxes] - init).abs().max() > 1e-4
+
+
+def test_init_from_trains_on_a_data_set_with_other_classes(shapes, tmp_path, capsys):
+    from istr_viz.cli import main
+
+    root, basis = shapes
+    source = tmp_path / "source"
+    subprocess.run(_train_cmd(root, basis, source, max_iters=2), check=True, env=_env(),
+                   capture_output=True)
+    other = cf.write_quirky_coco(tmp_path / "other")  # categories 3, 7, 19, 42: other classes
+    argv = ["train", "--train-ann", str(other.ann_file), "--train-images", str(other.images_dir),
+            "--init-from", str(source / "last.pt"), "--out", str(tmp_path / "tuned"),
+            "--max-iters", "2", "--device", "cpu"]
+    for item in TINY:
+        argv += ["--set", item]
+    assert main(argv) == 0, capsys.readouterr().err
+    src = load_checkpoint(source / "last.pt")
+    tuned = load_checkpoint(tmp_path / "tuned" / "last.pt")
+    assert tuned["category_ids"] == [3, 7, 19, 42]
+    head = next(k for k in tuned["model"] if k.endswith("class_logits.weight"))
+    assert tuned["model"][head].shape[0] == 4 != src["model"][head].shape[0]
+
+
+def test_batches_are_a_function_of_seed_and_iteration():
+    full = IterationBatchSampler(20, 4, seed=1, start_iter=0, max_iters=12)
+    resumed = IterationBatchSampler(20, 4, seed=1, start_iter=7, max_iters=12)
+    assert list(full)[7:] == list(resumed)
+    ranks = [IterationBatchSampler(20, 2, 1, 0, 12, rank=r, world_size=2) for r in (0, 1)]
+    for it in range(12):
+        assert ranks[0].batch_for(it) + ranks[1].batch_for(it) == full.batch_for(it)
+    epoch0 = [i for it in range(5) for i, _ in full.batch_for(it)]
+    assert sorted(epoch0) == list(range(20))  # each epoch visits every image once
+
+
+def test_lr_schedule_warmup_and_steps():
+    f = [lr_factor(i, 100, 10, 0.01, (0.5, 0.9), 0.1) for i in range(100)]
+    assert f[0] == pytest.approx(0.01)
+    assert f[5] == pytest.approx(0.01 + 0.5 * 0.99)
+    assert f[10] == f[49] == 1.0
+    assert f[50] == pytest.approx(0.1) and f[90] == pytest.approx(0.01)
+
+
+def test_unknown_set_key_lists_the_valid_ones(capsys):
+    from istr_viz.cli import main
+
+    assert main(["train", "--out", "/tmp/never", "--set", "model.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.nope'" in err and "model.num_stages" in err
+    assert "Traceback" not in err
+
+
+def test_preset_overrides_in_a_notebook_style():
+    cfg = apply_overrides(get_preset("shapes-cpu"), ["model.num_stages=4", "train.lr=1e-4"])
+    assert cfg.model.num_stages == 4 and cfg.train.lr == 1e-4
+    assert get_preset("coco-r50").model.num_queries == 300
+    assert json.loads(json.dumps(cfg.to_dict()))["model"]["num_stages"] == 4
