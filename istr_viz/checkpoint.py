@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
-import zipfile
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,10 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path`` and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not tempfile.mkstemp: its files are 0600, and the checkpoint should get the permissions
+    # any new file gets (0666 less the umask), so that others can read it where that is usual.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -58,10 +61,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError("checkpoint file not found", file=path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
-            ValueError, AttributeError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"not a readable istr_viz checkpoint ({first[:160]})", file=path) from None
+    except Exception as err:  # noqa: BLE001 - garbage also raises IndexError, KeyError, ...
+        raise CheckpointError(f"not a readable istr_viz checkpoint ({_load_problem(err)})",
+                              file=path) from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError("not an istr_viz checkpoint (no format_version)", file=path)
     if ckpt["format_version"] != FORMAT_VERSION:
@@ -72,3 +74,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"checkpoint lacks {', '.join(missing)}", file=path)
     return ckpt
+
+
+def _load_problem(err: Exception) -> str:
+    """A short one-line account of why ``torch.load`` failed, without torch's advice or colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if isinstance(err, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        detail = detail.split(". ")[0].rstrip(".")
+        return f"refused by safe loading (weights_only=True): {detail[:200]}"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first[:160]

@@ -143,7 +143,7 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
     from istr_viz.postprocess import mask_to_rle, rescale_boxes, top_detections
     from istr_viz.runtime import default_device
 
-    device = default_device(device) if device is not None else next(model.parameters()).device
+    device = default_device(device) if device is not None else _model_device(model)
     if max_images:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=False)
@@ -176,6 +176,14 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
                             "segmentation": mask_to_rle(masks[j])})
     model.train(was_training)
     return StageResults(per_stage or [], image_ids)
+
+
+def _model_device(model):
+    """The device of the model's first parameter (the default device for one without any)."""
+    from istr_viz.runtime import default_device
+
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else default_device(None)
 
 
 def _label_to_cat(dataset, label: int) -> int:

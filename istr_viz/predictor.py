@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from istr_viz.postprocess import Detections, mask_to_rle, paste_masks, rescale_boxes, top_detections
@@ -108,27 +108,28 @@ class Prediction:
 
 
 def image_to_array(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
-    """Any image (file path, PIL image of any mode, HW / HWC array) as (H, W, 3) uint8 RGB."""
-    if isinstance(image, (str, Path)):
-        from istr_viz.data.coco import load_image
+    """Any image (file path, PIL image of any mode, HW / HWC array) as (H, W, 3) uint8 RGB.
 
+    Converted exactly as the data sets read their files (``istr_viz.data.coco.load_image``):
+    EXIF orientation applied, alpha dropped, 16-bit values divided by 257, so a picture gives the
+    model the same pixels whether it comes as a path, a PIL image or an array.
+    """
+    from istr_viz.data.coco import _to_rgb, load_image
+
+    if isinstance(image, (str, Path)):
         return np.asarray(load_image(Path(image)))
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(_to_rgb(ImageOps.exif_transpose(image)))
     array = np.asarray(image)
+    if array.dtype == np.uint16:  # 16-bit, as a 16-bit PNG reads
+        array = (array / 257.0).round().astype(np.uint8)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got {array.shape}")
-    if array.shape[2] == 4:
-        return image_to_array(Image.fromarray(_to_uint8(array), mode="RGBA"))
-    return _to_uint8(array)
+    return _to_uint8(array[:, :, :3])  # alpha dropped
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -140,9 +141,11 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def input_size_for(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(H, W) after resizing the shorter side to ``min_size`` with the longer side capped at ``max_size``."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """(H, W) after resizing the shorter side to ``min_size`` with the longer side capped at
+    ``max_size``: the evaluation transform's own size (``resized_size``)."""
+    from istr_viz.data.transforms import resized_size
+
+    return resized_size(height, width, min_size, max_size)
 
 
 class Predictor:
@@ -164,12 +167,16 @@ class Predictor:
         self._cache: Prediction | None = None
 
     def preprocess(self, array: np.ndarray) -> tuple[Tensor, Tensor]:
-        """(1, 3, Hp, Wp) float input padded to a multiple of 32, and its valid (1, 2) size."""
+        """(1, 3, Hp, Wp) float input padded to a multiple of 32, and its valid (1, 2) size.
+
+        The pixels are those the evaluation transform gives (uint8 resized, then / 255)."""
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
         h, w = input_size_for(array.shape[0], array.shape[1], self.min_size, self.max_size)
-        img = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        img = TF.resize(img, [h, w], antialias=True).clamp_(0, 1)
+        img = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)  # (3, H0, W0) uint8
+        img = TF.resize(img, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        img = img.float() / 255.0
         hp, wp = -(-h // 32) * 32, -(-w // 32) * 32
         batch = torch.zeros((1, 3, hp, wp))
         batch[0, :, :h, :w] = img
@@ -232,7 +239,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None
         model.load_state_dict(state)
     except IstrVizError as err:
         raise CheckpointError(err.reason, file=path, entry=err.entry) from None
-    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint does not fit its own configuration ({first})",
                               file=path) from None
