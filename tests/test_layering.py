@@ -1,7 +1,9 @@
 """Dependencies point one way: the core library never pulls in the UI layers."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +28,45 @@ def test_core_modules_pull_in_no_ui(module):
     assert _loaded_after(f"import {module}") == set()
 
 
-def test_data_layer_does_not_import_model_layer():
-    code = "import sys, istr_viz.data; print('istr_viz.model' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert out.stdout.strip() == "False"
+# Layers, lowest first: a module may import istr_viz modules of its own layer or below only.
+LAYERS = [
+    ("errors", "runtime", "config", "data", "boxes", "basis", "dct", "checkpoint"),
+    ("model", "matcher", "losses", "postprocess"),
+    ("engine", "evaluate", "predictor", "inspect"),
+    ("viz",),
+    ("widgets", "demo"),
+]
+
+
+def _layer_of(module: str) -> int:
+    top = module.split(".")[1] if module.count(".") else ""
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("istr_viz."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("istr_viz."))
+    return found
+
+
+def test_dependencies_point_one_way():
+    package = Path(__file__).resolve().parent.parent / "istr_viz"
+    problems = []
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package.parent).with_suffix("")
+        module = ".".join(rel.parts)
+        if rel.parts[-1] in ("__init__", "__main__", "cli") and len(rel.parts) == 2:
+            continue  # the package front door and the CLI sit on top of everything
+        own = _layer_of(module if len(rel.parts) > 1 else module)
+        for imported in _imports(path):
+            if _layer_of(imported) > own:
+                problems.append(f"{module} imports {imported}")
+    assert not problems, problems
