@@ -248,7 +248,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     tc = cfg.train
     if tc.threads > 0 and device.type == "cpu":
         torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed + info.rank * 0)  # same init on every process
+    torch.manual_seed(tc.seed)  # the same initial weights in every process
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
     source = load_checkpoint(init_from) if (init_from is not None and ckpt is None) else None
@@ -323,7 +323,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         model.train()
         return metrics
 
-    t_start, timed_iters = time.perf_counter(), 0
+    t_start = time.perf_counter()
     measure_until = start_iter + 10 if (max_minutes and ckpt is None) else None
     sampler = IterationBatchSampler(len(dataset), per_process_batch, tc.seed, start_iter,
                                     budget["max_iters"] if measure_until is None else 10**12,
@@ -334,7 +334,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     model.train()
     bar = tqdm(total=budget["max_iters"], initial=start_iter, disable=not (progress and info.is_main),
                desc="train", dynamic_ncols=True)
-    iteration, final_metrics = start_iter, None
+    iteration = start_iter
     for batch in loader:
         if iteration >= budget["max_iters"]:
             break
@@ -377,7 +377,6 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             save_checkpoint(last_path, **payload(iteration))
         if tc.eval_every and iteration % tc.eval_every == 0 and iteration < budget["max_iters"]:
             run_eval(iteration)
-        timed_iters += 1
     bar.close()
     final_metrics = run_eval(iteration)
     if info.is_main:

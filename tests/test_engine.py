@@ -169,3 +169,30 @@ def test_preset_overrides_in_a_notebook_style():
     assert cfg.model.num_stages == 4 and cfg.train.lr == 1e-4
     assert get_preset("coco-r50").model.num_queries == 300
     assert json.loads(json.dumps(cfg.to_dict()))["model"]["num_stages"] == 4
+
+
+def test_non_finite_loss_stops_naming_stage_and_term_and_keeps_last_checkpoint(shapes, tmp_path,
+                                                                               monkeypatch):
+    import istr_viz.engine as engine
+
+    root, basis_path = shapes
+    real = engine.SetCriterion
+
+    class PoisonedAtThirdCall(real):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            total, terms, matches = super().__call__(*args, **kwargs)
+            type(self).calls += 1
+            if type(self).calls == 3:
+                terms = dict(terms)
+                terms["stage2/loss_giou"] = terms["stage2/loss_giou"] * float("nan")
+            return total, terms, matches
+
+    monkeypatch.setattr(engine, "SetCriterion", PoisonedAtThirdCall)
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+    with pytest.raises(engine.TrainingDiverged) as err:
+        engine.train(cfg, split_paths(root, "train"), tmp_path / "run",
+                     basis=MaskBasis.load(basis_path), max_iters=6, device="cpu", progress=False)
+    assert "loss_giou of stage2" in str(err.value) and "\n" not in str(err.value)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["iteration"] == 2
