@@ -32,6 +32,7 @@ class ModelConfig:
     pooler_resolution: int = 7
     canonical_box_size: float = 224.0  # FPN level of a box: floor(4 + log2(sqrt(area) / this))
     prior_prob: float = 0.01  # initial foreground probability of every class logit
+    zero_box_deltas: bool = False  # True: stages start as identity box refinements (not official)
 
 
 @dataclass(frozen=True)
@@ -138,14 +139,19 @@ PRESETS: dict[str, Config] = {
     "coco-r50": Config(),
     # Small enough to train a useful model on 2 CPU cores in under 30 minutes (see benchmarks/).
     "shapes-cpu": Config(
+        # narrow ResNet-18 with GroupNorm (trains from scratch); 40 queries (at most 8 objects per
+        # image); identity-initialised box deltas (see ModelConfig.zero_box_deltas)
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
-                          num_queries=50, num_stages=6, hidden_dim=128, dim_dynamic=32,
-                          dim_feedforward=512, num_heads=4, canonical_box_size=56.0),
+                          num_queries=40, num_stages=6, hidden_dim=128, dim_dynamic=32,
+                          dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
+                          zero_box_deltas=True),
         basis=BasisConfig(dim=60, mask_size=28),
-        data=DataConfig(train_min_sizes=(192, 208, 224, 240, 256), train_max_size=256,
-                        test_min_size=224, test_max_size=256, num_workers=0),
-        train=TrainConfig(batch_size=8, lr=2e-4, max_iters=2000, warmup_iters=100,
-                          lr_steps=(0.8,), checkpoint_every=200, seed=0),
+        # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels
+        data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=224,
+                        test_min_size=192, test_max_size=224, num_workers=0),
+        # one thread: on 2 cores, 2 OpenMP threads were no faster (benchmarks/bench_model.py)
+        train=TrainConfig(batch_size=4, lr=2e-4, max_iters=1500, warmup_iters=100,
+                          lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1),
     ),
 }
 

@@ -70,6 +70,8 @@ class ISTR(nn.Module):
             pooler_resolution: the stage's sizes (``RefinementStage``).
         canonical_box_size: FPN level assignment ``floor(4 + log2(sqrt(area) / this))``.
         prior_prob: initial foreground probability of every class logit (focal prior).
+        zero_box_deltas: start every stage's box-delta layer at zero (identity refinement) instead
+            of the official xavier init; helps training from scratch.
     """
 
     def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
@@ -78,7 +80,7 @@ class ISTR(nn.Module):
                  num_cls_layers: int = 3, num_reg_layers: int = 3, num_mask_layers: int = 3,
                  dropout: float = 0.0,
                  pooler_resolution: int = 7, canonical_box_size: float = 224.0,
-                 prior_prob: float = 0.01):
+                 prior_prob: float = 0.01, zero_box_deltas: bool = False):
         super().__init__()
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
@@ -97,7 +99,7 @@ class ISTR(nn.Module):
         nn.init.constant_(self.proposal_boxes.weight[:, :2], 0.5)
         nn.init.constant_(self.proposal_boxes.weight[:, 2:], 1.0)
         for stage in self.stages:
-            stage.reset_parameters(prior_prob)
+            stage.reset_parameters(prior_prob, zero_box_deltas)
 
     @property
     def num_stages(self) -> int:
@@ -159,4 +161,5 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 num_heads=cfg.num_heads, num_cls_layers=cfg.num_cls_layers,
                 num_reg_layers=cfg.num_reg_layers, num_mask_layers=cfg.num_mask_layers,
                 dropout=cfg.dropout, pooler_resolution=cfg.pooler_resolution,
-                canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob)
+                canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob,
+                zero_box_deltas=cfg.zero_box_deltas)

@@ -86,12 +86,20 @@ class RefinementStage(nn.Module):
         self.delta_weights = delta_weights
         self.scale_clamp = scale_clamp
 
-    def reset_parameters(self, prior_prob: float = 0.01) -> None:
-        """Official init: xavier_uniform_ on every weight with dim > 1, class bias at the prior."""
+    def reset_parameters(self, prior_prob: float = 0.01, zero_box_deltas: bool = False) -> None:
+        """Official init: xavier_uniform_ on every weight with dim > 1, class bias at the prior.
+
+        ``zero_box_deltas``: start the box-delta layer at zero, so every stage initially returns its
+        input boxes (as Deformable DETR does); the official xavier init makes untrained stages
+        compound large random deltas, boxes many times the image, which slows training from scratch.
+        """
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         nn.init.constant_(self.class_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        if zero_box_deltas:
+            nn.init.zeros_(self.bbox_deltas.weight)
+            nn.init.zeros_(self.bbox_deltas.bias)
 
     def forward(self, features: list[Tensor], boxes_xyxy: Tensor, query_features: Tensor,
                 pooler: RoIPooler, return_attention: bool = False) -> StageResult:

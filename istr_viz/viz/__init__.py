@@ -34,6 +34,29 @@ from istr_viz.viz.figures import (
     show,
     signed_panel,
 )
+from istr_viz.viz.attention import attention_matrix, plot_attention, plot_attention_grid
+from istr_viz.viz.matching import (
+    ASSIGNMENT_COLUMNS,
+    assignment_rows,
+    plot_assignment_history,
+    plot_assignment_timeline,
+    plot_assignments,
+    plot_churn,
+    plot_cost_matrix,
+    plot_cost_terms,
+    select_queries,
+)
+from istr_viz.viz.trajectories import (
+    draw_query_highlight,
+    draw_trajectories,
+    plot_box_trajectories,
+    plot_query_through_stages,
+    plot_score_heatmap,
+    plot_stage_view,
+    query_trajectories,
+    score_matrix,
+    top_queries,
+)
 
 __all__ = [
     "component_step", "decode_codes", "encode_masks", "figure_to_array", "figure_to_png",
@@ -42,4 +65,13 @@ __all__ = [
     "plot_explained_variance", "plot_iou_vs_k", "plot_recipe_comparison",
     "plot_reconstructions", "reconstruct", "show", "signed_panel", "walk_code",
     "walk_component",
+]
+
+__all__ += [  # stages, matching and attention (trajectories.py, matching.py, attention.py)
+    "ASSIGNMENT_COLUMNS", "assignment_rows", "attention_matrix", "draw_query_highlight",
+    "draw_trajectories", "plot_assignment_history", "plot_assignment_timeline",
+    "plot_assignments", "plot_attention", "plot_attention_grid", "plot_box_trajectories",
+    "plot_churn", "plot_cost_matrix", "plot_cost_terms", "plot_query_through_stages",
+    "plot_score_heatmap", "plot_stage_view", "query_trajectories", "score_matrix",
+    "select_queries", "top_queries",
 ]

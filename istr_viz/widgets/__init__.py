@@ -7,5 +7,8 @@ property to display; its controls call named ``_on_*`` methods and its state sit
 from __future__ import annotations
 
 from istr_viz.widgets.basis_explorer import BasisExplorer
+from istr_viz.widgets.matching_explorer import MatchingExplorer
+from istr_viz.widgets.stage_explorer import StageExplorer
 
 __all__ = ["BasisExplorer"]
+__all__ += ["MatchingExplorer", "StageExplorer"]
