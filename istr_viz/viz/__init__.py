@@ -8,6 +8,7 @@ from a model: ``basis_plots`` the mask basis. In a notebook, display a figure wi
 
 from __future__ import annotations
 
+from istr_viz.viz.attention import attention_matrix, plot_attention, plot_attention_grid
 from istr_viz.viz.basis_plots import (
     component_step,
     decode_codes,
@@ -34,7 +35,6 @@ from istr_viz.viz.figures import (
     show,
     signed_panel,
 )
-from istr_viz.viz.attention import attention_matrix, plot_attention, plot_attention_grid
 from istr_viz.viz.matching import (
     ASSIGNMENT_COLUMNS,
     assignment_rows,

@@ -176,8 +176,7 @@ def plot_assignments(image_matches, stage: int, show_masks: bool = True,
         if mask.any():
             ax.contour(mask.astype(float), levels=[0.5], colors=[gt_colors[g]], linewidths=1.0)
     draw_boxes(ax, pred_boxes, colors[queries], [f"q{q}" for q in queries], linewidth=2.0)
-    for q, g, start, end in zip(queries, gts, box_centres(gt_boxes[gts]),
-                                box_centres(pred_boxes)):
+    for q, start, end in zip(queries, box_centres(gt_boxes[gts]), box_centres(pred_boxes)):
         ax.plot([start[0], end[0]], [start[1], end[1]], "-", color=colors[q], lw=1.5,
                 marker="o", markersize=3)
     fit_to_image(ax, im.size)
@@ -274,5 +273,6 @@ def assignment_rows(image_matches, stage: int) -> list[list]:
 
 __all__ = [
     "ASSIGNMENT_COLUMNS", "assigned_cells", "assignment_rows", "draw_cost",
-    "plot_assignment_history", "plot_assignment_timeline", "plot_assignments", "plot_churn", "plot_cost_matrix", "plot_cost_terms", "select_queries",
+    "plot_assignment_history", "plot_assignment_timeline", "plot_assignments", "plot_churn",
+    "plot_cost_matrix", "plot_cost_terms", "select_queries",
 ]

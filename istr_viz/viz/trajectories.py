@@ -96,17 +96,15 @@ def draw_trajectories(ax: Axes, prediction, queries: Sequence[int] | np.ndarray,
     queries = np.asarray(queries, dtype=np.int64).reshape(-1)
     colors = query_colors(len(prediction.proposal_boxes_xyxy))[queries]
     centres = box_centres(query_trajectories(prediction)[: last + 1, queries])  # (last+1, N, 2)
-    lines = []
-    for i, q in enumerate(queries):
-        (line,) = ax.plot(centres[:, i, 0], centres[:, i, 1], "-", color=colors[i], lw=1.5,
-                          alpha=0.9)
-        lines.append(line)
-        for k in range(1, last + 1):
-            ax.scatter(centres[k, i, 0], centres[k, i, 1], s=22, color=colors[i],
+    lines = [ax.plot(centres[:, i, 0], centres[:, i, 1], "-", color=colors[i], lw=1.5,
+                     alpha=0.9)[0] for i in range(len(queries))]
+    if len(queries):
+        ax.scatter(centres[0, :, 0], centres[0, :, 1], s=30, marker="s", facecolors="none",
+                   edgecolors=colors, linewidths=1.2, zorder=3)  # the proposals
+        for k in range(1, last + 1):  # one scatter per stage, each with its own marker
+            ax.scatter(centres[k, :, 0], centres[k, :, 1], s=22, c=colors, zorder=3,
                        marker=STAGE_MARKERS[(k - 1) % len(STAGE_MARKERS)], edgecolors="black",
-                       linewidths=0.5, zorder=3)
-        ax.scatter(centres[0, i, 0], centres[0, i, 1], s=30, marker="s", facecolors="none",
-                   edgecolors=[colors[i]], linewidths=1.2, zorder=3)
+                       linewidths=0.5)
     if proposal_boxes and len(queries):
         draw_boxes(ax, prediction.proposal_boxes_xyxy.numpy()[queries], colors, linewidth=1.0,
                    linestyle=":")
