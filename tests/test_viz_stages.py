@@ -230,3 +230,19 @@ def test_attention_needs_recorded_weights(dataset):
     prediction = predictor.predict(dataset.image_path(1), return_attention=False)
     with pytest.raises(ValueError, match="return_attention"):
         plot_attention(prediction, 1)
+
+
+# ----------------------------------------------------------------------------- stage grid
+
+
+def test_stage_grid_has_one_panel_per_stage_and_one_box_per_detection(prediction):
+    from istr_viz.viz.stages import plot_stage_grid, stage_counts
+
+    threshold = float(prediction.detections(None).scores[4])  # about five detections per stage
+    fig = plot_stage_grid(prediction, threshold)
+    axes = panels(fig)
+    assert len(axes) == K
+    counts = stage_counts(prediction, threshold)
+    for k, ax in enumerate(axes, start=1):
+        assert ax.get_title().startswith(f"stage {k}:")
+        assert len(patches_with(ax, "-")) == counts[k - 1]
