@@ -323,8 +323,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         model.train()
         return metrics
 
-    t_start = time.perf_counter()
-    measure_until = start_iter + 10 if (max_minutes and ckpt is None) else None
+    t_start = t_measure = time.perf_counter()
+    # --max-minutes: time iterations [start+3, start+23) (after warm-up), then fix the budget once
+    measure_from = start_iter + 3
+    measure_until = measure_from + 20 if (max_minutes and ckpt is None) else None
     sampler = IterationBatchSampler(len(dataset), per_process_batch, tc.seed, start_iter,
                                     budget["max_iters"] if measure_until is None else 10**12,
                                     info.rank, info.world_size)
@@ -365,10 +367,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                 "iter": iteration, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
                 "time": round(time.perf_counter() - t_start, 3),
                 **{k: round(v.item(), 6) for k, v in terms.items()}})
+        if measure_until is not None and iteration == measure_from:
+            t_measure = time.perf_counter()
         if measure_until is not None and iteration == measure_until:
-            elapsed = time.perf_counter() - t_start
-            per_iter = elapsed / (iteration - start_iter)
-            n = max(iteration, int(max_minutes * 60 / per_iter))
+            now = time.perf_counter()
+            per_iter = (now - t_measure) / (measure_until - measure_from)
+            n = iteration + max(0, int((max_minutes * 60 - (now - t_start)) / per_iter))
             budget["max_iters"] = int(_all_reduce_sum(n, info, device) / info.world_size)
             bar.total = budget["max_iters"]
             measure_until = None

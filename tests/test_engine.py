@@ -196,3 +196,16 @@ def test_non_finite_loss_stops_naming_stage_and_term_and_keeps_last_checkpoint(s
                      basis=MaskBasis.load(basis_path), max_iters=6, device="cpu", progress=False)
     assert "loss_giou of stage2" in str(err.value) and "\n" not in str(err.value)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["iteration"] == 2
+
+
+def test_max_minutes_becomes_a_stored_iteration_budget(shapes, tmp_path):
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+    result = train(cfg, split_paths(root, "train"), tmp_path / "run", basis=MaskBasis.load(basis_path),
+                   max_minutes=0.01, device="cpu", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]
+    assert state["max_minutes"] == 0.01
+    assert state["max_iters"] == result.iterations >= 23  # the timed iterations are kept
+    assert len(_losses(tmp_path / "run")) == result.iterations
