@@ -112,7 +112,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.max_iters is not None and args.max_minutes is not None:
         raise DataError("give --max-iters or --max-minutes, not both")
-    train_paths, val_paths = _train_paths(args)
+    given_data = args.data or args.train_ann or args.train_images
+    if args.resume and (args.set or args.init_from or args.basis):
+        raise DataError("--resume continues the run with its stored configuration and basis: "
+                        "drop --set, --init-from and --basis", file=args.out)
+    if args.resume and not given_data:
+        from istr_viz.engine import resume_data
+
+        train_paths, val_paths = resume_data(args.out)
+    else:
+        train_paths, val_paths = _train_paths(args)
     cfg = get_preset(args.preset)
     if args.init_from:  # the architecture and basis must be the source checkpoint's
         from dataclasses import replace
@@ -144,7 +153,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ann = load_annotations(paths.ann_file)
     _check_classes_fit(args.checkpoint, predictor, ann)
     metrics = evaluate_model(model, paths, predictor.config, device=predictor.device,
-                             results_out=args.results_out)
+                             results_out=args.results_out, category_ids=predictor.category_ids)
     print(format_stage_table(metrics))
     for c in metrics["per_category"]:
         print(f"  {c['id']:>6} {c['name']:<20} box AP {100 * c['bbox_AP']:5.1f}  "
@@ -154,7 +163,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _check_classes_fit(checkpoint: str, predictor, ann) -> None:
-    if list(predictor.category_ids) != list(ann.label_to_cat_id):
+    if list(predictor.category_ids) != list(ann.label_to_cat_id) or \
+            list(predictor.class_names) != list(ann.class_names):
         raise DataError(
             f"the checkpoint's classes {dict(zip(predictor.category_ids, predictor.class_names))} "
             f"do not fit the data set's {dict(zip(ann.label_to_cat_id, ann.class_names))}; "
@@ -177,7 +187,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         record = {"image": str(image), "height": prediction.size[0], "width": prediction.size[1],
                   "stages": [{"stage": k, "detections": prediction.to_records(k, args.score_threshold)}
                              for k in stages]}
-        stem = Path(image).stem
+        stem = Path(image).stem if args.images.count(image) == 1 and \
+            [Path(i).stem for i in args.images].count(Path(image).stem) == 1 \
+            else f"{args.images.index(image):03d}_{Path(image).stem}"
         _write_json(str(out / f"{stem}.json"), record)
         (out / f"{stem}_stages.png").write_bytes(
             figure_to_png(plot_stage_grid(prediction, args.score_threshold)))
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock budget, turned into iterations after timing the first ones")
     p.add_argument("--out", required=True, help="output folder (last.pt, best.pt, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="COCO box and mask AP of a checkpoint, for every stage")
@@ -251,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="or a data set root (its val/ split)")
     p.add_argument("--json-out", help="write the metrics as JSON")
     p.add_argument("--results-out", help="write the final stage's COCO results (boxes + RLE masks)")
-    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_evaluate, split="val")
 
     p = sub.add_parser("predict", help="predict images: a per-stage figure and a JSON each")
@@ -260,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.4)
     p.add_argument("--stage", type=int, help="only this stage in the JSON (1..K; default all)")
-    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_predict)
     return parser
 

@@ -34,6 +34,17 @@ class ModelConfig:
     prior_prob: float = 0.01  # initial foreground probability of every class logit
     zero_box_deltas: bool = False  # True: stages start as identity box refinements (not official)
 
+    def __post_init__(self) -> None:
+        for name in ("num_queries", "num_stages", "hidden_dim", "dim_dynamic", "dim_feedforward",
+                     "num_heads", "pooler_resolution", "backbone_base_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.hidden_dim % self.num_heads:
+            raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
+                              f"model.num_heads ({self.num_heads})")
+        if self.norm not in ("frozen_bn", "gn", "bn"):
+            raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -99,6 +110,14 @@ class TrainConfig:
     eval_max_images: int = 0  # 0 = the whole val set
     log_every: int = 1  # metrics.jsonl line every N iterations
     threads: int = 0  # torch.set_num_threads on the CPU; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_iters < 1:
+            raise ConfigError("train.batch_size and train.max_iters must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.log_every < 1:
+            raise ConfigError("train.log_every must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,13 +26,13 @@ from istr_viz.config import Config
 from istr_viz.data.coco import CocoDataset, collate
 from istr_viz.data.layout import DatasetPaths
 from istr_viz.data.transforms import TransformConfig, build_transform
-from istr_viz.errors import ConfigError, IstrVizError
+from istr_viz.errors import ConfigError, DataError, IstrVizError, NonFiniteError
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
 from istr_viz.runtime import autocast_dtype, default_device
 
 
-class TrainingDiverged(IstrVizError):
+class TrainingDiverged(NonFiniteError):
     """A loss term became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -190,14 +190,33 @@ def _check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
                 "stopped, the last good checkpoint is kept (try a lower train.lr)")
 
 
-def _init_from(model: nn.Module, ckpt: dict) -> list[str]:
+def _global_terms(loss: torch.Tensor, terms: dict[str, torch.Tensor], info: DistInfo) -> dict:
+    """The loss and its terms summed over processes (each process holds its share of the global
+    sums, since the loss is normalised by the global instance count)."""
+    values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+    if info.world_size > 1:
+        dist.all_reduce(values)
+    names = ["loss", *terms]
+    return {k: round(v, 6) for k, v in zip(names, values.tolist())}
+
+
+def _check_finite_outputs(output, iteration: int) -> None:
+    for k, stage in enumerate(output.stages, start=1):
+        for name in ("logits", "boxes_xyxy", "mask_embed"):
+            if not torch.isfinite(getattr(stage, name)).all():
+                raise TrainingDiverged(
+                    f"stage{k} predicted non-finite {name} at iteration {iteration}; stopped, the last "
+                    "good checkpoint is kept (try a lower train.lr)")
+
+
+def _init_from(model: nn.Module, ckpt: dict, keep_class_head: bool = False) -> list[str]:
     """Copy every weight of checkpoint ``ckpt`` whose name and shape fit (the basis is the model's
-    own); return the names left as initialised (the class head when the classes differ)."""
+    own) but, unless ``keep_class_head``, the class logits; return the names left as initialised."""
     own = model.state_dict()
     fitting = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
                for k, v in ckpt["model"].items()
                if torch.is_tensor(v) and not k.startswith("basis.") and k in own
-               and own[k].shape == v.shape}
+               and own[k].shape == v.shape and (keep_class_head or "class_logits" not in k)}
     model.load_state_dict(fitting, strict=False)
     return sorted(k for k in own if torch.is_tensor(own[k]) and not k.startswith("basis.")
                   and k not in fitting)
@@ -246,11 +265,20 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         cfg = Config.from_dict(ckpt["config"])
         basis = MaskBasis.from_dict(ckpt["basis"])
     tc = cfg.train
+    if ckpt is None and init_from is None and cfg.model.norm == "frozen_bn" \
+            and not cfg.model.pretrained_path:
+        raise ConfigError("model.norm=frozen_bn needs ImageNet weights: give "
+                          "--set model.pretrained_path=FILE, or --set model.norm=gn to train from scratch")
     if tc.threads > 0 and device.type == "cpu":
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
+    if ckpt is not None and list(ckpt["category_ids"]) != list(ann.label_to_cat_id):
+        raise DataError(f"resuming a run trained on categories {ckpt['category_ids']} with data whose "
+                        f"categories are {ann.label_to_cat_id}", file=train_data.ann_file)
+    if val_data is not None:
+        _check_same_categories(ann, load_annotations(val_data.ann_file))
     source = load_checkpoint(init_from) if (init_from is not None and ckpt is None) else None
     if basis is None and source is not None:  # the mask head was trained with that basis
         basis = MaskBasis.from_dict(source["basis"])
@@ -258,9 +286,13 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         basis = _fit_or_share_basis(cfg, ann, out_dir, info, progress)
     dataset = CocoDataset(train_data.ann_file, train_data.images_dir,
                           transform=build_transform(train_tf, train=True), annotations=ann)
-    model = build_model(cfg.model, len(ann.class_names), basis).to(device)
+    model_cfg = cfg.model if (ckpt is None and source is None) else \
+        replace(cfg.model, pretrained_path=None)  # the weights come from a checkpoint
+    model = build_model(model_cfg, len(ann.class_names), basis).to(device)
     if source is not None:
-        reinitialised = _init_from(model, source)
+        same = (list(source["category_ids"]) == ann.label_to_cat_id
+                and list(source["class_names"]) == ann.class_names)
+        reinitialised = _init_from(model, source, keep_class_head=same)
         if info.is_main and progress:
             print(f"initialised from {init_from}; re-initialised: {', '.join(reinitialised) or 'none'}")
     criterion = SetCriterion(cfg.loss, basis)
@@ -306,14 +338,15 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             train_state={"iteration": iteration, "optimizer": optimizer.state_dict(),
                          "rng": _rng_state(), "max_iters": budget["max_iters"],
                          "max_minutes": budget["from_minutes"], "best_mask_ap": best_ap,
-                         "world_size": info.world_size})
+                         "world_size": info.world_size, "data": _data_record(train_data, val_data)})
 
     def run_eval(iteration: int) -> dict | None:
         nonlocal best_ap
         if val_data is None or not info.is_main:
             return None
         metrics = evaluate_model(model, val_data, cfg, device=device,
-                                 max_images=tc.eval_max_images or None, progress=False)
+                                 max_images=tc.eval_max_images or None, progress=False,
+                                 category_ids=ann.label_to_cat_id)
         _append_jsonl(metrics_path, {"iter": iteration, "eval": {
             "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
             "per_stage_segm_AP": [s["segm"]["AP"] for s in metrics["per_stage"]]}})
@@ -347,10 +380,17 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in batch.targets]
         num_inst = _all_reduce_sum(float(sum(len(t["labels"]) for t in targets)), info, device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            output = ddp_model(images, sizes)
-        loss, terms, _ = criterion(output.float(), targets, num_instances=max(num_inst, 1.0))
+        try:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                output = ddp_model(images, sizes)
+            _check_finite_outputs(output, iteration + 1)
+            loss, terms, _ = criterion(output.float(), targets, num_instances=max(num_inst, 1.0))
+        except NonFiniteError as err:
+            if isinstance(err, TrainingDiverged):
+                raise
+            raise TrainingDiverged(f"{err.reason} at iteration {iteration + 1}; stopped, the last "
+                                   "good checkpoint is kept (try a lower train.lr)") from None
         _check_finite(terms, iteration + 1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss * info.world_size).backward()  # DDP averages; the loss is a global sum
@@ -362,11 +402,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         iteration += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if info.is_main and (iteration % tc.log_every == 0 or iteration == budget["max_iters"]):
-            _append_jsonl(metrics_path, {
-                "iter": iteration, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
-                "time": round(time.perf_counter() - t_start, 3),
-                **{k: round(v.item(), 6) for k, v in terms.items()}})
+        if iteration % tc.log_every == 0 or iteration == budget["max_iters"]:
+            logged = _global_terms(loss, terms, info)  # every process takes part under DDP
+            if info.is_main:
+                _append_jsonl(metrics_path, {
+                    "iter": iteration, "lr": optimizer.param_groups[0]["lr"],
+                    "time": round(time.perf_counter() - t_start, 3), **logged})
         if measure_until is not None and iteration == measure_from:
             t_measure = time.perf_counter()
         if measure_until is not None and iteration == measure_until:
@@ -382,13 +423,45 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         if tc.eval_every and iteration % tc.eval_every == 0 and iteration < budget["max_iters"]:
             run_eval(iteration)
     bar.close()
+    if info.is_main:  # saved before evaluating, so a failing evaluation loses nothing
+        save_checkpoint(last_path, **payload(iteration))
     final_metrics = run_eval(iteration)
-    if info.is_main:
+    if info.is_main and final_metrics is not None:
         save_checkpoint(last_path, **payload(iteration, final_metrics))
     if info.world_size > 1:
         dist.barrier()
     return TrainResult(out_dir, last_path, best_path if best_path.exists() else None, iteration,
                        (time.perf_counter() - t_start) / 60, final_metrics)
+
+
+def _data_record(train_data: DatasetPaths, val_data: DatasetPaths | None) -> dict:
+    record = {"train_ann": str(train_data.ann_file), "train_images": str(train_data.images_dir)}
+    if val_data is not None:
+        record.update(val_ann=str(val_data.ann_file), val_images=str(val_data.images_dir))
+    return record
+
+
+def resume_data(out_dir: str | Path) -> tuple[DatasetPaths, DatasetPaths | None]:
+    """The train and val data sets a run in ``out_dir`` was trained on (from its ``last.pt``)."""
+    ckpt = load_checkpoint(Path(out_dir) / "last.pt")
+    data = ckpt.get("train_state", {}).get("data")
+    if not data:
+        raise IstrVizError("the checkpoint does not record its data: give the data again",
+                           file=Path(out_dir) / "last.pt")
+    train = DatasetPaths(Path(data["train_ann"]), Path(data["train_images"])).check_exists()
+    val = (DatasetPaths(Path(data["val_ann"]), Path(data["val_images"])).check_exists()
+           if "val_ann" in data else None)
+    return train, val
+
+
+def _check_same_categories(train_ann, val_ann) -> None:
+    """The val set must have the training set's categories (ids and names), else AP is meaningless."""
+    if train_ann.label_to_cat_id != val_ann.label_to_cat_id or \
+            train_ann.class_names != val_ann.class_names:
+        raise DataError(
+            f"the val set's categories {dict(zip(val_ann.label_to_cat_id, val_ann.class_names))} "
+            f"differ from the training set's "
+            f"{dict(zip(train_ann.label_to_cat_id, train_ann.class_names))}", file=val_ann.ann_file)
 
 
 def _fit_or_share_basis(cfg: Config, ann, out_dir: Path, info: DistInfo, progress: bool) -> MaskBasis:

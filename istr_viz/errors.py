@@ -35,3 +35,7 @@ class CheckpointError(IstrVizError):
 
 class ConfigError(IstrVizError):
     """An unknown configuration key or a value of the wrong type."""
+
+
+class NonFiniteError(IstrVizError, ValueError):
+    """A prediction, matching cost or loss became NaN or infinite (usually a diverged run)."""

@@ -131,7 +131,8 @@ __all__ = ["StageResults", "coco_eval", "evaluate_results", "format_stage_table"
 
 
 def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_k: int = 100,
-                          max_images: int | None = None, progress: bool = True) -> StageResults:
+                          max_images: int | None = None, progress: bool = True,
+                          category_ids: list[int] | None = None) -> StageResults:
     """Run ``model`` over a :class:`~istr_viz.data.coco.CocoDataset` (eval transform) and collect
     every stage's top-``top_k`` detections as COCO results at each image's original size.
     ``device``: where the model's inputs go (default: the device of the model's parameters)."""
@@ -149,6 +150,7 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=False)
     was_training = model.training
     model.eval()
+    label_to_cat = list(category_ids) if category_ids is not None else _dataset_category_ids(dataset)
     per_stage: list[list[dict]] | None = None
     image_ids = []
     with torch.no_grad():
@@ -170,7 +172,7 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
                         x0, y0, x1, y1 = det.boxes_xyxy[j].tolist()
                         per_stage[k].append({
                             "image_id": image_id,
-                            "category_id": _label_to_cat(dataset, int(det.labels[j])),
+                            "category_id": label_to_cat[int(det.labels[j])],
                             "score": float(det.scores[j]),
                             "bbox": [x0, y0, x1 - x0, y1 - y0],
                             "segmentation": mask_to_rle(masks[j])})
@@ -186,17 +188,20 @@ def _model_device(model):
     return param.device if param is not None else default_device(None)
 
 
-def _label_to_cat(dataset, label: int) -> int:
+def _dataset_category_ids(dataset) -> list[int]:
     base = dataset.dataset if hasattr(dataset, "indices") else dataset
-    return base.annotations.label_to_cat_id[label]
+    return base.annotations.label_to_cat_id
 
 
 def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
-                   batch_size: int = 4, progress: bool = True, results_out=None) -> dict:
+                   batch_size: int = 4, progress: bool = True, results_out=None,
+                   category_ids: list[int] | None = None) -> dict:
     """Per-stage COCO AP of ``model`` on the data set ``data`` (a ``DatasetPaths``).
 
     The ground truth is the validated annotation file (crowd regions included, as COCOeval expects).
-    ``results_out``: also write the final stage's COCO results list there (JSON).
+    ``category_ids``: the model's class index -> category id (its checkpoint's ``category_ids``);
+    they must be the data set's, else a :class:`DataError` is raised. ``results_out``: also write
+    the final stage's COCO results list there (JSON).
     """
     import json
     from pathlib import Path
@@ -205,12 +210,17 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
     from istr_viz.data.transforms import build_transform
     from istr_viz.engine import transform_configs
 
+    from istr_viz.errors import DataError
+
     ann = load_annotations(data.ann_file)
+    if category_ids is not None and list(category_ids) != ann.label_to_cat_id:
+        raise DataError(f"the model's categories {list(category_ids)} are not the data set's "
+                        f"{ann.label_to_cat_id}", file=data.ann_file)
     _, test_tf = transform_configs(cfg)
     dataset = CocoDataset(data.ann_file, data.images_dir, transform=build_transform(test_tf, train=False),
                           annotations=ann)
     results = predict_stage_results(model, dataset, batch_size, device, max_images=max_images,
-                                    progress=progress)
+                                    progress=progress, category_ids=category_ids)
     names = dict(zip(ann.label_to_cat_id, ann.class_names))
     metrics = evaluate_results(ann.coco, results, names)
     if results_out is not None:

@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou, roi_align
 
 from istr_viz.boxes import image_scale_xyxy
+from istr_viz.errors import NonFiniteError
 from istr_viz.model.istr import MaskCodec
 from istr_viz.model.outputs import StageOutput
 
@@ -34,7 +35,7 @@ def no_autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
-class NonFiniteCostError(ValueError):
+class NonFiniteCostError(NonFiniteError):
     """A matching cost term holds NaN or Inf (usually diverged boxes or logits)."""
 
     def __init__(self, term: str, count: int):

@@ -233,7 +233,11 @@ def load_model(path: str | Path, device: str | torch.device | None = None
     try:
         cfg = Config.from_dict(ckpt["config"])
         basis = MaskBasis.from_dict(ckpt["basis"], file=path)
-        model = build_model(cfg.model, len(ckpt["class_names"]), basis)
+        from dataclasses import replace
+
+        # the weights come from the checkpoint: never ask for the ImageNet file again
+        model = build_model(replace(cfg.model, pretrained_path=None), len(ckpt["class_names"]),
+                            basis)
         state = {k: v.float() if torch.is_tensor(v) and v.dtype in (torch.float16, torch.bfloat16)
                  else v for k, v in ckpt["model"].items()}
         model.load_state_dict(state)

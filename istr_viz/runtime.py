@@ -7,13 +7,18 @@ from pathlib import Path
 
 import torch
 
+from istr_viz.errors import ConfigError
+
 
 def default_device(requested: str | torch.device | None = None) -> torch.device:
     """``requested`` if given (``"auto"`` counts as not given), else CUDA when present, else CPU."""
     if requested is not None and str(requested) != "auto":
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ConfigError(f"unknown device {requested!r}; use auto, cpu or cuda") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA was requested but no CUDA device is available")
+            raise ConfigError("CUDA was requested but no CUDA device is available")
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

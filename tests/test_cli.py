@@ -94,3 +94,96 @@ def test_help_lists_the_subcommands():
                           text=True, check=True)
     for cmd in ("make-shapes", "check-data", "fit-basis"):
         assert cmd in proc.stdout
+
+
+# ----------------------------------------------------------------------------- train / evaluate / predict
+
+TINY_SET = ["model.backbone_base_channels=8", "model.num_queries=6", "model.num_stages=2",
+            "model.hidden_dim=16", "model.dim_dynamic=4", "model.dim_feedforward=32",
+            "model.num_heads=2", "data.train_min_sizes=48", "data.train_max_size=48",
+            "data.test_min_size=48", "data.test_max_size=48", "train.batch_size=2",
+            "train.threads=1", "basis.dim=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A shapes root and a checkpoint trained on it for one iteration."""
+    from istr_viz.data.shapes import make_shapes
+
+    root = tmp_path_factory.mktemp("cli") / "shapes"
+    make_shapes(root, num_train=4, num_val=2, size=48, seed=2, progress=False)
+    out = root.parent / "run"
+    argv = ["train", "--data", str(root), "--out", str(out), "--max-iters", "1", "--device", "cpu"]
+    for item in TINY_SET:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return root, out / "last.pt"
+
+
+def _fails_with(argv, capsys, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_train_bad_inputs(tiny_run, tmp_path, capsys):
+    root, _ = tiny_run
+    _fails_with(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")], capsys,
+                str(tmp_path / "none"))
+    _fails_with(["train", "--data", str(root), "--out", str(tmp_path / "o"), "--set",
+                 "train.batch_size=0"], capsys, "batch_size")
+    _fails_with(["train", "--data", str(root), "--out", str(tmp_path / "o"), "--set",
+                 "model.num_heads=3"], capsys, "num_heads")
+    _fails_with(["train", "--data", str(root), "--out", str(tmp_path / "o"), "--preset", "coco-r50",
+                 "--max-iters", "1"], capsys, "pretrained_path")
+    _fails_with(["train", "--data", str(root), "--out", str(tmp_path / "o"), "--preset", "nope"],
+                capsys, "unknown preset")
+    _fails_with(["train", "--out", str(tmp_path / "never"), "--resume"], capsys, "last.pt")
+
+
+def test_train_with_a_val_set_of_other_classes_is_refused(tiny_run, tmp_path, capsys):
+    root, _ = tiny_run
+    other = cf.write_quirky_coco(tmp_path / "other")
+    train = root / "train"
+    _fails_with(["train", "--train-ann", str(train / "annotations.json"), "--train-images",
+                 str(train / "images"), "--val-ann", str(other.ann_file), "--val-images",
+                 str(other.images_dir), "--out", str(tmp_path / "o")], capsys, str(other.ann_file))
+
+
+def test_evaluate_and_predict_bad_inputs(tiny_run, tmp_path, capsys):
+    root, ckpt = tiny_run
+    other = cf.write_quirky_coco(tmp_path / "other")
+    _fails_with(["evaluate", "--checkpoint", str(ckpt), "--ann", str(other.ann_file), "--images",
+                 str(other.images_dir)], capsys, str(ckpt), "do not fit")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    _fails_with(["evaluate", "--checkpoint", str(corrupt), "--data", str(root)], capsys, str(corrupt))
+    _fails_with(["predict", "--checkpoint", str(corrupt), str(root / "val" / "images" / "000001.png"),
+                 "--out", str(tmp_path / "p")], capsys, str(corrupt))
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    _fails_with(["predict", "--checkpoint", str(ckpt), str(text), "--out", str(tmp_path / "p")],
+                capsys, str(text))
+
+
+def test_evaluate_and_predict_write_their_files(tiny_run, tmp_path, capsys):
+    root, ckpt = tiny_run
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(root), "--json-out",
+                 str(tmp_path / "m.json"), "--results-out", str(tmp_path / "r.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert [s["stage"] for s in metrics["per_stage"]] == [1, 2]
+    assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75"}
+    assert isinstance(json.loads((tmp_path / "r.json").read_text()), list)
+    image = root / "val" / "images" / "000001.png"
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "p"),
+                 "--score-threshold", "0"]) == 0
+    record = json.loads((tmp_path / "p" / "000001.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == [1, 2]
+    first = record["stages"][-1]["detections"][0]
+    assert set(first) == {"query", "category_id", "category_name", "score", "bbox", "segmentation"}
+    assert (tmp_path / "p" / "000001_stages.png").stat().st_size > 1000

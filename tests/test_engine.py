@@ -82,8 +82,9 @@ def test_sigkill_mid_run_resumes_to_the_same_losses(shapes, tmp_path):
     proc.wait()
     before = max(_losses(killed))
     assert before < 10, "killed too late to test a resume"
-    resumed = subprocess.run(_train_cmd(root, basis, killed, "--resume", max_iters=10),
-                             env=_env(), capture_output=True, text=True)
+    # the run's data, configuration and basis come from its checkpoint
+    resumed = subprocess.run([sys.executable, "-m", "istr_viz", "train", "--out", str(killed),
+                              "--resume"], env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = _losses(full), _losses(killed)
     assert sorted(got) == list(range(1, 11))
@@ -134,6 +135,46 @@ def test_init_from_trains_on_a_data_set_with_other_classes(shapes, tmp_path, cap
     assert tuned["category_ids"] == [3, 7, 19, 42]
     head = next(k for k in tuned["model"] if k.endswith("class_logits.weight"))
     assert tuned["model"][head].shape[0] == 4 != src["model"][head].shape[0]
+    # everything but the class head started from the source: the first stage's dynamic layer is
+    # far closer to the source's than a fresh initialisation would be after 2 small steps
+    key = next(k for k in src["model"] if "stages.0" in k and k.endswith("weight")
+               and "class_logits" not in k and src["model"][k].dim() == 2)
+    moved = (tuned["model"][key] - src["model"][key]).abs().max()
+    assert moved < 0.05 * src["model"][key].abs().max()
+
+
+def test_init_from_with_the_same_classes_keeps_the_class_head(shapes, tmp_path):
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "train.lr=1e-9", "train.warmup_iters=0"])
+    train(cfg, split_paths(root, "train"), tmp_path / "a", basis=MaskBasis.load(basis_path),
+          max_iters=1, device="cpu", progress=False)
+    train(cfg, split_paths(root, "train"), tmp_path / "b", init_from=tmp_path / "a" / "last.pt",
+          max_iters=1, device="cpu", progress=False)
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in "ab")
+    head = next(k for k in a if k.endswith("class_logits.weight"))
+    torch.testing.assert_close(a[head], b[head], atol=1e-6, rtol=0)
+
+
+def test_diverged_boxes_stop_with_one_line_naming_the_stage(shapes, tmp_path, monkeypatch):
+    import istr_viz.engine as engine
+
+    root, basis_path = shapes
+    real_build = engine.build_model
+
+    def poisoned(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        with torch.no_grad():
+            model.stages[0].bbox_deltas.bias.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(engine, "build_model", poisoned)
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+    with pytest.raises(engine.TrainingDiverged) as err:
+        engine.train(cfg, split_paths(root, "train"), tmp_path / "run",
+                     basis=MaskBasis.load(basis_path), max_iters=3, device="cpu", progress=False)
+    assert "stage1 predicted non-finite boxes at iteration 1" in str(err.value)
 
 
 def test_batches_are_a_function_of_seed_and_iteration():

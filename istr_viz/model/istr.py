@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from istr_viz.boxes import denormalize_boxes, normalize_boxes
 from istr_viz.config import ModelConfig
-from istr_viz.errors import ConfigError
+from istr_viz.errors import ConfigError, NonFiniteError
 from istr_viz.model.backbone import build_backbone
 from istr_viz.model.outputs import ISTROutput, StageOutput
 from istr_viz.model.pooler import RoIPooler
@@ -138,8 +138,10 @@ class ISTR(nn.Module):
         boxes, queries = self.initial_queries(features, image_sizes)
         out = ISTROutput(stages=[], proposal_boxes_xyxy=boxes, image_sizes=image_sizes,
                          query_features_init=queries)
-        for stage in self.stages:
+        for k, stage in enumerate(self.stages, start=1):
             result = stage(features, boxes, queries, self.pooler, return_attention)
+            if not torch.isfinite(result.boxes_xyxy).all():  # the next stage could not pool them
+                raise NonFiniteError(f"stage{k} predicted non-finite boxes")
             out.stages.append(StageOutput(
                 logits=result.logits, boxes_xyxy=result.boxes_xyxy,
                 boxes_cxcywh=normalize_boxes(result.boxes_xyxy, image_sizes),
