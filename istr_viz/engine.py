@@ -330,6 +330,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             model, device_ids=[device.index] if device.type == "cuda" else None)
     amp_dtype = autocast_dtype(device, tc.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    if ckpt is not None and ckpt["train_state"].get("grad_scaler"):
+        scaler.load_state_dict(ckpt["train_state"]["grad_scaler"])
 
     def payload(iteration: int, metrics: dict | None = None) -> dict:
         return dict(
@@ -337,6 +339,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             class_names=ann.class_names, category_ids=ann.label_to_cat_id, metrics=metrics or {},
             train_state={"iteration": iteration, "optimizer": optimizer.state_dict(),
                          "rng": _rng_state(), "max_iters": budget["max_iters"],
+                         "grad_scaler": scaler.state_dict(),
                          "max_minutes": budget["from_minutes"], "best_mask_ap": best_ap,
                          "world_size": info.world_size, "data": _data_record(train_data, val_data)})
 
@@ -418,7 +421,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             bar.total = budget["max_iters"]
             measure_until = None
         if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
-                and iteration < budget["max_iters"]:
+                and iteration < budget["max_iters"] and measure_until is None:  # budget fixed
             save_checkpoint(last_path, **payload(iteration))
         if tc.eval_every and iteration % tc.eval_every == 0 and iteration < budget["max_iters"]:
             run_eval(iteration)
