@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipywidgets
 import pytest
-from test_viz_stages import K, tiny_dataset, tiny_model
+from tiny_viz import K, dataset, forward_calls, model, tiny_model  # noqa: F401 (fixtures)
 
 from istr_viz.inspect import assignment_churn, assignment_table, match_image
 from istr_viz.viz.figures import figure_to_png
@@ -17,24 +17,6 @@ from istr_viz.viz.matching import (
 from istr_viz.widgets import MatchingExplorer
 
 DPI = 40
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("shapes"))
-
-
-@pytest.fixture(scope="module")
-def model(dataset):
-    return tiny_model(dataset.num_classes)
-
-
-@pytest.fixture
-def forward_calls(model):
-    calls = []
-    handle = model.register_forward_hook(lambda *args: calls.append(1))
-    yield calls
-    handle.remove()
 
 
 def gt_names(image_matches) -> list[str]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import ipywidgets
 import numpy as np
 import pytest
-from test_viz_stages import K, patches_with, tiny_dataset, tiny_model, tiny_predictor
+from tiny_viz import (K, dataset, forward_calls, model, patches_with,  # noqa: F401 (fixtures)
+                      tiny_model, tiny_predictor)
 
 from istr_viz.viz.figures import figure_to_png
 from istr_viz.viz.trajectories import plot_query_through_stages, plot_stage_view
@@ -14,25 +15,6 @@ from istr_viz.widgets import StageExplorer
 
 DPI = 40
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("shapes"))
-
-
-@pytest.fixture(scope="module")
-def model(dataset):
-    return tiny_model(dataset.num_classes)
-
-
-@pytest.fixture
-def forward_calls(model):
-    """A list that grows by one each time the model runs."""
-    calls = []
-    handle = model.register_forward_hook(lambda *args: calls.append(1))
-    yield calls
-    handle.remove()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import matplotlib.colors as mcolors
 import numpy as np
 import pytest
 import torch
-from test_viz_stages import K, Q, panels, patches_with, rect_xyxy, tiny_dataset, tiny_model
+from tiny_viz import K, Q, dataset, model, panels, patches_with, rect_xyxy, tiny_model  # noqa: F401 (fixtures)
 
 from istr_viz.config import LossConfig
 from istr_viz.data.coco import collate
@@ -53,16 +53,6 @@ def optimal_match(num_queries: int, num_gt: int, seed: int = 0) -> Match:
     m = make_match([], num_queries, num_gt, seed)
     rows, cols = hungarian(m.cost)
     return Match(rows, cols, m.cost, m.terms, WEIGHTS)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("shapes"))
-
-
-@pytest.fixture(scope="module")
-def model(dataset):
-    return tiny_model(dataset.num_classes)
 
 
 @pytest.fixture(scope="module")

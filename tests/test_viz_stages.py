@@ -1,7 +1,6 @@
 """istr_viz.viz.trajectories and istr_viz.viz.attention: what each figure draws is the prediction.
 
-The tiny model and data built here (``tiny_model``, ``tiny_dataset``, ``tiny_predictor``) are
-also used by the other viz and explorer test files.
+The tiny model and data come from ``tiny_viz`` (shared with the other viz and explorer tests).
 """
 
 from __future__ import annotations
@@ -10,16 +9,9 @@ import matplotlib.colors as mcolors
 import numpy as np
 import pytest
 import torch
-from matplotlib.patches import Rectangle
+from tiny_viz import (K, Q, dataset, panels, patches_with, rect_xyxy, tiny_model,  # noqa: F401
+                      tiny_predictor)
 
-from istr_viz.basis import MaskBasis
-from istr_viz.config import ModelConfig
-from istr_viz.data.coco import CocoDataset
-from istr_viz.data.instance_masks import synthetic_instance_masks
-from istr_viz.data.shapes import make_shapes
-from istr_viz.data.transforms import TransformConfig, build_transform
-from istr_viz.model import build_model
-from istr_viz.predictor import Predictor
 from istr_viz.viz.attention import attention_queries, plot_attention, plot_attention_grid
 from istr_viz.viz.draw import query_colors
 from istr_viz.viz.figures import figure_to_array
@@ -34,62 +26,7 @@ from istr_viz.viz.trajectories import (
     top_queries,
 )
 
-TINY = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=8,
-                   num_stages=3, hidden_dim=32, dim_dynamic=8, dim_feedforward=64, num_heads=2,
-                   canonical_box_size=32)
-Q, K = TINY.num_queries, TINY.num_stages
-MIN_SIZE, MAX_SIZE = 64, 96
-
-
-# ----------------------------------------------------------------------------- shared builders
-
-
-def tiny_dataset(root) -> CocoDataset:
-    """4 shapes images of 64 px (train split) with the evaluation transform."""
-    make_shapes(root, 4, 2, 64, progress=False)
-    transform = build_transform(TransformConfig((MIN_SIZE,), MAX_SIZE), train=False)
-    return CocoDataset(root / "train" / "annotations.json", root / "train" / "images", transform)
-
-
-def tiny_model(num_classes: int) -> torch.nn.Module:
-    """A random tiny ISTR whose learned proposals are spread over the image (seeded)."""
-    basis = MaskBasis.fit(synthetic_instance_masks(500, 28), dim=12, seed=0)
-    torch.manual_seed(0)
-    model = build_model(TINY, num_classes, basis)
-    with torch.no_grad():  # the default proposals all cover the whole image
-        model.proposal_boxes.weight[:, :2] = torch.rand(Q, 2) * 0.6 + 0.2
-        model.proposal_boxes.weight[:, 2:] = torch.rand(Q, 2) * 0.3 + 0.15
-    return model.eval()
-
-
-def tiny_predictor(model, dataset) -> Predictor:
-    names = dataset.class_names
-    return Predictor(model, names, list(range(1, len(names) + 1)), MIN_SIZE, MAX_SIZE,
-                     device="cpu")
-
-
-def patches_with(ax, linestyle: str) -> list[Rectangle]:
-    """The Rectangle patches of ``ax`` drawn with ``linestyle`` ("-", "--" or ":")."""
-    aliases = {"-": {"-", "solid"}, "--": {"--", "dashed"}, ":": {":", "dotted"}}[linestyle]
-    return [p for p in ax.patches if isinstance(p, Rectangle) and p.get_linestyle() in aliases]
-
-
-def rect_xyxy(patch: Rectangle) -> list[float]:
-    x, y = patch.get_xy()
-    return [x, y, x + patch.get_width(), y + patch.get_height()]
-
-
-def panels(fig) -> list:
-    """Visible axes of ``fig`` that are not colour bars."""
-    return [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
-
-
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")
