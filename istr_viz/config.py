@@ -33,6 +33,10 @@ class ModelConfig:
     canonical_box_size: float = 224.0  # FPN level of a box: floor(4 + log2(sqrt(area) / this))
     prior_prob: float = 0.01  # initial foreground probability of every class logit
     zero_box_deltas: bool = False  # True: stages start as identity box refinements (not official)
+    # Training-only aid (not in ISTR): a 1x1 conv on every FPN level predicts each pixel's class
+    # (or background), supervised by LossConfig.semantic_weight; gives the from-scratch backbone
+    # dense gradients. Inference never runs it: predictions are ISTR's.
+    aux_semantic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_queries", "num_stages", "hidden_dim", "dim_dynamic", "dim_feedforward",
@@ -62,6 +66,17 @@ class LossConfig:
     # Frame of the loss-side GT mask crops: "gt" = the GT boxes (v1); "pred" = the detached
     # predicted boxes, the frame the mask is pasted into at test time (v2). Matching uses "gt".
     mask_target_boxes: str = "gt"
+    semantic_weight: float = 1.0  # cross-entropy of the auxiliary semantic head (model.aux_semantic)
+    # Training-only aid (not in ISTR): the first ``o2m_stages`` stages match every GT instance to
+    # up to ``o2m_k`` queries (the GT repeated k times in the Hungarian problem), giving k times
+    # the positives early on; later stages stay one-to-one, so inference needs no NMS. 1 = off.
+    o2m_k: int = 1
+    o2m_stages: int = 0
+
+    def __post_init__(self) -> None:
+        if self.o2m_k < 1 or self.o2m_stages < 0:
+            raise ConfigError(f"loss.o2m_k must be >= 1 and loss.o2m_stages >= 0, got "
+                              f"{self.o2m_k} and {self.o2m_stages}")
 
     def cost_weights(self) -> dict[str, float]:
         """Weights of the matching cost terms, keyed by term name (see ``istr_viz.matcher``)."""
@@ -110,6 +125,11 @@ class TrainConfig:
     eval_max_images: int = 0  # 0 = the whole val set
     log_every: int = 1  # metrics.jsonl line every N iterations
     threads: int = 0  # torch.set_num_threads on the CPU; 0 = torch's default
+    # Exponential moving average of the weights (not in ISTR): 0 = off. The decay ramps up as
+    # ema_decay * (1 - exp(-n / ema_ramp)) over the first updates; evaluation, best.pt and the
+    # checkpoint's "model" hold the averaged weights (the raw ones travel for resuming).
+    ema_decay: float = 0.0
+    ema_ramp: int = 100
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_iters < 1:
@@ -118,6 +138,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be at least 1")
+        if not 0.0 <= self.ema_decay < 1.0 or self.ema_ramp < 0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) and train.ema_ramp >= 0, got "
+                              f"{self.ema_decay} and {self.ema_ramp}")
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,17 @@ the same run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from istr_viz.basis import MaskBasis
@@ -151,6 +154,29 @@ def lr_factor(iteration: int, max_iters: int, warmup_iters: int, warmup_factor: 
     return factor
 
 
+# ----------------------------------------------------------------------------- weight average
+
+
+def build_ema(model: nn.Module, decay: float, ramp: int) -> AveragedModel:
+    """An exponential moving average of ``model`` (parameters and buffers), torch's
+    ``AveragedModel``, whose decay ramps up as ``decay * (1 - exp(-n / ramp))`` after n updates
+    (so the early, fast-moving weights are not averaged in for long)."""
+
+    @torch.no_grad()
+    def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
+        n = float(n_averaged)
+        d = decay * (1 - math.exp(-n / ramp)) if ramp > 0 else decay
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # integer buffers (BatchNorm's counters) follow the model
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    ema.module.eval()
+    return ema
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -240,13 +266,17 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
           val_data: DatasetPaths | None = None, basis: MaskBasis | None = None,
           init_from: str | Path | None = None, resume: bool = False,
           max_iters: int | None = None, max_minutes: float | None = None,
-          device: str | torch.device | None = None, progress: bool = True) -> TrainResult:
+          device: str | torch.device | None = None, progress: bool = True,
+          on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ISTR on a COCO-format data set and return where the checkpoints are.
 
     ``max_minutes`` is turned into an iteration budget once, after timing the first iterations,
     and stored in the checkpoint; ``max_iters`` overrides ``cfg.train.max_iters``. With
     ``resume=True`` the run continues from ``out_dir/last.pt`` with the configuration, basis,
     optimiser, scheduler, RNG and iteration stored there (never refitted).
+    ``on_log(record)``: called (main process only) with each record just appended to
+    ``metrics.jsonl``, a training record every ``log_every`` iterations and an ``"eval"`` record
+    after each evaluation; a notebook uses it to redraw a live loss plot.
     """
     from tqdm.auto import tqdm
 
@@ -257,6 +287,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     metrics_path = out_dir / "metrics.jsonl"
+
+    def log(record: dict) -> None:
+        _append_jsonl(metrics_path, record)
+        if on_log is not None:
+            on_log(record)
+
     ckpt = None
     if resume:
         if not last_path.is_file():
@@ -303,7 +339,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     start_iter, best_ap = 0, -1.0
     if ckpt is not None:
         state = ckpt["train_state"]
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state.get("raw_model", ckpt["model"]))  # raw weights under EMA
         optimizer.load_state_dict(state["optimizer"])
         start_iter, best_ap = state["iteration"], state["best_mask_ap"]
         budget = {"max_iters": state["max_iters"], "from_minutes": state.get("max_minutes")}
@@ -333,30 +369,40 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     if ckpt is not None and ckpt["train_state"].get("grad_scaler"):
         scaler.load_state_dict(ckpt["train_state"]["grad_scaler"])
 
+    ema = build_ema(model, tc.ema_decay, tc.ema_ramp) if tc.ema_decay > 0 else None
+    if ema is not None and ckpt is not None:
+        ema.module.load_state_dict(ckpt["model"])  # "model" holds the average, see payload()
+        ema.n_averaged.fill_(start_iter)
+    eval_model = ema.module if ema is not None else model
+
     def payload(iteration: int, metrics: dict | None = None) -> dict:
+        extra = {"raw_model": model.state_dict()} if ema is not None else {}
         return dict(
-            model=model.state_dict(), config=cfg.to_dict(), basis=basis.to_dict(),
+            model=eval_model.state_dict(), config=cfg.to_dict(), basis=basis.to_dict(),
             class_names=ann.class_names, category_ids=ann.label_to_cat_id, metrics=metrics or {},
             train_state={"iteration": iteration, "optimizer": optimizer.state_dict(),
                          "rng": _rng_state(), "max_iters": budget["max_iters"],
                          "grad_scaler": scaler.state_dict(),
                          "max_minutes": budget["from_minutes"], "best_mask_ap": best_ap,
-                         "world_size": info.world_size, "data": _data_record(train_data, val_data)})
+                         "world_size": info.world_size, "data": _data_record(train_data, val_data),
+                         **extra})
 
     def run_eval(iteration: int) -> dict | None:
         nonlocal best_ap
         if val_data is None or not info.is_main:
             return None
-        metrics = evaluate_model(model, val_data, cfg, device=device,
+        metrics = evaluate_model(eval_model, val_data, cfg, device=device,
                                  max_images=tc.eval_max_images or None, progress=False,
                                  category_ids=ann.label_to_cat_id)
-        _append_jsonl(metrics_path, {"iter": iteration, "eval": {
+        log({"iter": iteration, "eval": {
             "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
             "per_stage_segm_AP": [s["segm"]["AP"] for s in metrics["per_stage"]]}})
         if metrics["segm"]["AP"] > best_ap:
             best_ap = metrics["segm"]["AP"]
             save_checkpoint(best_path, **payload(iteration, metrics))
         model.train()
+        if ema is not None:
+            ema.module.eval()
         return metrics
 
     t_start = t_measure = time.perf_counter()
@@ -402,13 +448,15 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
         iteration += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if iteration % tc.log_every == 0 or iteration == budget["max_iters"]:
             logged = _global_terms(loss, terms, info)  # every process takes part under DDP
             if info.is_main:
-                _append_jsonl(metrics_path, {
+                log({
                     "iter": iteration, "lr": optimizer.param_groups[0]["lr"],
                     "time": round(time.perf_counter() - t_start, 3), **logged})
         if measure_until is not None and iteration == measure_from:

@@ -80,9 +80,77 @@ def mask_losses(pred_embed: Tensor, gt_embed: Tensor, pred_masks: Tensor, gt_cro
     return {"mask_embed": mse / num_instances, "mask_dice": dice / num_instances}
 
 
+def semantic_target_map(target: Mapping[str, Tensor], height: int, width: int, stride: int,
+                        num_classes: int, ignore_index: int = -100) -> Tensor:
+    """The (h, w) long class map of one image at one FPN level for the auxiliary semantic head.
+
+    Each cell takes the pixel at its centre in the (padded) image: the class of the last instance
+    covering it (later annotations are drawn on top), ``num_classes`` for background, and
+    ``ignore_index`` on crowd regions and padding. ``height``, ``width``: the level's map size.
+    """
+    H, W = (int(v) for v in target["size"])
+    rows = (torch.arange(height) * stride + stride // 2).clamp(max=max(H - 1, 0))
+    cols = (torch.arange(width) * stride + stride // 2).clamp(max=max(W - 1, 0))
+    out = torch.full((height, width), num_classes, dtype=torch.long)
+    masks = target["masks"].cpu()
+    if masks.shape[0]:
+        sampled = masks[:, rows][:, :, cols].bool()  # (G, h, w)
+        labels = target["labels"].cpu().long()
+        for g in range(sampled.shape[0]):
+            out[sampled[g]] = labels[g]
+    crowd = target.get("crowd_mask")
+    if crowd is not None and crowd.numel():
+        out[crowd.cpu()[rows][:, cols].bool()] = ignore_index
+    inside_r = (torch.arange(height) * stride) < H
+    inside_c = (torch.arange(width) * stride) < W
+    out[~(inside_r[:, None] & inside_c[None, :])] = ignore_index
+    return out
+
+
+def semantic_loss(logits: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]],
+                  strides: Sequence[int]) -> Tensor:
+    """Mean over FPN levels of the pixel cross-entropy of the auxiliary semantic head.
+
+    Args:
+        logits: one (B, C + 1, h_l, w_l) map per level (last channel = background).
+        targets: the batch's dataset target dicts.
+        strides: each level's stride in pixels.
+    """
+    total = 0.0
+    for level_logits, stride in zip(logits, strides):
+        B, C1, h, w = level_logits.shape
+        target = torch.stack([semantic_target_map(t, h, w, stride, C1 - 1) for t in targets])
+        total = total + F.cross_entropy(level_logits.float(), target.to(level_logits.device),
+                                        ignore_index=-100)
+    return total / len(logits)
+
+
+def repeat_target(target: MatchTarget, repeats: int) -> MatchTarget:
+    """The GT of one image listed ``repeats`` times (G -> repeats x G instances), so that the
+    Hungarian assignment gives every instance up to ``repeats`` queries (one-to-many)."""
+    if repeats == 1:
+        return target
+    return MatchTarget(labels=target.labels.repeat(repeats),
+                       boxes_xyxy=target.boxes_xyxy.repeat(repeats, 1),
+                       image_size=target.image_size,
+                       mask_crops=target.mask_crops.repeat(repeats, 1, 1),
+                       mask_embed=target.mask_embed.repeat(repeats, 1), masks=target.masks)
+
+
+def fold_repeated_match(match: Match, num_gt: int) -> Match:
+    """A match against a repeated target (:func:`repeat_target`) expressed in the original GT
+    indices: ``gt_idx`` modulo G, cost and terms restricted to the first copy, (Q, G)."""
+    if num_gt == 0:
+        return match
+    return Match(query_idx=match.query_idx, gt_idx=match.gt_idx % num_gt,
+                 cost=match.cost[:, :num_gt],
+                 terms={k: v[:, :num_gt] for k, v in match.terms.items()}, weights=match.weights)
+
+
 class CriterionResult(NamedTuple):
     """``total`` = sum of ``losses`` (already weighted), keys ``"stage{k}/loss_*"`` with k from 1;
-    ``matches[k][b]`` the ``Match`` of stage k + 1, image b."""
+    ``matches[k][b]`` the ``Match`` of stage k + 1, image b; with the auxiliary semantic head
+    also ``"aux/loss_semantic"``."""
 
     total: Tensor
     losses: dict[str, Tensor]
@@ -124,18 +192,28 @@ class SetCriterion:
             losses: dict[str, Tensor] = {}
             matches = []
             for k, stage in enumerate(output.stages, start=1):
-                stage_matches = self.match(stage, prepared)
+                repeats = self.cfg.o2m_k if k <= self.cfg.o2m_stages else 1
+                stage_matches = self.match(stage, prepared, repeats)
                 for name, value in self.stage_losses(stage, prepared, stage_matches,
                                                      num_instances).items():
                     losses[f"stage{k}/{name}"] = value
                 matches.append(stage_matches)
+            if output.semantic_logits is not None and self.cfg.semantic_weight > 0:
+                losses["aux/loss_semantic"] = self.cfg.semantic_weight * semantic_loss(
+                    output.semantic_logits, targets, output.semantic_strides)
         return CriterionResult(torch.stack(list(losses.values())).sum(), losses, matches)
 
-    def match(self, stage: StageOutput, targets: Sequence[MatchTarget]) -> list[Match]:
-        """One ``Match`` per image of this stage."""
-        return [hungarian_match(stage.logits[i], stage.boxes_xyxy[i], stage.mask_embed[i], t,
-                                self.cost_weights, self.cfg.focal_alpha, self.cfg.focal_gamma)
-                for i, t in enumerate(targets)]
+    def match(self, stage: StageOutput, targets: Sequence[MatchTarget],
+              repeats: int = 1) -> list[Match]:
+        """One ``Match`` per image of this stage; ``repeats`` > 1 matches one-to-many."""
+        matches, Q = [], stage.logits.shape[1]
+        for i, t in enumerate(targets):
+            r = max(1, min(repeats, Q // max(t.num_gt, 1)))  # every copy must find a query
+            match = hungarian_match(stage.logits[i], stage.boxes_xyxy[i], stage.mask_embed[i],
+                                    repeat_target(t, r), self.cost_weights,
+                                    self.cfg.focal_alpha, self.cfg.focal_gamma)
+            matches.append(match if r == 1 else fold_repeated_match(match, t.num_gt))
+        return matches
 
     def stage_losses(self, stage: StageOutput, targets: Sequence[MatchTarget],
                      matches: Sequence[Match], num_instances: float) -> dict[str, Tensor]:

@@ -8,6 +8,7 @@ running the model again.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,7 +214,32 @@ class Predictor:
         return Prediction(array, stages, proposals, self.class_names, self.category_ids, input_size)
 
 
-__all__ = ["Prediction", "Predictor", "StagePrediction", "image_to_array", "load_model", "paste_masks"]
+__all__ = ["Prediction", "Predictor", "StagePrediction", "default_checkpoint", "image_to_array",
+           "load_model", "paste_masks"]
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "istr_shapes.pt"
+CHECKPOINT_ENV = "ISTR_VIZ_CHECKPOINT"  # overrides the shipped checkpoint (tests, development)
+
+
+def default_checkpoint(path: str | Path | None = None, must_exist: bool = True) -> Path:
+    """The checkpoint to open: ``path`` when given, else ``$ISTR_VIZ_CHECKPOINT`` when set, else
+    the shipped ``checkpoints/istr_shapes.pt``.
+
+    With ``must_exist`` a missing file raises :class:`~istr_viz.errors.CheckpointError` saying
+    where it looked and how to get one (what the notebooks show when no model is there yet).
+    """
+    from istr_viz.errors import CheckpointError
+
+    env = os.environ.get(CHECKPOINT_ENV)
+    chosen = Path(path) if path is not None else Path(env) if env else SHIPPED_CHECKPOINT
+    chosen = chosen.expanduser()
+    if must_exist and not chosen.is_file():
+        source = "given" if path is not None else f"from ${CHECKPOINT_ENV}" if env else "shipped"
+        raise CheckpointError(
+            f"no checkpoint file here (the {source} one); train one with "
+            "notebooks/02_train.ipynb or `python -m istr_viz train --out runs/shapes`, then pass "
+            "its last.pt (CHECKPOINT = \"runs/shapes/last.pt\" in a notebook)", file=chosen)
+    return chosen
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -250,3 +251,50 @@ def test_max_minutes_becomes_a_stored_iteration_budget(shapes, tmp_path):
     assert state["max_minutes"] == 0.01
     assert state["max_iters"] == result.iterations >= 23  # the timed iterations are kept
     assert len(_losses(tmp_path / "run")) == result.iterations
+
+
+def test_ema_checkpoint_holds_the_average_and_resume_continues_it(shapes, tmp_path):
+    """With train.ema_decay the checkpoint's "model" is the running average (what evaluation and
+    prediction load), the raw weights travel for resuming, and a resumed run equals a straight one."""
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    cfg = apply_overrides(get_preset("shapes-cpu"),
+                          TINY + ["train.ema_decay=0.9", "train.ema_ramp=2",
+                                  "train.lr_steps=()"])  # the same schedule for 3 and 6 iterations
+    basis = MaskBasis.load(basis_path)
+    straight = train(cfg, split_paths(root, "train"), tmp_path / "a", basis=basis, max_iters=6,
+                     device="cpu", progress=False)
+    ckpt = load_checkpoint(straight.last_checkpoint)
+    raw, avg = ckpt["train_state"]["raw_model"], ckpt["model"]
+    name = "stages.0.class_logits.weight"
+    assert not torch.equal(raw[name], avg[name])  # an average, not a copy
+    train(cfg, split_paths(root, "train"), tmp_path / "b", basis=basis, max_iters=3,
+          device="cpu", progress=False)
+    train(cfg, split_paths(root, "train"), tmp_path / "b", resume=True, max_iters=6,
+          device="cpu", progress=False)
+    resumed = load_checkpoint(tmp_path / "b" / "last.pt")
+    for key in (name, "backbone.body.conv1.weight"):
+        assert torch.allclose(resumed["model"][key], avg[key], atol=1e-6)
+        assert torch.allclose(resumed["train_state"]["raw_model"][key], raw[key], atol=1e-6)
+
+
+def test_ema_decay_ramps_up_from_a_copy():
+    from istr_viz.engine import build_ema
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = build_ema(model, decay=0.5, ramp=0)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update_parameters(model)  # 0.5 * 1 + 0.5 * 3
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 2.0))
+    ramped = build_ema(model, decay=0.9, ramp=10)
+    ramped.update_parameters(model)
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    ramped.update_parameters(model)  # decay 0.9 * (1 - exp(-1 / 10)) after one update
+    d = 0.9 * (1 - math.exp(-0.1))
+    assert torch.allclose(ramped.module.weight, torch.full((1, 2), d * 3.0 + (1 - d) * 5.0))

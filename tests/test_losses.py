@@ -183,3 +183,68 @@ def test_predicted_box_frame_for_mask_targets(basis):
     assert not torch.isclose(v1.losses["stage1/loss_mask_dice"], v2.losses["stage1/loss_mask_dice"])
     with pytest.raises(ConfigError, match="mask_target_boxes"):
         SetCriterion(LossConfig(mask_target_boxes="box"), basis)
+
+
+def test_one_to_many_stages_give_each_instance_k_queries(basis):
+    targets = [_target([[5, 5, 20, 30], [30, 10, 60, 40]], [0, 2]), _target([[0, 0, 30, 30]], [1])]
+    cfg = dataclasses.replace(LossConfig(), o2m_k=3, o2m_stages=1)
+    out = _output(basis, K=2)
+    result = SetCriterion(cfg, basis)(out, targets)
+    first, last = result.matches
+    for match, target in zip(first, targets):  # stage 1: every instance three times
+        G = len(target["labels"])
+        assert match.num_matched == 3 * G and match.cost.shape == (Q, G)
+        assert torch.bincount(match.gt_idx, minlength=G).tolist() == [3] * G
+        assert len(set(match.query_idx.tolist())) == 3 * G  # distinct queries
+    assert [m.num_matched for m in last] == [2, 1]  # stage 2 stays one-to-one
+    plain = SetCriterion(LossConfig(), basis)(out, targets)
+    assert torch.equal(plain.matches[1][0].query_idx, last[0].query_idx)
+    assert not torch.isclose(result.losses["stage1/loss_l1"], plain.losses["stage1/loss_l1"])
+
+
+def test_one_to_many_never_asks_for_more_queries_than_there_are(basis):
+    boxes = [[i * 6.0, 0, i * 6.0 + 5, 5] for i in range(5)]  # G = 5, Q = 8: one copy fits
+    cfg = dataclasses.replace(LossConfig(), o2m_k=3, o2m_stages=2)
+    result = SetCriterion(cfg, basis)(_output(basis, B=1), [_target(boxes, [0, 1, 2, 0, 1])])
+    assert sorted(result.matches[0][0].gt_idx.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_one_to_many_settings_are_checked():
+    with pytest.raises(ConfigError):
+        LossConfig(o2m_k=0)
+
+
+def test_semantic_target_map_classes_background_crowd_and_padding():
+    from istr_viz.losses import semantic_target_map
+
+    target = _target([[0, 0, 16, 16], [8, 8, 24, 24]], [2, 1], size=(32, 24))
+    crowd = torch.zeros(32, 24, dtype=torch.bool)
+    crowd[24:, :8] = True
+    target["crowd_mask"] = crowd
+    cells = semantic_target_map(target, height=10, width=8, stride=4, num_classes=3)
+    assert cells.shape == (10, 8)
+    assert cells[0, 0] == 2  # the first instance only
+    assert cells[3, 3] == 1  # both: the later annotation is on top
+    assert cells[0, 5] == 3  # background
+    assert cells[7, 0] == -100  # crowd
+    assert (cells[8:] == -100).all()  # rows beyond the 32 px image: padding
+
+
+def test_semantic_head_trains_only_and_adds_a_loss(basis):
+    from istr_viz.config import ModelConfig
+    from istr_viz.model import build_model
+
+    cfg = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=4,
+                      num_stages=1, hidden_dim=16, dim_dynamic=4, dim_feedforward=32, num_heads=2,
+                      aux_semantic=True)
+    model = build_model(cfg, C, basis)
+    images, sizes = torch.rand(2, 3, 64, 64), torch.tensor([[64, 64], [48, 64]])
+    out = model(images, sizes)
+    assert [t.shape[1] for t in out.semantic_logits] == [C + 1] * 4
+    targets = [_target([[5, 5, 20, 30]], [0], size=(64, 64)), _target([[0, 0, 30, 30]], [1])]
+    result = SetCriterion(LossConfig(), basis)(out, targets)
+    assert "aux/loss_semantic" in result.losses and result.losses["aux/loss_semantic"] > 0
+    result.total.backward()
+    assert model.semantic_head.weight.grad.abs().sum() > 0
+    model.eval()
+    assert model(images, sizes).semantic_logits is None  # inference is ISTR's

@@ -72,6 +72,7 @@ class ISTR(nn.Module):
         prior_prob: initial foreground probability of every class logit (focal prior).
         zero_box_deltas: start every stage's box-delta layer at zero (identity refinement) instead
             of the official xavier init; helps training from scratch.
+        aux_semantic: add the training-only semantic head (``ModelConfig.aux_semantic``).
     """
 
     def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
@@ -80,7 +81,8 @@ class ISTR(nn.Module):
                  num_cls_layers: int = 3, num_reg_layers: int = 3, num_mask_layers: int = 3,
                  dropout: float = 0.0,
                  pooler_resolution: int = 7, canonical_box_size: float = 224.0,
-                 prior_prob: float = 0.01, zero_box_deltas: bool = False):
+                 prior_prob: float = 0.01, zero_box_deltas: bool = False,
+                 aux_semantic: bool = False):
         super().__init__()
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
@@ -100,6 +102,8 @@ class ISTR(nn.Module):
         nn.init.constant_(self.proposal_boxes.weight[:, 2:], 1.0)
         for stage in self.stages:
             stage.reset_parameters(prior_prob, zero_box_deltas)
+        # one 1x1 conv shared by all FPN levels: C classes + background
+        self.semantic_head = nn.Conv2d(hidden_dim, num_classes + 1, 1) if aux_semantic else None
 
     @property
     def num_stages(self) -> int:
@@ -138,6 +142,9 @@ class ISTR(nn.Module):
         boxes, queries = self.initial_queries(features, image_sizes)
         out = ISTROutput(stages=[], proposal_boxes_xyxy=boxes, image_sizes=image_sizes,
                          query_features_init=queries)
+        if self.semantic_head is not None and self.training:
+            out.semantic_logits = [self.semantic_head(f) for f in features]
+            out.semantic_strides = tuple(self.backbone.strides)
         for k, stage in enumerate(self.stages, start=1):
             result = stage(features, boxes, queries, self.pooler, return_attention)
             if not torch.isfinite(result.boxes_xyxy).all():  # the next stage could not pool them
@@ -164,4 +171,4 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 num_reg_layers=cfg.num_reg_layers, num_mask_layers=cfg.num_mask_layers,
                 dropout=cfg.dropout, pooler_resolution=cfg.pooler_resolution,
                 canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob,
-                zero_box_deltas=cfg.zero_box_deltas)
+                zero_box_deltas=cfg.zero_box_deltas, aux_semantic=cfg.aux_semantic)

@@ -21,7 +21,8 @@ def _map_tensors(obj, fn: Callable[[Tensor], Tensor]):
         if isinstance(value, Tensor):
             changes[f.name] = fn(value)
         elif isinstance(value, list):
-            changes[f.name] = [_map_tensors(v, fn) for v in value]
+            changes[f.name] = [fn(v) if isinstance(v, Tensor) else _map_tensors(v, fn)
+                               for v in value]
     return replace(obj, **changes)
 
 
@@ -90,12 +91,18 @@ class ISTROutput:
         proposal_boxes_xyxy: (B, Q, 4) the learned initial boxes in pixels (stage-1 input).
         image_sizes: (B, 2) [H, W] valid size of each image; all boxes are in this frame.
         query_features_init: (B, Q, D) stage-1 input query features.
+        semantic_logits: training only, with ``ModelConfig.aux_semantic``: one (B, C + 1, h_l, w_l)
+            map per FPN level (last channel = background) from the auxiliary semantic head;
+            ``None`` in eval mode or without the head.
+        semantic_strides: the stride in pixels of each ``semantic_logits`` map.
     """
 
     stages: list[StageOutput]
     proposal_boxes_xyxy: Tensor
     image_sizes: Tensor
     query_features_init: Tensor
+    semantic_logits: list[Tensor] | None = None
+    semantic_strides: tuple[int, ...] = ()
 
     @property
     def final(self) -> StageOutput:
