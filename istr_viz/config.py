@@ -37,6 +37,11 @@ class ModelConfig:
     # (or background), supervised by LossConfig.semantic_weight; gives the from-scratch backbone
     # dense gradients. Inference never runs it: predictions are ISTR's.
     aux_semantic: bool = False
+    # Training-only aid (DN-DETR, not in ISTR): dn_groups noised copies of every GT box join the
+    # queries and learn to reconstruct their instance without matching (istr_viz.model.denoising).
+    dn_groups: int = 0
+    dn_box_noise: float = 0.4  # corners move by up to this x half the box side
+    dn_label_noise: float = 0.2  # probability that a denoising query's label embedding is flipped
 
     def __post_init__(self) -> None:
         for name in ("num_queries", "num_stages", "hidden_dim", "dim_dynamic", "dim_feedforward",
@@ -46,6 +51,9 @@ class ModelConfig:
         if self.hidden_dim % self.num_heads:
             raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
                               f"model.num_heads ({self.num_heads})")
+        if self.dn_groups < 0 or not 0 <= self.dn_label_noise <= 1 or self.dn_box_noise < 0:
+            raise ConfigError("model.dn_groups must be >= 0, model.dn_label_noise in [0, 1] and "
+                              "model.dn_box_noise >= 0")
         if self.norm not in ("frozen_bn", "gn", "bn"):
             raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
 

@@ -432,7 +432,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         try:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
-                output = ddp_model(images, sizes)
+                output = ddp_model(images, sizes, targets=targets)  # targets: denoising only
             _check_finite_outputs(output, iteration + 1)
             loss, terms, _ = criterion(output.float(), targets, num_instances=max(num_inst, 1.0))
         except NonFiniteError as err:

@@ -137,6 +137,17 @@ def repeat_target(target: MatchTarget, repeats: int) -> MatchTarget:
                        mask_embed=target.mask_embed.repeat(repeats, 1), masks=target.masks)
 
 
+def denoising_matches(gt_index: Tensor) -> list[Match]:
+    """The fixed assignment of the denoising queries: (B, N) GT index per query (-1 = padding)
+    -> one ``Match`` per image (no costs: nothing is optimised)."""
+    matches = []
+    for row in gt_index.cpu():
+        query_idx = torch.nonzero(row >= 0).squeeze(1)
+        empty = torch.zeros(len(row), 0)
+        matches.append(Match(query_idx, row[query_idx], empty, {}, {}))
+    return matches
+
+
 def fold_repeated_match(match: Match, num_gt: int) -> Match:
     """A match against a repeated target (:func:`repeat_target`) expressed in the original GT
     indices: ``gt_idx`` modulo G, cost and terms restricted to the first copy, (Q, G)."""
@@ -198,6 +209,13 @@ class SetCriterion:
                                                      num_instances).items():
                     losses[f"stage{k}/{name}"] = value
                 matches.append(stage_matches)
+            if output.dn_stages is not None:
+                groups = max(1, output.dn_gt_index.shape[1] // max(t.num_gt for t in prepared))
+                dn_matches = denoising_matches(output.dn_gt_index)
+                for k, stage in enumerate(output.dn_stages, start=1):
+                    for name, value in self.stage_losses(stage, prepared, dn_matches,
+                                                         num_instances * groups).items():
+                        losses[f"stage{k}/dn_{name}"] = value
             if output.semantic_logits is not None and self.cfg.semantic_weight > 0:
                 losses["aux/loss_semantic"] = self.cfg.semantic_weight * semantic_loss(
                     output.semantic_logits, targets, output.semantic_strides)

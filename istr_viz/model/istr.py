@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -11,6 +12,7 @@ from istr_viz.boxes import denormalize_boxes, normalize_boxes
 from istr_viz.config import ModelConfig
 from istr_viz.errors import ConfigError, NonFiniteError
 from istr_viz.model.backbone import build_backbone
+from istr_viz.model.denoising import make_denoising_queries
 from istr_viz.model.outputs import ISTROutput, StageOutput
 from istr_viz.model.pooler import RoIPooler
 from istr_viz.model.stage import RefinementStage
@@ -73,6 +75,8 @@ class ISTR(nn.Module):
         zero_box_deltas: start every stage's box-delta layer at zero (identity refinement) instead
             of the official xavier init; helps training from scratch.
         aux_semantic: add the training-only semantic head (``ModelConfig.aux_semantic``).
+        dn_groups, dn_box_noise, dn_label_noise: training-only query denoising
+            (``istr_viz.model.denoising``); 0 groups = off.
     """
 
     def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
@@ -82,7 +86,8 @@ class ISTR(nn.Module):
                  dropout: float = 0.0,
                  pooler_resolution: int = 7, canonical_box_size: float = 224.0,
                  prior_prob: float = 0.01, zero_box_deltas: bool = False,
-                 aux_semantic: bool = False):
+                 aux_semantic: bool = False, dn_groups: int = 0, dn_box_noise: float = 0.4,
+                 dn_label_noise: float = 0.2):
         super().__init__()
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
@@ -104,6 +109,8 @@ class ISTR(nn.Module):
             stage.reset_parameters(prior_prob, zero_box_deltas)
         # one 1x1 conv shared by all FPN levels: C classes + background
         self.semantic_head = nn.Conv2d(hidden_dim, num_classes + 1, 1) if aux_semantic else None
+        self.dn_groups, self.dn_box_noise, self.dn_label_noise = dn_groups, dn_box_noise, dn_label_noise
+        self.label_embed = nn.Embedding(num_classes, hidden_dim) if dn_groups > 0 else None
 
     @property
     def num_stages(self) -> int:
@@ -124,8 +131,8 @@ class ISTR(nn.Module):
         S = self.basis.mask_size
         return self.basis.decode(mask_embed.reshape(B * Q, M)).view(B, Q, S, S)
 
-    def forward(self, images: Tensor, image_sizes: Tensor,
-                return_attention: bool = False) -> ISTROutput:
+    def forward(self, images: Tensor, image_sizes: Tensor, return_attention: bool = False,
+                targets: Sequence[Mapping[str, Tensor]] | None = None) -> ISTROutput:
         """Run the backbone and all K stages.
 
         Args:
@@ -133,6 +140,8 @@ class ISTR(nn.Module):
             image_sizes: (B, 2) [H, W] valid size of each image; boxes are predicted in this
                 frame, so pass the size before padding.
             return_attention: fill ``StageOutput.attn`` with (B, Q, Q) attention weights.
+            targets: the batch's dataset target dicts; used only in training with
+                ``dn_groups`` > 0, to add the denoising queries (``ISTROutput.dn_stages``).
 
         Returns:
             ``ISTROutput`` with all stages, in train and eval mode alike (no loss inside).
@@ -145,15 +154,31 @@ class ISTR(nn.Module):
         if self.semantic_head is not None and self.training:
             out.semantic_logits = [self.semantic_head(f) for f in features]
             out.semantic_strides = tuple(self.backbone.strides)
+        Q, attn_mask = self.num_queries, None
+        dn = None
+        if self.label_embed is not None and self.training and targets is not None:
+            dn = make_denoising_queries(targets, Q, self.dn_groups, self.num_classes,
+                                        self.dn_box_noise, self.dn_label_noise)
+        if dn is not None:
+            image_feat = global_image_feature(features, self.backbone.strides, image_sizes)
+            boxes = torch.cat([boxes, dn.boxes_xyxy.to(boxes.dtype)], dim=1)
+            queries = torch.cat([queries, image_feat[:, None] + self.label_embed(dn.labels)], dim=1)
+            attn_mask = dn.attn_mask.repeat_interleave(self.stages[0].self_attn.num_heads, 0)
+            out.dn_stages, out.dn_gt_index = [], dn.gt_index
         for k, stage in enumerate(self.stages, start=1):
-            result = stage(features, boxes, queries, self.pooler, return_attention)
+            result = stage(features, boxes, queries, self.pooler, return_attention, attn_mask)
             if not torch.isfinite(result.boxes_xyxy).all():  # the next stage could not pool them
                 raise NonFiniteError(f"stage{k} predicted non-finite boxes")
-            out.stages.append(StageOutput(
-                logits=result.logits, boxes_xyxy=result.boxes_xyxy,
-                boxes_cxcywh=normalize_boxes(result.boxes_xyxy, image_sizes),
-                mask_embed=result.mask_embed, masks=self.decode_masks(result.mask_embed),
-                attn=result.attn))
+            parts = [(out.stages, slice(0, Q))]
+            if dn is not None:
+                parts.append((out.dn_stages, slice(Q, None)))
+            for dest, part in parts:
+                dest.append(StageOutput(
+                    logits=result.logits[:, part], boxes_xyxy=result.boxes_xyxy[:, part],
+                    boxes_cxcywh=normalize_boxes(result.boxes_xyxy[:, part], image_sizes),
+                    mask_embed=result.mask_embed[:, part],
+                    masks=self.decode_masks(result.mask_embed[:, part]),
+                    attn=result.attn))
             boxes = result.boxes_xyxy.detach()  # features are not detached
             queries = result.query_features
         return out
@@ -171,4 +196,6 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 num_reg_layers=cfg.num_reg_layers, num_mask_layers=cfg.num_mask_layers,
                 dropout=cfg.dropout, pooler_resolution=cfg.pooler_resolution,
                 canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob,
-                zero_box_deltas=cfg.zero_box_deltas, aux_semantic=cfg.aux_semantic)
+                zero_box_deltas=cfg.zero_box_deltas, aux_semantic=cfg.aux_semantic,
+                dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
+                dn_label_noise=cfg.dn_label_noise)

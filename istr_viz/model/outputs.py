@@ -95,6 +95,9 @@ class ISTROutput:
             map per FPN level (last channel = background) from the auxiliary semantic head;
             ``None`` in eval mode or without the head.
         semantic_strides: the stride in pixels of each ``semantic_logits`` map.
+        dn_stages: training only, with ``ModelConfig.dn_groups``: per stage, the (B, N, ...)
+            outputs of the N denoising queries (``istr_viz.model.denoising``); else None.
+        dn_gt_index: (B, N) long, the GT instance each denoising query reconstructs, -1 = padding.
     """
 
     stages: list[StageOutput]
@@ -103,6 +106,8 @@ class ISTROutput:
     query_features_init: Tensor
     semantic_logits: list[Tensor] | None = None
     semantic_strides: tuple[int, ...] = ()
+    dn_stages: list[StageOutput] | None = None
+    dn_gt_index: Tensor | None = None
 
     @property
     def final(self) -> StageOutput:

@@ -102,7 +102,8 @@ class RefinementStage(nn.Module):
             nn.init.zeros_(self.bbox_deltas.bias)
 
     def forward(self, features: list[Tensor], boxes_xyxy: Tensor, query_features: Tensor,
-                pooler: RoIPooler, return_attention: bool = False) -> StageResult:
+                pooler: RoIPooler, return_attention: bool = False,
+                attn_mask: Tensor | None = None) -> StageResult:
         """
         Args:
             features: FPN maps [P2..P5], each (B, D, h_l, w_l).
@@ -110,13 +111,16 @@ class RefinementStage(nn.Module):
             query_features: (B, Q, D) this stage's input queries.
             pooler: the shared ``RoIPooler``.
             return_attention: also return the (B, Q, Q) head-averaged self-attention weights.
+            attn_mask: optional (B * num_heads, Q, Q) bool, True where a query may not attend
+                (the training-only denoising queries, ``istr_viz.model.denoising``).
         """
         B, Q, D = query_features.shape
         roi = pooler(features, boxes_xyxy)  # (B*Q, D, P, P)
         roi = roi.flatten(2).transpose(1, 2)  # (B*Q, P*P, D)
 
         attn_out, attn = self.self_attn(query_features, query_features, query_features,
-                                        need_weights=return_attention, average_attn_weights=True)
+                                        need_weights=return_attention, attn_mask=attn_mask,
+                                        average_attn_weights=True)
         x = self.norm1(query_features + self.dropout(attn_out))  # (B, Q, D)
 
         inter = self.dynamic_conv(x.reshape(B * Q, D), roi).view(B, Q, D)
