@@ -40,7 +40,7 @@ from sklearn.decomposition import PCA, IncrementalPCA
 from torch import Tensor, nn
 
 from istr_viz.data.coco import load_annotations
-from istr_viz.data.instance_masks import instance_masks
+from istr_viz.data.instance_masks import instance_masks, iter_instance_masks
 from istr_viz.dct import DctBasis
 from istr_viz.errors import CheckpointError, DataError
 
@@ -793,12 +793,21 @@ def dct_reconstruction_curves(masks: np.ndarray | Tensor, k_max: int) -> dict[st
 def fit_basis_from_coco(ann_file: str | Path, dim: int = 60, mask_size: int = 28,
                         recipe: str = "istr", holdout: float = 0.1, seed: int = 0,
                         progress: bool = True, chunk_size: int | None = None,
-                        max_eval: int = 20_000) -> tuple[MaskBasis, dict[str, Any]]:
+                        max_eval: int = 20_000,
+                        strict: bool = False) -> tuple[MaskBasis, dict[str, Any]]:
     """Fit a basis on every non-crowd instance of a COCO file and measure it on held-out masks.
 
     A random ``holdout`` share of the masks (seeded) is kept out of the fit and used, at most
     ``max_eval`` of them, for the reconstruction curves of the PCA and of the DCT baseline; with
-    ``holdout=0`` the curves are measured on the fitted masks.
+    ``holdout=0`` the curves are measured on the fitted masks. Unusable annotation entries are
+    skipped and counted (``n_skipped_annotations``); with ``strict=True`` the first one raises
+    :class:`DataError` naming the file and the entry.
+
+    With ``chunk_size`` the masks are never all in memory: they are cut out image by image
+    (:func:`~istr_viz.data.instance_masks.iter_instance_masks`), each one is sent to the
+    held-out set with probability ``holdout`` (seeded; at most ``max_eval`` are kept) or
+    streamed into ``IncrementalPCA`` in blocks of ``chunk_size`` masks (:meth:`MaskBasis
+    .fit_chunks`). Without it all masks are loaded and the fastest PCA solver is used.
 
     Returns:
         ``(basis, report)``; the report is JSON-ready: ``dim``, ``mask_size``, ``recipe``,
@@ -810,24 +819,30 @@ def fit_basis_from_coco(ann_file: str | Path, dim: int = 60, mask_size: int = 28
     """
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout={holdout} must be in [0, 1)")
-    ann = load_annotations(ann_file)
-    masks = instance_masks(ann, mask_size, progress=progress)
-    n = len(masks)
-    if n < dim:
-        raise DataError(f"{n} instance masks cannot give a {dim}-component basis",
-                        file=ann_file)
-    order = np.random.default_rng(seed).permutation(n)
-    n_hold = min(int(round(holdout * n)), n - dim)
-    fit_masks, held = masks[np.sort(order[n_hold:])], masks[np.sort(order[:n_hold])]
-    basis = MaskBasis.fit(fit_masks, dim=dim, recipe=recipe, seed=seed, chunk_size=chunk_size)
-    eval_masks = (held if n_hold else fit_masks)[:max_eval]
+    ann = load_annotations(ann_file, strict=strict)
+    if chunk_size is not None:
+        basis, n, n_fit, eval_masks = _fit_streamed(ann, dim, mask_size, recipe, holdout, seed,
+                                                    progress, chunk_size, max_eval)
+        evaluated_on_holdout = n_fit < n
+    else:
+        masks = instance_masks(ann, mask_size, progress=progress)
+        n = len(masks)
+        if n < dim:
+            raise DataError(f"{n} instance masks cannot give a {dim}-component basis",
+                            file=ann_file)
+        order = np.random.default_rng(seed).permutation(n)
+        n_hold = min(int(round(holdout * n)), n - dim)
+        fit_masks, held = masks[np.sort(order[n_hold:])], masks[np.sort(order[:n_hold])]
+        basis = MaskBasis.fit(fit_masks, dim=dim, recipe=recipe, seed=seed)
+        n_fit, evaluated_on_holdout = len(fit_masks), n_hold > 0
+        eval_masks = (held if n_hold else fit_masks)[:max_eval]
     curves = reconstruction_curves(basis, eval_masks)
     dct = dct_reconstruction_curves(eval_masks, dim)
     ratio = basis.explained_variance_ratio.double()
     report = {
         "dim": dim, "mask_size": mask_size, "recipe": recipe, "n_masks": n,
-        "n_fit": len(fit_masks), "n_eval": len(eval_masks),
-        "eval_on": "holdout" if n_hold else "fit", "fingerprint": basis.fingerprint,
+        "n_fit": n_fit, "n_eval": len(eval_masks),
+        "eval_on": "holdout" if evaluated_on_holdout else "fit", "fingerprint": basis.fingerprint,
         "explained_variance_ratio": ratio.tolist(),
         "explained_variance_cumulative": float(ratio.sum()),
         "recon_miou": float(curves["miou"][-1]),
@@ -837,3 +852,39 @@ def fit_basis_from_coco(ann_file: str | Path, dim: int = 60, mask_size: int = 28
         "n_skipped_annotations": len(ann.skipped),
     }
     return basis, report
+
+
+def _fit_streamed(ann: Any, dim: int, mask_size: int, recipe: str, holdout: float, seed: int,
+                  progress: bool, chunk_size: int, max_eval: int
+                  ) -> tuple[MaskBasis, int, int, np.ndarray]:
+    """The streamed branch of :func:`fit_basis_from_coco`: (basis, n masks, n fitted, the masks
+    to measure on)."""
+    if chunk_size < dim:
+        raise ValueError(f"chunk_size={chunk_size} must be at least dim={dim}")
+    split = np.random.default_rng([seed, 1])  # not the stream the fitting noise is drawn from
+    kept: list[np.ndarray] = []  # held-out masks (or, with holdout=0, the first fitted ones)
+    counts = {"all": 0, "fit": 0, "kept": 0}
+
+    def keep(masks: np.ndarray) -> None:
+        take = masks[:max_eval - counts["kept"]]
+        if len(take):
+            kept.append(take)
+            counts["kept"] += len(take)
+
+    def fit_stream() -> Iterator[np.ndarray]:
+        for chunk in iter_instance_masks(ann, mask_size, chunk=chunk_size, progress=progress):
+            counts["all"] += len(chunk)
+            held = split.random(len(chunk)) < holdout
+            keep(chunk[held] if holdout else chunk)
+            counts["fit"] += int((~held).sum())
+            yield chunk[~held]
+
+    try:
+        basis = MaskBasis.fit_chunks(fit_stream(), dim, recipe, seed, chunk_size)
+    except DataError as err:
+        raise DataError(f"{counts['fit']} instance masks to fit cannot give a {dim}-component "
+                        f"basis ({err.reason})", file=ann.ann_file) from None
+    if not kept:
+        raise DataError("no held-out masks to measure the basis on; raise holdout",
+                        file=ann.ann_file)
+    return basis, counts["all"], counts["fit"], np.concatenate(kept)

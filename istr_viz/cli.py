@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,22 +66,60 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit_basis(args: argparse.Namespace) -> int:
+    """Exit 2 with one line for bad input: a missing or corrupt annotation file, an annotation
+    entry that cannot be used (unless ``--skip-invalid``), a bad --dim / --mask-size or an
+    output path that cannot be written."""
     from istr_viz.basis import fit_basis_from_coco
 
     ann = Path(args.ann)
     if args.images is not None and not Path(args.images).is_dir():
         raise DataError("image folder not found", file=args.images)
+    if args.mask_size < 1:
+        raise DataError(f"must be at least 1, got {args.mask_size}", entry="--mask-size")
+    if not 1 <= args.dim <= args.mask_size ** 2:
+        raise DataError(f"must be between 1 and mask_size ** 2 = {args.mask_size ** 2}, got "
+                        f"{args.dim}", entry="--dim")
+    if args.chunk_size is not None and args.chunk_size < args.dim:
+        raise DataError(f"must be at least --dim ({args.dim}), got {args.chunk_size}",
+                        entry="--chunk-size")
+    for path in (args.out, args.json_out):
+        if path:
+            _check_writable(Path(path))
     basis, report = fit_basis_from_coco(
-        ann, dim=args.dim, mask_size=args.mask_size, recipe=args.recipe, seed=args.seed
+        ann, dim=args.dim, mask_size=args.mask_size, recipe=args.recipe, seed=args.seed,
+        chunk_size=args.chunk_size, strict=not args.skip_invalid,
     )
-    basis.save(args.out)
+    if report["n_skipped_annotations"]:
+        print(f"warning: {ann}: skipped {report['n_skipped_annotations']} invalid annotations "
+              "(check-data lists them)", file=sys.stderr)
+    for path, write in ((args.out, lambda: basis.save(args.out)),
+                        (args.json_out, lambda: _write_json(args.json_out, report))):
+        try:
+            write()
+        except OSError as err:
+            raise DataError(f"cannot write: {err.strerror or err}", file=path) from None
+    measured = "held-out" if report["eval_on"] == "holdout" else "fitted"
     print(
-        f"fitted dim={report['dim']} on {report['n_masks']} masks of {report['mask_size']}x"
-        f"{report['mask_size']}: explained variance {report['explained_variance_cumulative']:.3f}, "
-        f"held-out reconstruction mIoU {report['recon_miou']:.4f}; saved {args.out}"
+        f"fitted dim={report['dim']} on {report['n_fit']} of {report['n_masks']} masks of "
+        f"{report['mask_size']}x{report['mask_size']}: explained variance "
+        f"{report['explained_variance_cumulative']:.3f}; reconstruction mIoU at k={report['dim']} "
+        f"on {report['n_eval']} {measured} masks {report['recon_miou']:.4f} (DCT "
+        f"{report['dct_miou_curve'][-1]:.4f}); saved {args.out}"
     )
-    _write_json(args.json_out, report)
     return 0
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before any work, an output path that is a folder or whose folder cannot be made."""
+    if path.is_dir():
+        raise DataError("output path is a folder", file=path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the output folder: {err.strerror or err}",
+                        file=path) from None
+    if not os.access(path.parent, os.W_OK):
+        raise DataError("output folder is not writable", file=path)
 
 
 def _train_paths(args: argparse.Namespace):
@@ -234,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--json-out", help="also write the report as JSON")
+    p.add_argument("--chunk-size", type=int, metavar="N",
+                   help="stream the masks through IncrementalPCA in blocks of N (for data sets "
+                        "whose masks do not fit in memory; default: all at once, plain PCA)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip unusable annotation entries (default: exit 2 naming the first)")
     p.set_defaults(func=_cmd_fit_basis)
 
     p = sub.add_parser("train", help="train ISTR on a COCO-format data set (default: built-in shapes)")

@@ -558,3 +558,103 @@ def test_synthetic_masks_are_box_tight():
     for edge in (rows[:, 0], rows[:, -1], cols[:, 0], cols[:, -1]):
         assert edge.mean() > 0.9  # shapes touch (nearly) every side of their box
     assert 0.5 < m.mean() < 0.9
+
+
+def test_fit_basis_from_coco_streamed_through_incremental_pca(tmp_path):
+    ann_file = tmp_path / "annotations.json"
+    _write_small_coco(ann_file, num_images=12, per_image=6, seed=2)
+    basis, report = fit_basis_from_coco(ann_file, dim=8, mask_size=16, holdout=0.25, seed=0,
+                                        progress=False, chunk_size=20)
+    assert basis.solver == "incremental" and basis.dim == 8
+    assert report["n_masks"] == 72 and report["n_fit"] + report["n_eval"] == 72
+    assert report["eval_on"] == "holdout" and 0 < report["n_eval"] < 72
+    assert basis.n_masks == report["n_fit"]
+    assert 0.5 < report["recon_miou"] <= 1.0
+    _, on_fit = fit_basis_from_coco(ann_file, dim=8, mask_size=16, holdout=0.0, progress=False,
+                                    chunk_size=20, max_eval=30)
+    assert on_fit["eval_on"] == "fit" and on_fit["n_fit"] == 72 and on_fit["n_eval"] == 30
+
+
+# ----------------------------------------------------------------------------- fit-basis CLI
+
+
+def _fit_basis_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from istr_viz.cli import main
+
+    code = main(["fit-basis", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fit_basis_cli_writes_the_basis_and_the_report(tmp_path, capsys):
+    ann_file = tmp_path / "annotations.json"
+    _write_small_coco(ann_file, num_images=10, per_image=6, seed=1)
+    (tmp_path / "images").mkdir()
+    code, out, _ = _fit_basis_cli(["--ann", str(ann_file), "--images", str(tmp_path / "images"),
+                                   "--dim", "8", "--mask-size", "16",
+                                   "--out", str(tmp_path / "b.npz"),
+                                   "--json-out", str(tmp_path / "b.json")], capsys)
+    assert code == 0 and "explained variance" in out and "mIoU" in out
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert type(report["dim"]) is int and report["dim"] == 8
+    assert type(report["mask_size"]) is int and report["mask_size"] == 16
+    assert type(report["n_masks"]) is int and report["n_masks"] == 60
+    assert isinstance(report["explained_variance_ratio"], list)
+    assert len(report["explained_variance_ratio"]) == 8
+    assert isinstance(report["explained_variance_cumulative"], float)
+    assert isinstance(report["recon_miou"], float)
+    loaded = MaskBasis.load(tmp_path / "b.npz")
+    assert loaded.dim == 8 and loaded.mask_size == 16 and loaded.fingerprint
+    np.testing.assert_allclose(loaded.explained_variance_ratio.numpy(),
+                               report["explained_variance_ratio"], rtol=1e-6)
+
+
+def test_fit_basis_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys):
+    good = tmp_path / "annotations.json"
+    data = _write_small_coco(good, num_images=10, per_image=6, seed=1)
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"images": [')
+    bad_entry = tmp_path / "bad_entry.json"
+    data["annotations"][2]["segmentation"] = {"size": [5, 5], "counts": "zzzz"}
+    bad_entry.write_text(json.dumps(data))
+    out = ["--out", str(tmp_path / "b.npz")]
+    cases = [
+        (["--ann", str(tmp_path / "nope.json"), *out], "nope.json"),
+        (["--ann", str(corrupt), *out], "corrupt.json"),
+        (["--ann", str(bad_entry), "--dim", "8", *out], "annotation id=3"),
+        (["--ann", str(good), "--images", str(tmp_path / "no_images"), *out], "no_images"),
+        (["--ann", str(good), "--dim", "0", *out], "--dim"),
+        (["--ann", str(good), "--mask-size", "0", *out], "--mask-size"),
+        (["--ann", str(good), "--dim", "8", "--chunk-size", "4", *out], "--chunk-size"),
+        (["--ann", str(good), "--dim", "8", "--out", str(tmp_path)], str(tmp_path)),
+    ]
+    for args, named in cases:
+        code, _, err = _fit_basis_cli(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2, args
+        assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], err
+    code, _, err = _fit_basis_cli(["--ann", str(bad_entry), "--dim", "8", "--mask-size", "16",
+                                   "--skip-invalid", *out], capsys)
+    assert code == 0 and "skipped 1 invalid" in err
+
+
+# ----------------------------------------------------------------------------- encode = transform
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_free_encode_and_decode_linear_equal_sklearn_on_masks(masks, device):
+    """encode(masks, noise=False) is ``transform`` of the noise-free logits of the masks, and
+    decode_linear of those codes is ``inverse_transform`` (float32, rtol 1e-4)."""
+    X = design_matrix(_flat(masks[:1500]), "istr", np.random.default_rng(4))
+    pca = PCA(60, svd_solver="covariance_eigh", whiten=True).fit(X)
+    ours = MaskBasis.from_sklearn(pca, S, "istr").to(device)
+    held = torch.from_numpy(masks[1500:1700]).to(device)
+    linear = ours.to_linear(held, noise=False)
+    magnitude = NoiseSettings().expected_logit()
+    np.testing.assert_allclose(np.abs(linear.cpu().numpy()), magnitude, rtol=1e-6)
+    expected = pca.transform(linear.cpu().numpy())
+    codes = ours.encode(held, noise=False)
+    np.testing.assert_allclose(codes.cpu().numpy(), expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())
+    back = ours.decode_linear(codes).cpu().numpy()
+    np.testing.assert_allclose(back, pca.inverse_transform(expected), rtol=1e-4, atol=1e-4)
