@@ -1,0 +1,254 @@
+"""ISTR against torchvision's Mask R-CNN at the same CPU training budget, from scratch.
+
+    python benchmarks/equal_budget.py [--minutes 20] [--lrs 0.01,0.02,0.04] [--data ROOT]
+                                      [--out runs/equal_budget] [--points 3] [--jobs 2]
+
+Trains ISTR (the ``shapes-cpu`` preset, its own ``--max-minutes`` budget) and Mask R-CNN on the
+same backbone (``istr_viz.baseline``) once per learning rate, each for ``--minutes`` of training
+(evaluation outside the clock), two jobs at a time by default (one per core, one thread each: the
+setting that gets the most work out of this 2-core machine; each job then has the other core
+busy, the same for both models). Then it times inference at the test size, one image at a time,
+one thread, bf16 autocast where the CPU has it, for both; writes ``OUT/summary.json``, prints a
+table and saves ``OUT/ap_vs_minutes.png`` (mask AP against training minutes, the peer's best lr).
+
+``--peer-only`` / ``--istr-only`` run one side; ``--report`` only re-reads ``OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _paths(data: str | None):
+    from istr_viz.data.layout import default_data_root, split_paths
+
+    root = Path(data) if data else default_data_root()
+    return split_paths(root, "train"), split_paths(root, "val")
+
+
+def _datasets(cfg, data: str | None):
+    from istr_viz.data.coco import CocoDataset
+    from istr_viz.data.transforms import build_transform
+    from istr_viz.engine import transform_configs
+
+    train_paths, val_paths = _paths(data)
+    train_tf, test_tf = transform_configs(cfg)
+    train = CocoDataset(train_paths.ann_file, train_paths.images_dir,
+                        transform=build_transform(train_tf, train=True))
+    val = CocoDataset(val_paths.ann_file, val_paths.images_dir,
+                      transform=build_transform(test_tf, train=False))
+    return train, val, val_paths
+
+
+def _coco_ap(val_paths, results: list[dict]) -> dict:
+    from pycocotools.coco import COCO
+
+    from istr_viz.evaluate import _quiet, coco_eval
+
+    gt = _quiet(COCO, str(val_paths.ann_file))
+    return {t: coco_eval(gt, results, t)[0] for t in ("bbox", "segm")}
+
+
+def _time_inference(forward, images: list[torch.Tensor], warmup: int = 3) -> float:
+    """Median milliseconds of ``forward(image)`` over ``images`` after ``warmup`` calls."""
+    for image in images[:warmup]:
+        forward(image)
+    times = []
+    for image in images:
+        t0 = time.perf_counter()
+        forward(image)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def run_peer(args) -> None:
+    """Train and evaluate Mask R-CNN at one learning rate; write OUT/peer_lr{lr}.json."""
+    from istr_viz.baseline import build_mask_rcnn, mask_rcnn_results, train_mask_rcnn
+    from istr_viz.config import apply_overrides, get_preset
+    from istr_viz.runtime import autocast_dtype
+
+    torch.set_num_threads(args.threads)
+    cfg = apply_overrides(get_preset(args.preset), args.set or [])
+    train, val, val_paths = _datasets(cfg, args.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_mask_rcnn(cfg, len(train.annotations.class_names))
+    curve = []
+
+    def evaluate(minutes: float, iteration: int) -> None:
+        ap = _coco_ap(val_paths, mask_rcnn_results(model, val, max_images=args.eval_images))
+        curve.append({"minutes": minutes, "iteration": iteration,
+                      "box_AP": ap["bbox"]["AP"], "mask_AP": ap["segm"]["AP"]})
+
+    points = tuple(args.minutes * k / (args.points + 1) for k in range(1, args.points + 1))
+    run = train_mask_rcnn(model, train, args.minutes, args.lr, batch_size=cfg.train.batch_size,
+                          seed=cfg.train.seed, checkpoints=points, on_checkpoint=evaluate)
+    evaluate(run["minutes"], run["iterations"])
+    model.eval()
+    amp = autocast_dtype(torch.device("cpu"), True)
+    images = [val[i][0] for i in range(min(args.time_images, len(val)))]
+
+    def forward(image):
+        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
+                                             enabled=amp is not None):
+            model([image])
+
+    record = {"model": "mask_rcnn", "lr": args.lr, **run, "curve": curve,
+              "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
+              "infer_ms": _time_inference(forward, images),
+              "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    _write(Path(args.out) / f"peer_lr{args.lr:g}.json", record)
+
+
+def run_istr(args) -> None:
+    """Train ISTR with the engine (its own --max-minutes budget), evaluate the final stage at
+    ``--points`` evenly spaced points and the end; write OUT/istr.json."""
+    from istr_viz.config import apply_overrides, get_preset
+    from istr_viz.engine import read_metrics, train
+    from istr_viz.postprocess import top_detections
+    from istr_viz.predictor import load_model
+    from istr_viz.runtime import autocast_dtype
+
+    train_paths, val_paths = _paths(args.data)
+    cfg = apply_overrides(get_preset(args.preset), (args.set or []) + [
+        f"train.eval_points={args.points}", f"train.eval_max_images={args.eval_images or 0}",
+        f"train.threads={args.threads}"])
+    out_dir = Path(args.out) / "istr_run"
+    result = train(cfg, train_paths, out_dir, val_data=val_paths, max_minutes=args.minutes)
+    evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if "eval" in r]
+    curve = [{"minutes": args.minutes * r["iter"] / result.iterations, "iteration": r["iter"],
+              "box_AP": r["eval"]["bbox_AP"], "mask_AP": r["eval"]["segm_AP"]} for r in evals]
+    model, predictor = load_model(result.last_checkpoint, device="cpu")
+    torch.set_num_threads(args.threads)
+    _, val, _ = _datasets(cfg, args.data)
+    amp = autocast_dtype(torch.device("cpu"), True)
+    images = [val[i][0] for i in range(min(args.time_images, len(val)))]
+
+    def forward(image):
+        h, w = image.shape[-2:]
+        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
+                                             enabled=amp is not None):
+            out = model(image[None], torch.tensor([[h, w]]))
+        final = out.final
+        det = top_detections(final.logits[0].float(), final.boxes_xyxy[0].float(),
+                             final.masks[0].float(), 100)
+        det.masks(h, w)  # pasted at the image size, as Mask R-CNN's output is
+
+    record = {"model": "istr", "lr": cfg.train.lr, "iterations": result.iterations,
+              "minutes": args.minutes, "diverged": False, "curve": curve,
+              "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
+              "per_stage_mask_AP": evals[-1]["eval"]["per_stage_segm_AP"],
+              "infer_ms": _time_inference(forward, images),
+              "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    _write(Path(args.out) / "istr.json", record)
+
+
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print(f"wrote {path}")
+
+
+def report(out: Path) -> dict:
+    """Table, plot and summary.json from the per-run files in ``out``."""
+    from istr_viz.viz.figures import new_figure
+
+    istr = json.loads((out / "istr.json").read_text()) if (out / "istr.json").exists() else None
+    peers = [json.loads(p.read_text()) for p in sorted(out.glob("peer_lr*.json"))]
+    best = max(peers, key=lambda r: r["mask_AP"], default=None)
+    print(f"{'model':<24} {'lr':>8} {'iters':>6} {'box AP':>7} {'mask AP':>8} {'infer ms':>9}")
+    for r in ([istr] if istr else []) + peers:
+        name = "ISTR" if r["model"] == "istr" else "Mask R-CNN" + (" (best lr)" if r is best else "")
+        print(f"{name:<24} {r['lr']:>8g} {r['iterations']:>6} {100 * r['box_AP']:>7.1f} "
+              f"{100 * r['mask_AP']:>8.1f} {r['infer_ms']:>9.1f}")
+    summary = {"istr": istr, "peers": peers, "best_peer_lr": best["lr"] if best else None}
+    if istr and best:
+        summary["mask_AP_ratio"] = istr["mask_AP"] / max(best["mask_AP"], 1e-9)
+        summary["infer_ratio"] = istr["infer_ms"] / best["infer_ms"]
+        print(f"ISTR / Mask R-CNN: mask AP x{summary['mask_AP_ratio']:.2f}, inference time "
+              f"x{summary['infer_ratio']:.2f}")
+        if best["mask_AP"] < 0.05:
+            print("warning: the peer is below 0.05 mask AP: broken, not beaten")
+    fig, axes = new_figure(1, 2, size_per_panel=(4.2, 3.2))
+    for ax, key, title in zip(axes.flat, ("mask_AP", "box_AP"), ("mask AP", "box AP")):
+        for r, label in ([(istr, "ISTR")] if istr else []) + [(p, f"Mask R-CNN lr {p['lr']:g}")
+                                                              for p in peers]:
+            xs = [0.0] + [c["minutes"] for c in r["curve"]]
+            ys = [0.0] + [100 * c[key] for c in r["curve"]]
+            ax.plot(xs, ys, marker="o", label=label, lw=2.2 if r["model"] == "istr" else 1.2)
+        ax.set_xlabel("training minutes")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.savefig(out / "ap_vs_minutes.png", dpi=110, bbox_inches="tight")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--lrs", default="0.01,0.02,0.04", help="Mask R-CNN SGD learning rates")
+    p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--data", help="data set root with train/ and val/ (default: built-in shapes)")
+    p.add_argument("--preset", default="shapes-cpu")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="ISTR config override")
+    p.add_argument("--out", default="runs/equal_budget")
+    p.add_argument("--points", type=int, default=3, help="evaluations during training")
+    p.add_argument("--eval-images", type=int, default=None, help="val images per evaluation")
+    p.add_argument("--time-images", type=int, default=30, help="val images timed per model")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="trainings at a time")
+    side = p.add_mutually_exclusive_group()
+    side.add_argument("--peer-only", action="store_true")
+    side.add_argument("--istr-only", action="store_true")
+    side.add_argument("--report", action="store_true")
+    p.add_argument("--run", choices=["istr", "peer"], help=argparse.SUPPRESS)  # one job (internal)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.run == "peer":
+        run_peer(args)
+        return 0
+    if args.run == "istr":
+        run_istr(args)
+        return 0
+    if not args.report:
+        common = [sys.executable, __file__, "--minutes", str(args.minutes), "--out", str(out),
+                  "--points", str(args.points), "--threads", str(args.threads),
+                  "--time-images", str(args.time_images), "--preset", args.preset]
+        common += ["--data", args.data] if args.data else []
+        common += ["--eval-images", str(args.eval_images)] if args.eval_images else []
+        for item in args.set or []:
+            common += ["--set", item]
+        jobs = [] if args.peer_only else [common + ["--run", "istr"]]
+        if not args.istr_only:
+            jobs += [common + ["--run", "peer", "--lr", lr] for lr in args.lrs.split(",")]
+        out.mkdir(parents=True, exist_ok=True)
+        running: list[subprocess.Popen] = []
+        started: list[subprocess.Popen] = []
+        for cmd in jobs:
+            while len(running) >= args.jobs:
+                running = [r for r in running if r.poll() is None]
+                time.sleep(2)
+            name = cmd[-1] if cmd[-2] == "--lr" else "istr"
+            log = open(out / f"{name}.log", "w")
+            running.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+            started.append(running[-1])
+        failed = [" ".join(r.args[-2:]) for r in started if r.wait() != 0]
+        if failed:
+            print(f"some jobs failed (see the logs in {out}): {failed}", file=sys.stderr)
+    report(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

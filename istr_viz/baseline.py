@@ -1,0 +1,149 @@
+"""The peer a user would pick instead of ISTR: torchvision's Mask R-CNN on ISTR's own backbone.
+
+Used by ``benchmarks/equal_budget.py`` to compare the two at the same wall-clock training budget.
+The peer gets what ISTR gets: the same ResNet + FPN (GroupNorm, all layers trainable, from
+scratch), the same pixels (istr_viz's transforms do the scale jitter and the flip; torchvision's
+own resize is switched off), bf16 autocast where the CPU has it, the same threads and batch size.
+Its anchors are scaled to the small images (16-256 px instead of 32-512 px); everything else is
+torchvision's default Mask R-CNN.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+from istr_viz.config import Config
+from istr_viz.data.coco import CocoDataset
+from istr_viz.model.backbone import IMAGENET_MEAN, IMAGENET_STD, ResNetBody, norm_layer_for
+from istr_viz.postprocess import mask_to_rle, rescale_boxes
+from istr_viz.runtime import autocast_dtype
+
+ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))  # P2..P5 and the pooled P6
+
+
+def build_mask_rcnn(cfg: Config, num_classes: int) -> MaskRCNN:
+    """torchvision's Mask R-CNN for ``num_classes`` classes (plus background) on the backbone that
+    ``cfg.model`` gives ISTR (ResNet depth, stem width, norm, FPN width = ``hidden_dim``)."""
+    m = cfg.model
+    body = ResNetBody(m.backbone, m.backbone_base_channels, m.norm)
+    fpn_norm = norm_layer_for(m.norm) if m.norm == "gn" else None
+    backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
+                               body.out_channels, m.hidden_dim, norm_layer=fpn_norm)
+    anchors = AnchorGenerator(ANCHOR_SIZES, ((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
+    model = MaskRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+                     min_size=cfg.data.test_min_size, max_size=cfg.data.test_max_size,
+                     image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    model.transform.resize = _no_resize  # the data pipeline has resized already
+    return model
+
+
+def _no_resize(image: Tensor, target: dict | None = None) -> tuple[Tensor, dict | None]:
+    return image, target
+
+
+def to_torchvision_targets(targets: list[dict]) -> list[dict]:
+    """istr_viz dataset targets -> torchvision's: labels from 1 (0 is background), uint8 masks."""
+    return [{"boxes": t["boxes_xyxy"].float(), "labels": t["labels"].long() + 1,
+             "masks": t["masks"].to(torch.uint8)} for t in targets]
+
+
+def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: float,
+                    batch_size: int = 4, warmup_iters: int = 100, momentum: float = 0.9,
+                    weight_decay: float = 1e-4, amp: bool = True, seed: int = 0,
+                    checkpoints: tuple[float, ...] = (),
+                    on_checkpoint: Callable[[float, int], None] | None = None,
+                    progress: bool = True) -> dict:
+    """Train for ``minutes`` of wall-clock training time (SGD with momentum, linear warm-up, x0.1
+    at 80% of the time, the usual Mask R-CNN recipe); evaluation time does not count.
+
+    ``on_checkpoint(minutes_done, iteration)`` is called (with the clock stopped) when the training
+    time passes each value of ``checkpoints`` (minutes). Returns {"iterations", "minutes",
+    "diverged"}; a non-finite loss stops the run with ``diverged`` True.
+    """
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=list,
+                        generator=generator, drop_last=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    amp_dtype = autocast_dtype(torch.device("cpu"), amp)
+    budget_s, trained_s, iteration = minutes * 60, 0.0, 0
+    pending = sorted(c for c in checkpoints if 0 < c < minutes)
+    bar = tqdm(total=round(budget_s), desc=f"mask-rcnn lr {lr:g}", unit="s", disable=not progress)
+    model.train()
+    while trained_s < budget_s:
+        for samples in loader:
+            t0 = time.perf_counter()
+            factor = min(1.0, 0.001 + iteration / max(1, warmup_iters))
+            factor *= 0.1 if trained_s >= 0.8 * budget_s else 1.0
+            for g in optimizer.param_groups:
+                g["lr"] = lr * factor
+            images = [img for img, _ in samples]
+            targets = to_torchvision_targets([t for _, t in samples])
+            with torch.autocast("cpu", dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                losses = model(images, targets)
+            loss = sum(v.float() for v in losses.values())
+            if not math.isfinite(loss.item()):
+                bar.close()
+                return {"iterations": iteration, "minutes": trained_s / 60, "diverged": True}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            step = time.perf_counter() - t0
+            trained_s += step
+            bar.update(round(trained_s) - bar.n)
+            bar.set_postfix(loss=f"{loss.item():.3f}", it=iteration)
+            while pending and trained_s >= pending[0] * 60:
+                if on_checkpoint is not None:
+                    on_checkpoint(pending[0], iteration)
+                    model.train()
+                pending.pop(0)
+            if trained_s >= budget_s:
+                break
+    bar.close()
+    return {"iterations": iteration, "minutes": trained_s / 60, "diverged": False}
+
+
+@torch.no_grad()
+def mask_rcnn_results(model: MaskRCNN, dataset: CocoDataset, amp: bool = True,
+                      max_images: int | None = None) -> list[dict]:
+    """COCO results (boxes and RLE masks at the original image size) of ``model`` on a data set
+    built with the evaluation transform; category ids from the data set."""
+    model.eval()
+    label_to_cat = dataset.annotations.label_to_cat_id
+    amp_dtype = autocast_dtype(torch.device("cpu"), amp)
+    results = []
+    for index in range(len(dataset) if max_images is None else min(max_images, len(dataset))):
+        image, target = dataset[index]
+        with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model([image])[0]
+        h, w = (int(v) for v in target["size"])
+        h0, w0 = (int(v) for v in target["orig_size"])
+        boxes = rescale_boxes(out["boxes"].float(), (h, w), (h0, w0))
+        masks = out["masks"].float()  # (N, 1, h, w) probabilities, pasted at the boxes
+        if masks.shape[0]:
+            masks = F.interpolate(masks, size=(h0, w0), mode="bilinear", align_corners=False)
+        for j in range(boxes.shape[0]):
+            x0, y0, x1, y1 = boxes[j].tolist()
+            results.append({"image_id": int(target["image_id"]),
+                            "category_id": label_to_cat[int(out["labels"][j]) - 1],
+                            "score": float(out["scores"][j]), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "segmentation": mask_to_rle((masks[j, 0] >= 0.5).numpy())})
+    return results
+
+
+__all__ = ["ANCHOR_SIZES", "build_mask_rcnn", "mask_rcnn_results",
+           "to_torchvision_targets", "train_mask_rcnn"]
