@@ -130,6 +130,9 @@ class TrainConfig:
     seed: int = 40244023
     checkpoint_every: int = 1000  # iterations
     eval_every: int = 0  # iterations; 0 = only at the end (needs a val set)
+    # also evaluate at this many evenly spaced points of the budget (k / (n + 1) of max_iters),
+    # known only once --max-minutes has fixed it: AP against training time
+    eval_points: int = 0
     eval_max_images: int = 0  # 0 = the whole val set
     log_every: int = 1  # metrics.jsonl line every N iterations
     threads: int = 0  # torch.set_num_threads on the CPU; 0 = torch's default
@@ -194,14 +197,15 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
                           num_queries=40, num_stages=6, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
-                          zero_box_deltas=True),
+                          zero_box_deltas=True, dn_groups=2),
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=224,
                         test_min_size=192, test_max_size=224, num_workers=0),
         # one thread: on 2 cores, 2 OpenMP threads were no faster (benchmarks/bench_model.py)
         train=TrainConfig(batch_size=4, lr=2e-4, max_iters=1500, warmup_iters=100,
-                          lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1),
+                          lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1,
+                          ema_decay=0.998, ema_ramp=100),
     ),
 }
 

@@ -177,6 +177,11 @@ def build_ema(model: nn.Module, decay: float, ramp: int) -> AveragedModel:
     return ema
 
 
+def eval_points(max_iters: int, num_points: int) -> set[int]:
+    """The iterations k * max_iters / (num_points + 1), k = 1..num_points, at which to evaluate."""
+    return {round(max_iters * k / (num_points + 1)) for k in range(1, num_points + 1)}
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -471,7 +476,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
                 and iteration < budget["max_iters"] and measure_until is None:  # budget fixed
             save_checkpoint(last_path, **payload(iteration))
-        if tc.eval_every and iteration % tc.eval_every == 0 and iteration < budget["max_iters"]:
+        every = tc.eval_every and iteration % tc.eval_every == 0
+        if measure_until is None and iteration < budget["max_iters"] and (
+                every or iteration in eval_points(budget["max_iters"], tc.eval_points)):
             run_eval(iteration)
     bar.close()
     if info.is_main:  # saved before evaluating, so a failing evaluation loses nothing
@@ -538,5 +545,6 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-__all__ = ["IterationBatchSampler", "TrainResult", "TrainingDiverged", "lr_factor", "read_metrics",
+__all__ = ["IterationBatchSampler", "TrainResult", "TrainingDiverged", "build_ema", "eval_points",
+           "lr_factor", "read_metrics",
            "setup_distributed", "train"]

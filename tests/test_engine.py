@@ -298,3 +298,10 @@ def test_ema_decay_ramps_up_from_a_copy():
     ramped.update_parameters(model)  # decay 0.9 * (1 - exp(-1 / 10)) after one update
     d = 0.9 * (1 - math.exp(-0.1))
     assert torch.allclose(ramped.module.weight, torch.full((1, 2), d * 3.0 + (1 - d) * 5.0))
+
+
+def test_eval_points_split_the_budget_evenly():
+    from istr_viz.engine import eval_points
+
+    assert eval_points(100, 3) == {25, 50, 75}
+    assert eval_points(10, 0) == set()

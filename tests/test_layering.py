@@ -28,13 +28,19 @@ def test_core_modules_pull_in_no_ui(module):
     assert _loaded_after(f"import {module}") == set()
 
 
+def test_the_demo_logic_runs_without_gradio():
+    modules = ", ".join(f"istr_viz.demo_logic.{m}" for m in
+                        ("served", "images", "predict", "matching", "mask_basis", "card"))
+    assert _loaded_after(f"import {modules}") == set()
+
+
 # Layers, lowest first: a module may import istr_viz modules of its own layer or below only.
 LAYERS = [
     ("errors", "runtime", "config", "data", "boxes", "basis", "dct", "checkpoint"),
     ("model", "matcher", "losses", "postprocess"),
-    ("engine", "evaluate", "predictor", "inspect"),
+    ("engine", "evaluate", "predictor", "inspect", "tiny", "baseline"),
     ("viz",),
-    ("widgets", "demo"),
+    ("widgets", "demo_logic", "demo"),
 ]
 
 
