@@ -238,6 +238,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from istr_viz.checkpoint import export_for_inference, load_checkpoint, save_checkpoint
+
+    card = {}
+    if args.card:
+        try:
+            card = json.loads(Path(args.card).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"not a readable JSON file ({err})", file=args.card) from None
+        if not isinstance(card, dict):
+            raise DataError("the card must be a JSON object", file=args.card)
+    exported = export_for_inference(load_checkpoint(args.checkpoint), half=not args.fp32,
+                                    card=card)
+    out = save_checkpoint(args.out, **exported)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, "
+          f"{'float32' if args.fp32 else 'float16'} weights, no training state)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="istr-viz",
@@ -309,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-out", help="write the final stage's COCO results (boxes + RLE masks)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_evaluate, split="val")
+
+    p = sub.add_parser("export", help="an inference-only checkpoint to ship (float16, no "
+                       "training state)")
+    p.add_argument("checkpoint", help="a training checkpoint (last.pt or best.pt)")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--fp32", action="store_true", help="keep float32 weights")
+    p.add_argument("--card", help="JSON object stored as the checkpoint's card (data, command, ...)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="predict images: a per-stage figure and a JSON each")
     p.add_argument("--checkpoint", required=True)

@@ -263,3 +263,33 @@ def test_a_saved_checkpoint_gets_the_permissions_of_any_new_file(model, basis, t
     (tmp_path / "plain.txt").write_text("x")  # created with 0666 less the umask
     mode = stat.S_IMODE(os.stat(path).st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+
+
+def test_export_ships_half_weights_a_card_and_no_training_state(model, basis, tmp_path):
+    import subprocess
+    import sys
+
+    train_state = {"iteration": 5, "optimizer": {"state": {}, "param_groups": []},
+                   "raw_model": model.state_dict()}
+    source = save_checkpoint(tmp_path / "last.pt", **payload(model, basis, train_state=train_state))
+    card_file = tmp_path / "card.json"
+    card_file.write_text('{"data": "built-in shapes", "minutes": 1.5}')
+    out = tmp_path / "ship.pt"
+    done = subprocess.run([sys.executable, "-m", "istr_viz", "export", str(source), "--out",
+                           str(out), "--card", str(card_file)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shipped = load_checkpoint(out)
+    assert "train_state" not in shipped and shipped["card"]["minutes"] == 1.5
+    assert shipped["metrics"] == METRICS and shipped["class_names"] == CLASS_NAMES
+    dtypes = {k: v.dtype for k, v in shipped["model"].items()
+              if torch.is_tensor(v) and v.is_floating_point()}
+    assert {d for k, d in dtypes.items() if not k.startswith("basis.")} == {torch.float16}
+    assert {d for k, d in dtypes.items() if k.startswith("basis.")} == {torch.float32}
+    assert out.stat().st_size < 0.6 * source.stat().st_size
+    loaded, _ = load_model(out, device="cpu")
+    a, b = _run(model), _run(loaded)
+    torch.testing.assert_close(b.stages[0].logits, a.stages[0].logits, atol=3e-2, rtol=0)
+    bad = subprocess.run([sys.executable, "-m", "istr_viz", "export", str(source), "--out",
+                          str(out), "--card", str(tmp_path / "missing.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.json" in bad.stderr and len(bad.stderr.splitlines()) == 1
