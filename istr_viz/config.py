@@ -192,12 +192,14 @@ PRESETS: dict[str, Config] = {
     "coco-r50": Config(),
     # Small enough to train a useful model on 2 CPU cores in under 30 minutes (see benchmarks/).
     "shapes-cpu": Config(
-        # narrow ResNet-18 with GroupNorm (trains from scratch); 40 queries (at most 8 objects per
-        # image); identity-initialised box deltas (see ModelConfig.zero_box_deltas)
+        # narrow ResNet-18 with GroupNorm (trains from scratch); 24 queries (at most 8 objects per
+        # image) and 3 stages: 2.4x the iterations of 40 x 6 in the same minutes, and lower losses
+        # at equal time (benchmarks/results_log.md, r6 / r8); identity-initialised box deltas
+        # (ModelConfig.zero_box_deltas); one group of denoising queries in training
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
-                          num_queries=40, num_stages=6, hidden_dim=128, dim_dynamic=32,
+                          num_queries=24, num_stages=3, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
-                          zero_box_deltas=True, dn_groups=2),
+                          zero_box_deltas=True, dn_groups=1),
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=224,
