@@ -215,7 +215,7 @@ class Predictor:
 
 
 __all__ = ["Prediction", "Predictor", "StagePrediction", "default_checkpoint", "image_to_array",
-           "load_model", "paste_masks"]
+           "load_model", "model_from_checkpoint", "paste_masks"]
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "istr_shapes.pt"
 CHECKPOINT_ENV = "ISTR_VIZ_CHECKPOINT"  # overrides the shipped checkpoint (tests, development)
@@ -249,13 +249,20 @@ def load_model(path: str | Path, device: str | torch.device | None = None
     Weights stored in half precision are brought back to fp32. Raises
     :class:`~istr_viz.errors.CheckpointError` for a file that is not a usable checkpoint.
     """
-    from istr_viz.basis import MaskBasis
     from istr_viz.checkpoint import load_checkpoint
+
+    return model_from_checkpoint(load_checkpoint(path), path, device)
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.device | None = None
+                          ) -> tuple[torch.nn.Module, Predictor]:
+    """:func:`load_model` for a checkpoint already read with ``load_checkpoint`` (``path`` names
+    it in messages), so that a caller reading its other entries opens the file once."""
+    from istr_viz.basis import MaskBasis
     from istr_viz.config import Config
     from istr_viz.errors import CheckpointError, IstrVizError
     from istr_viz.model import build_model
 
-    ckpt = load_checkpoint(path)
     try:
         cfg = Config.from_dict(ckpt["config"])
         basis = MaskBasis.from_dict(ckpt["basis"], file=path)

@@ -11,10 +11,14 @@ from istr_viz.viz.figures import hide_unused, new_figure
 
 
 def draw_stage(ax: Axes, prediction, stage: int | None, score_threshold: float = 0.4,
-               show_masks: bool = True, show_boxes: bool = True) -> int:
+               show_masks: bool = True, show_boxes: bool = True,
+               max_labels: int | None = None) -> int:
     """Draw one stage's detections above ``score_threshold`` over the image; returns how many.
 
     Colours follow the query each detection came from, so a query has one colour in every stage.
+    Each box is labelled with its query, class and score, unless there are more than
+    ``max_labels`` (None: no limit) of them: then the boxes go unlabelled (text is what makes a
+    crowded panel slow to draw, and unreadable).
     """
     det = prediction.detections(stage, score_threshold)
     colors = query_colors(len(prediction.proposal_boxes_xyxy))[det.queries.numpy()]
@@ -23,21 +27,23 @@ def draw_stage(ax: Axes, prediction, stage: int | None, score_threshold: float =
     if show_masks and len(det):
         draw_masks(ax, prediction.detection_masks(stage, score_threshold).numpy(), colors)
     if show_boxes:
-        labels = [f"q{int(q)} {prediction.class_names[int(c)]} {s:.2f}"
-                  for q, c, s in zip(det.queries, det.labels, det.scores.tolist())]
+        labels = None if max_labels is not None and len(det) > max_labels else [
+            f"q{int(q)} {prediction.class_names[int(c)]} {s:.2f}"
+            for q, c, s in zip(det.queries, det.labels, det.scores.tolist())]
         draw_boxes(ax, det.boxes_xyxy.numpy(), colors, labels)
     return len(det)
 
 
 def plot_stage_grid(prediction, score_threshold: float = 0.4, ncols: int | None = None,
-                    panel_size: float = 3.0) -> Figure:
-    """One panel per refinement stage (stage 1 first), detections above ``score_threshold``."""
+                    panel_size: float = 3.0, max_labels: int | None = None) -> Figure:
+    """One panel per refinement stage (stage 1 first), detections above ``score_threshold``
+    (boxes unlabelled in a panel with more than ``max_labels``, see :func:`draw_stage`)."""
     k = prediction.num_stages
     ncols = ncols or min(k, 3)
     nrows = -(-k // ncols)
     fig, axes = new_figure(nrows, ncols, (panel_size, panel_size))
     for i in range(k):
-        draw_stage(axes.flat[i], prediction, i + 1, score_threshold)
+        draw_stage(axes.flat[i], prediction, i + 1, score_threshold, max_labels=max_labels)
     hide_unused(axes, k)
     return fig
 
