@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lab browser clean
+.PHONY: install demo test lab figures browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP) browser
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+# the README pictures (docs/images/*.png) from the shipped checkpoint, or ARGS="--checkpoint FILE"
+figures: $(STAMP)
+	$(PY) scripts/make_readme_figures.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -141,7 +141,7 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
     from tqdm.auto import tqdm
 
     from istr_viz.data.coco import collate
-    from istr_viz.postprocess import mask_to_rle, rescale_boxes, top_detections
+    from istr_viz.postprocess import mask_to_rle, paste_masks, rescale_boxes, top_detections
     from istr_viz.runtime import default_device
 
     device = default_device(device) if device is not None else _model_device(model)
@@ -165,9 +165,12 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
                 h0, w0 = (int(v) for v in target["orig_size"])
                 for k, st in enumerate(out.stages):
                     boxes = rescale_boxes(st.boxes_xyxy[i].float().cpu(), (h, w), (h0, w0))
-                    det = top_detections(st.logits[i].float().cpu(), boxes,
-                                         st.masks[i].float().cpu(), top_k)
-                    masks = det.masks(h0, w0).numpy()
+                    mask_probs = st.masks[i].float().cpu()
+                    det = top_detections(st.logits[i].float().cpu(), boxes, mask_probs, top_k)
+                    # a query's classes share its box and mask: paste and encode each query once
+                    queries, owner = torch.unique(det.queries, return_inverse=True)
+                    masks = paste_masks(mask_probs[queries], boxes[queries], h0, w0).numpy()
+                    rles = [mask_to_rle(m) for m in masks]
                     for j in range(len(det)):
                         x0, y0, x1, y1 = det.boxes_xyxy[j].tolist()
                         per_stage[k].append({
@@ -175,7 +178,7 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
                             "category_id": label_to_cat[int(det.labels[j])],
                             "score": float(det.scores[j]),
                             "bbox": [x0, y0, x1 - x0, y1 - y0],
-                            "segmentation": mask_to_rle(masks[j])})
+                            "segmentation": dict(rles[int(owner[j])])})
     model.train(was_training)
     return StageResults(per_stage or [], image_ids)
 
@@ -193,6 +196,27 @@ def _dataset_category_ids(dataset) -> list[int]:
     return base.annotations.label_to_cat_id
 
 
+def eval_dataset(data, cfg, category_ids: list[int] | None = None):
+    """The data set ``data`` (a ``DatasetPaths``) as a :class:`~istr_viz.data.coco.CocoDataset`
+    with the evaluation transform of ``cfg`` (what the model sees at test time).
+
+    ``category_ids``: a model's class index -> category id (its checkpoint's ``category_ids``);
+    when given they must be the data set's, else a :class:`~istr_viz.errors.DataError` is raised.
+    """
+    from istr_viz.data.coco import CocoDataset, load_annotations
+    from istr_viz.data.transforms import build_transform
+    from istr_viz.engine import transform_configs
+    from istr_viz.errors import DataError
+
+    ann = load_annotations(data.ann_file)
+    if category_ids is not None and list(category_ids) != ann.label_to_cat_id:
+        raise DataError(f"the model's categories {list(category_ids)} are not the data set's "
+                        f"{ann.label_to_cat_id}", file=data.ann_file)
+    _, test_tf = transform_configs(cfg)
+    return CocoDataset(data.ann_file, data.images_dir,
+                       transform=build_transform(test_tf, train=False), annotations=ann)
+
+
 def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
                    batch_size: int = 4, progress: bool = True, results_out=None,
                    category_ids: list[int] | None = None) -> dict:
@@ -206,19 +230,8 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
     import json
     from pathlib import Path
 
-    from istr_viz.data.coco import CocoDataset, load_annotations
-    from istr_viz.data.transforms import build_transform
-    from istr_viz.engine import transform_configs
-
-    from istr_viz.errors import DataError
-
-    ann = load_annotations(data.ann_file)
-    if category_ids is not None and list(category_ids) != ann.label_to_cat_id:
-        raise DataError(f"the model's categories {list(category_ids)} are not the data set's "
-                        f"{ann.label_to_cat_id}", file=data.ann_file)
-    _, test_tf = transform_configs(cfg)
-    dataset = CocoDataset(data.ann_file, data.images_dir, transform=build_transform(test_tf, train=False),
-                          annotations=ann)
+    dataset = eval_dataset(data, cfg, category_ids)
+    ann = dataset.annotations
     results = predict_stage_results(model, dataset, batch_size, device, max_images=max_images,
                                     progress=progress, category_ids=category_ids)
     names = dict(zip(ann.label_to_cat_id, ann.class_names))
@@ -227,3 +240,6 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
         Path(results_out).parent.mkdir(parents=True, exist_ok=True)
         Path(results_out).write_text(json.dumps(results.per_stage[-1] if results.per_stage else []))
     return metrics
+
+
+__all__ += ["eval_dataset", "evaluate_model", "predict_stage_results"]

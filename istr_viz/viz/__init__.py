@@ -2,8 +2,10 @@
 
 ``figures`` holds the generic pieces (a new figure, image panels, Figure -> pixels / PNG, ``show``
 for notebooks); each other module draws one subject from arrays and output dataclasses, never
-from a model: ``basis_plots`` the mask basis. In a notebook, display a figure with
-``show(plot_...(...))``.
+from a model: ``basis_plots`` the mask basis, ``stages`` and ``trajectories`` the refinement
+stages, ``attention`` the query self-attention, ``matching`` the Hungarian assignments,
+``curves`` the training curves and ``evaluation`` COCO AP, precision / recall and the worst
+images. In a notebook, display a figure with ``show(plot_...(...))``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ from istr_viz.viz.basis_plots import (
     walk_code,
     walk_component,
 )
+from istr_viz.viz.curves import LiveTrainingPlot, plot_training_curves
+from istr_viz.viz.evaluation import (
+    ImageErrors,
+    PRCurves,
+    image_errors,
+    plot_pr_by_stage,
+    plot_pr_curves,
+    plot_prediction_gallery,
+    plot_stage_ap,
+    pr_curves,
+    worst_images,
+)
 from istr_viz.viz.figures import (
     figure_to_array,
     figure_to_png,
@@ -46,6 +60,7 @@ from istr_viz.viz.matching import (
     plot_cost_terms,
     select_queries,
 )
+from istr_viz.viz.stages import plot_stage_grid, stage_counts
 from istr_viz.viz.trajectories import (
     draw_query_highlight,
     draw_trajectories,
@@ -74,4 +89,10 @@ __all__ += [  # stages, matching and attention (trajectories.py, matching.py, at
     "plot_churn", "plot_cost_matrix", "plot_cost_terms", "plot_query_through_stages",
     "plot_score_heatmap", "plot_stage_view", "query_trajectories", "score_matrix",
     "select_queries", "top_queries",
+]
+
+__all__ += [  # training curves, per-stage grid, evaluation (curves.py, stages.py, evaluation.py)
+    "ImageErrors", "LiveTrainingPlot", "PRCurves", "image_errors", "plot_pr_by_stage",
+    "plot_pr_curves", "plot_prediction_gallery", "plot_stage_ap", "plot_stage_grid",
+    "plot_training_curves", "pr_curves", "stage_counts", "worst_images",
 ]

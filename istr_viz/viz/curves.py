@@ -1,9 +1,16 @@
-"""Training curves from ``metrics.jsonl`` records: total loss, each term split by stage, val AP."""
+"""Training curves from ``metrics.jsonl`` records: total loss, each term split by stage, val AP.
+
+:class:`LiveTrainingPlot` redraws the same figure in a notebook while training runs: pass it to
+``istr_viz.engine.train(..., on_log=live)``.
+"""
 
 from __future__ import annotations
 
 import re
+import time
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -69,4 +76,57 @@ def plot_training_curves(records: list[dict], smoothing: int = 20) -> Figure:
     return fig
 
 
-__all__ = ["plot_training_curves", "smooth"]
+class LiveTrainingPlot:
+    """A loss plot that redraws itself in place while ``train`` runs: ``train(..., on_log=live)``.
+
+    Each call appends one ``metrics.jsonl`` record; the figure (:func:`plot_training_curves`) is
+    redrawn at most once every ``min_interval_s`` seconds (drawing costs far more than a record),
+    and always after an evaluation record. The first draw creates one display (``display(image)``
+    must return a handle with ``update(image)``; default: IPython's ``display(..., display_id=True)``)
+    and every later draw replaces it. Call :meth:`finish` after training for the last state.
+
+    State: ``records``, ``figure`` (the last drawn) and ``draws`` (how many times it was drawn).
+    """
+
+    def __init__(self, smoothing: int = 20, min_interval_s: float = 5.0, dpi: float | None = 80,
+                 display: Callable[[Any], Any] | None = None):
+        self.smoothing, self.min_interval_s, self.dpi = smoothing, min_interval_s, dpi
+        self.records: list[dict] = []
+        self.figure: Figure | None = None
+        self.draws = 0
+        self._display = display
+        self._handle = None
+        self._last_draw = -float("inf")
+
+    def __call__(self, record: dict) -> None:
+        self.records.append(record)
+        if "eval" in record or time.monotonic() - self._last_draw >= self.min_interval_s:
+            self.redraw()
+
+    def redraw(self) -> Figure:
+        """Draw the curves of every record so far into the display."""
+        from istr_viz.viz.figures import show
+
+        self.figure = plot_training_curves(self.records, self.smoothing)
+        image = show(self.figure, self.dpi)
+        if self._handle is None:
+            self._handle = self._show_first(image)
+        else:
+            self._handle.update(image)
+        self.draws += 1
+        self._last_draw = time.monotonic()
+        return self.figure
+
+    def finish(self) -> Figure:
+        """Draw the final state (the last records may not be drawn yet) and return the figure."""
+        return self.redraw()
+
+    def _show_first(self, image: Any) -> Any:
+        if self._display is not None:
+            return self._display(image)
+        from IPython.display import display  # local import: IPython is only there in notebooks
+
+        return display(image, display_id=True)
+
+
+__all__ = ["LiveTrainingPlot", "plot_training_curves", "smooth"]
