@@ -34,16 +34,24 @@ LOSS_TERMS = ("loss_class", "loss_l1", "loss_giou", "loss_mask_embed", "loss_mas
 
 
 def focal_class_loss(logits: Tensor, target_classes: Tensor, num_instances: float,
-                     alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+                     alpha: float = 0.25, gamma: float = 2.0,
+                     query_mask: Tensor | None = None) -> Tensor:
     """Sigmoid focal loss summed over all logits, / ``num_instances``.
 
     Args:
         logits: (B, Q, C).
         target_classes: (B, Q) long; the matched GT class, or C for an unmatched query.
+        query_mask: optional (B, Q) bool; queries where it is False are left out (the padding
+            slots of the denoising queries).
     """
     C = logits.shape[-1]
     onehot = F.one_hot(target_classes, C + 1)[..., :C].float()  # (B, Q, C)
-    loss = sigmoid_focal_loss(logits.float(), onehot, alpha=alpha, gamma=gamma, reduction="sum")
+    if query_mask is None:
+        loss = sigmoid_focal_loss(logits.float(), onehot, alpha=alpha, gamma=gamma,
+                                  reduction="sum")
+    else:
+        loss = (sigmoid_focal_loss(logits.float(), onehot, alpha=alpha, gamma=gamma,
+                                   reduction="none") * query_mask[..., None].float()).sum()
     return loss / num_instances
 
 
@@ -213,8 +221,9 @@ class SetCriterion:
                 groups = max(1, output.dn_gt_index.shape[1] // max(t.num_gt for t in prepared))
                 dn_matches = denoising_matches(output.dn_gt_index)
                 for k, stage in enumerate(output.dn_stages, start=1):
-                    for name, value in self.stage_losses(stage, prepared, dn_matches,
-                                                         num_instances * groups).items():
+                    for name, value in self.stage_losses(
+                            stage, prepared, dn_matches, num_instances * groups,
+                            query_mask=output.dn_gt_index >= 0).items():
                         losses[f"stage{k}/dn_{name}"] = value
             if output.semantic_logits is not None and self.cfg.semantic_weight > 0:
                 losses["aux/loss_semantic"] = self.cfg.semantic_weight * semantic_loss(
@@ -234,8 +243,10 @@ class SetCriterion:
         return matches
 
     def stage_losses(self, stage: StageOutput, targets: Sequence[MatchTarget],
-                     matches: Sequence[Match], num_instances: float) -> dict[str, Tensor]:
-        """The five weighted losses of one stage (keys in ``LOSS_TERMS``)."""
+                     matches: Sequence[Match], num_instances: float,
+                     query_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """The five weighted losses of one stage (keys in ``LOSS_TERMS``); ``query_mask``
+        (B, Q) bool leaves queries out of the class loss (denoising padding)."""
         cfg, device = self.cfg, stage.logits.device
         B, Q, C = stage.logits.shape
         batch_idx = torch.cat([torch.full_like(m.query_idx, b) for b, m in enumerate(matches)])
@@ -258,7 +269,7 @@ class SetCriterion:
         masks = mask_losses(pred_embed, gt_embed, pred_masks, gt_crops, num_instances)
 
         loss_class = focal_class_loss(stage.logits, target_classes, num_instances,
-                                      cfg.focal_alpha, cfg.focal_gamma)
+                                      cfg.focal_alpha, cfg.focal_gamma, query_mask)
         return {"loss_class": cfg.class_weight * loss_class,
                 "loss_l1": cfg.l1_weight * boxes["l1"],
                 "loss_giou": cfg.giou_weight * boxes["giou"],

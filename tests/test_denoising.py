@@ -88,3 +88,15 @@ def test_learned_queries_do_not_depend_on_the_denoising_ones():
     for s0, s1 in zip(plain.stages, with_dn.stages):
         assert torch.allclose(s0.logits, s1.logits, atol=1e-5)
         assert torch.allclose(s0.boxes_xyxy, s1.boxes_xyxy, atol=1e-4)
+
+
+def test_padding_slots_are_left_out_of_the_class_loss():
+    from istr_viz.losses import focal_class_loss
+
+    logits = torch.randn(1, 3, 2)
+    target = torch.tensor([[0, 2, 2]])  # query 0: class 0, queries 1-2: negatives
+    full = focal_class_loss(logits, target, 1.0)
+    masked = focal_class_loss(logits, target, 1.0, query_mask=torch.tensor([[True, True, False]]))
+    only_two = focal_class_loss(logits[:, :2], target[:, :2], 1.0)
+    assert torch.isclose(masked, only_two) and masked < full
+
