@@ -65,9 +65,9 @@ def untrained_checkpoint(data_root: Path | None, out: Path) -> Path:
                            category_ids=ann.label_to_cat_id, metrics={})
 
 
-def timed(client, label: str, threshold: float) -> float:
+def timed(client, label: str, threshold: float, stage: int) -> float:
     start = time.perf_counter()
-    result = client.predict(label, 6, threshold, api_name="/predict_example")
+    result = client.predict(label, stage, threshold, api_name="/predict_example")
     elapsed = time.perf_counter() - start
     if "detections" not in result[3]:
         raise RuntimeError(f"prediction failed: {result[3]}")
@@ -93,6 +93,9 @@ def main() -> None:
     if untrained:
         print(f"no checkpoint at {checkpoint}: timing an untrained shapes-cpu model")
         checkpoint = untrained_checkpoint(args.data, Path(tmp.name) / "untrained.pt")
+    from istr_viz.checkpoint import load_checkpoint
+
+    stage = int(load_checkpoint(checkpoint)["config"]["model"]["num_stages"])  # the last one
     port = free_port()
     cmd = [sys.executable, "app.py", "--checkpoint", str(checkpoint), "--server-port", str(port)]
     if args.data:
@@ -113,11 +116,11 @@ def main() -> None:
                 time.sleep(0.5)
         startup = time.perf_counter() - start
         client = Client(url, verbose=False)
-        warmup = timed(client, EXAMPLES[0], args.threshold)
-        single = timed(client, EXAMPLES[1], args.threshold)
+        warmup = timed(client, EXAMPLES[0], args.threshold, stage)
+        single = timed(client, EXAMPLES[1], args.threshold, stage)
 
         def one(i: int) -> float:
-            return timed(client, EXAMPLES[i % len(EXAMPLES)], args.threshold)
+            return timed(client, EXAMPLES[i % len(EXAMPLES)], args.threshold, stage)
 
         start = time.perf_counter()
         with ThreadPoolExecutor(args.concurrent) as pool:
