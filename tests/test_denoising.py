@@ -10,16 +10,11 @@ from istr_viz.data.instance_masks import synthetic_instance_masks
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
 from istr_viz.model.denoising import make_denoising_queries, noise_boxes
+from test_losses import _target as loss_target
 
 
 def _target(boxes, labels, size=(64, 64)) -> dict:
-    H, W = size
-    masks = torch.zeros(len(boxes), H, W, dtype=torch.bool)
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        masks[i, int(y0):int(y1), int(x0):int(x1)] = True
-    return {"boxes_xyxy": torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.long), "masks": masks,
-            "size": torch.tensor([H, W])}
+    return loss_target(boxes, labels, size)
 
 
 def test_noised_boxes_stay_near_their_box_and_inside_the_image():
