@@ -116,14 +116,16 @@ class ISTR(nn.Module):
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def initial_queries(self, features: list[Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    def initial_queries(self, features: list[Tensor], image_sizes: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor]:
         """Stage-1 inputs: boxes (B, Q, 4) pixels (the learned proposals scaled to each valid
-        image) and query features (B, Q, D) = global image feature + learned embedding."""
+        image), query features (B, Q, D) = global image feature + learned embedding, and the
+        global image feature (B, D) itself (the denoising queries start from it too)."""
         B = image_sizes.shape[0]
         boxes_cxcywh = self.proposal_boxes.weight[None].expand(B, -1, -1)  # (B, Q, 4)
         boxes_xyxy = denormalize_boxes(boxes_cxcywh, image_sizes)
         image_feat = global_image_feature(features, self.backbone.strides, image_sizes)  # (B, D)
-        return boxes_xyxy, image_feat[:, None, :] + self.query_embed.weight[None]
+        return boxes_xyxy, image_feat[:, None, :] + self.query_embed.weight[None], image_feat
 
     def decode_masks(self, mask_embed: Tensor) -> Tensor:
         """(B, Q, M) embeddings -> (B, Q, S, S) probabilities through the basis."""
@@ -148,7 +150,7 @@ class ISTR(nn.Module):
         """
         image_sizes = image_sizes.to(images.device)
         features = self.backbone(images, valid_mask(image_sizes, *images.shape[-2:]))
-        boxes, queries = self.initial_queries(features, image_sizes)
+        boxes, queries, image_feat = self.initial_queries(features, image_sizes)
         out = ISTROutput(stages=[], proposal_boxes_xyxy=boxes, image_sizes=image_sizes,
                          query_features_init=queries)
         if self.semantic_head is not None and self.training:
@@ -160,7 +162,6 @@ class ISTR(nn.Module):
             dn = make_denoising_queries(targets, Q, self.dn_groups, self.num_classes,
                                         self.dn_box_noise, self.dn_label_noise)
         if dn is not None:
-            image_feat = global_image_feature(features, self.backbone.strides, image_sizes)
             boxes = torch.cat([boxes, dn.boxes_xyxy.to(boxes.dtype)], dim=1)
             queries = torch.cat([queries, image_feat[:, None] + self.label_embed(dn.labels)], dim=1)
             attn_mask = dn.attn_mask.repeat_interleave(self.stages[0].self_attn.num_heads, 0)
