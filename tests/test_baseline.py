@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pycocotools import mask as mask_utils
 
-from istr_viz.baseline import ANCHOR_SIZES, build_mask_rcnn, mask_rcnn_results, train_mask_rcnn
+from istr_viz.baseline import ANCHOR_SIZES, PeerHeads, build_mask_rcnn, mask_rcnn_results, train_mask_rcnn
 from istr_viz.config import apply_overrides, get_preset
 from istr_viz.data.coco import CocoDataset
 from istr_viz.data.shapes import make_shapes
@@ -31,6 +31,22 @@ def test_peer_uses_istrs_backbone_and_keeps_the_pixels_it_is_given():
     assert model.rpn.anchor_generator.sizes == ANCHOR_SIZES
     images, _ = model.transform([torch.rand(3, 48, 80)])
     assert images.image_sizes == [(48, 80)]  # no second resize
+
+
+def test_peer_heads_take_the_sizes_given():
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+    small = build_mask_rcnn(cfg, num_classes=3)
+    heads = small.roi_heads
+    assert heads.fg_bg_sampler.batch_size_per_image == PeerHeads().box_batch_size_per_image
+    assert small.rpn._post_nms_top_n == {"training": 300, "testing": 150}
+    assert heads.box_head.fc7.out_features == 512
+    assert heads.mask_head[0][0].out_channels == 32  # as wide as the FPN (hidden_dim)
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    default = build_mask_rcnn(cfg, num_classes=3, heads=PeerHeads.torchvision_defaults())
+    assert default.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
+    assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert default.roi_heads.box_head.fc7.out_features == 1024
+    assert default.roi_heads.mask_head[0][0].out_channels == 256
 
 
 def test_peer_trains_on_the_clock_and_writes_coco_results(tmp_path):
