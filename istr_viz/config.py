@@ -33,6 +33,9 @@ class ModelConfig:
     canonical_box_size: float = 224.0  # FPN level of a box: floor(4 + log2(sqrt(area) / this))
     prior_prob: float = 0.01  # initial foreground probability of every class logit
     zero_box_deltas: bool = False  # True: stages start as identity box refinements (not official)
+    # where the learned proposal boxes start: "image" (official: every box is the whole image) or
+    # "grid" (not official: boxes tiled over the image, so stage 1 pools different places)
+    proposal_init: str = "image"
     # Training-only aid (not in ISTR): a 1x1 conv on every FPN level predicts each pixel's class
     # (or background), supervised by LossConfig.semantic_weight; gives the from-scratch backbone
     # dense gradients. Inference never runs it: predictions are ISTR's.
@@ -54,6 +57,8 @@ class ModelConfig:
         if self.dn_groups < 0 or not 0 <= self.dn_label_noise <= 1 or self.dn_box_noise < 0:
             raise ConfigError("model.dn_groups must be >= 0, model.dn_label_noise in [0, 1] and "
                               "model.dn_box_noise >= 0")
+        if self.proposal_init not in ("image", "grid"):
+            raise ConfigError(f"model.proposal_init must be image or grid, got {self.proposal_init!r}")
         if self.norm not in ("frozen_bn", "gn", "bn"):
             raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
 
@@ -201,9 +206,11 @@ PRESETS: dict[str, Config] = {
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
                           zero_box_deltas=True, dn_groups=1),
         basis=BasisConfig(dim=60, mask_size=28),
-        # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels
-        data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=224,
-                        test_min_size=192, test_max_size=224, num_workers=0),
+        # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
+        # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images
+        # wider than 5:3 (a 224 cap shrank 360 x 200 images to 224 x 124)
+        data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=373,
+                        test_min_size=192, test_max_size=373, num_workers=0),
         # one thread: on 2 cores, 2 OpenMP threads were no faster (benchmarks/bench_model.py)
         train=TrainConfig(batch_size=4, lr=2e-4, max_iters=1500, warmup_iters=100,
                           lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1,

@@ -90,6 +90,21 @@ def test_initial_boxes_cover_each_valid_image(model):
     assert torch.allclose(out.proposal_boxes_xyxy[1], torch.tensor([0.0, 0, 70, 50]).expand(Q, 4))
 
 
+def test_grid_proposals_tile_each_valid_image(basis):
+    grid = tiny_model(basis, proposal_init="grid")
+    out = grid(*_images())
+    boxes = out.proposal_boxes_xyxy[1]  # (Q, 4) pixels of the 50 x 70 valid region
+    centres = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+    n = math.ceil(math.sqrt(Q))  # 4 x 4 cells, the first 10 used: rows 0-2
+    expected_x = (torch.arange(Q) % n + 0.5) / n * 70
+    expected_y = (torch.arange(Q) // n + 0.5) / n * 50
+    assert torch.allclose(centres, torch.stack([expected_x, expected_y], 1), atol=1e-4)
+    assert torch.allclose(boxes[:, 2] - boxes[:, 0], torch.full((Q,), 70 * 2 / n), atol=1e-4)
+    assert len({tuple(b) for b in boxes.tolist()}) == Q  # every query pools its own place
+    with pytest.raises(ConfigError, match="proposal_init"):
+        ModelConfig(proposal_init="random")
+
+
 def test_different_images_give_different_stage1_queries(model):
     images, sizes = _images()
     images[1] = images[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -57,6 +58,16 @@ def global_image_feature(features: list[Tensor], strides: tuple[int, ...],
     return total
 
 
+def grid_proposals(num_queries: int) -> Tensor:
+    """(Q, 4) normalised cxcywh boxes tiled over the image: centres on an n x n grid
+    (n = ceil(sqrt(Q)), row by row, the first Q cells), each box twice its cell's side."""
+    n = math.ceil(math.sqrt(num_queries))
+    index = torch.arange(num_queries, dtype=torch.float32)
+    cx, cy = (index % n + 0.5) / n, (torch.div(index, n, rounding_mode="floor") + 0.5) / n
+    side = torch.full_like(cx, min(1.0, 2.0 / n))
+    return torch.stack([cx, cy, side, side], dim=1)
+
+
 class ISTR(nn.Module):
     """ISTR (Hu et al., CVPR 2021, code v1) for ``num_classes`` classes.
 
@@ -74,6 +85,7 @@ class ISTR(nn.Module):
         prior_prob: initial foreground probability of every class logit (focal prior).
         zero_box_deltas: start every stage's box-delta layer at zero (identity refinement) instead
             of the official xavier init; helps training from scratch.
+        proposal_init: "image" (official) or "grid" (:func:`grid_proposals`).
         aux_semantic: add the training-only semantic head (``ModelConfig.aux_semantic``).
         dn_groups, dn_box_noise, dn_label_noise: training-only query denoising
             (``istr_viz.model.denoising``); 0 groups = off.
@@ -86,7 +98,7 @@ class ISTR(nn.Module):
                  dropout: float = 0.0,
                  pooler_resolution: int = 7, canonical_box_size: float = 224.0,
                  prior_prob: float = 0.01, zero_box_deltas: bool = False,
-                 aux_semantic: bool = False, dn_groups: int = 0, dn_box_noise: float = 0.4,
+                 proposal_init: str = "image", aux_semantic: bool = False, dn_groups: int = 0, dn_box_noise: float = 0.4,
                  dn_label_noise: float = 0.2):
         super().__init__()
         if backbone.out_channels != hidden_dim:
@@ -103,8 +115,12 @@ class ISTR(nn.Module):
                             num_heads, num_cls_layers, num_reg_layers, num_mask_layers, dropout,
                             pooler_resolution)
             for _ in range(num_stages))
-        nn.init.constant_(self.proposal_boxes.weight[:, :2], 0.5)
-        nn.init.constant_(self.proposal_boxes.weight[:, 2:], 1.0)
+        with torch.no_grad():
+            if proposal_init == "grid":
+                self.proposal_boxes.weight.copy_(grid_proposals(num_queries))
+            else:
+                self.proposal_boxes.weight[:, :2] = 0.5
+                self.proposal_boxes.weight[:, 2:] = 1.0
         for stage in self.stages:
             stage.reset_parameters(prior_prob, zero_box_deltas)
         # one 1x1 conv shared by all FPN levels: C classes + background
@@ -197,6 +213,7 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 num_reg_layers=cfg.num_reg_layers, num_mask_layers=cfg.num_mask_layers,
                 dropout=cfg.dropout, pooler_resolution=cfg.pooler_resolution,
                 canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob,
-                zero_box_deltas=cfg.zero_box_deltas, aux_semantic=cfg.aux_semantic,
+                zero_box_deltas=cfg.zero_box_deltas, proposal_init=cfg.proposal_init,
+                aux_semantic=cfg.aux_semantic,
                 dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
                 dn_label_noise=cfg.dn_label_noise)
