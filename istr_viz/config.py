@@ -58,7 +58,8 @@ class ModelConfig:
             raise ConfigError("model.dn_groups must be >= 0, model.dn_label_noise in [0, 1] and "
                               "model.dn_box_noise >= 0")
         if self.proposal_init not in ("image", "grid"):
-            raise ConfigError(f"model.proposal_init must be image or grid, got {self.proposal_init!r}")
+            raise ConfigError("model.proposal_init must be image or grid, "
+                              f"got {self.proposal_init!r}")
         if self.norm not in ("frozen_bn", "gn", "bn"):
             raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
 
@@ -200,11 +201,13 @@ PRESETS: dict[str, Config] = {
         # narrow ResNet-18 with GroupNorm (trains from scratch); 24 queries (at most 8 objects per
         # image) and 3 stages: 2.4x the iterations of 40 x 6 in the same minutes, and lower losses
         # at equal time (benchmarks/results_log.md, r6 / r8); identity-initialised box deltas
-        # (ModelConfig.zero_box_deltas); one group of denoising queries in training
+        # (ModelConfig.zero_box_deltas); one group of denoising queries in training; proposal boxes
+        # that start tiled over the image (8x the mask AP of whole-image boxes at 20 minutes:
+        # benchmarks/results_log.md, session 3 ablations)
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
                           num_queries=24, num_stages=3, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
-                          zero_box_deltas=True, dn_groups=1),
+                          zero_box_deltas=True, dn_groups=1, proposal_init="grid"),
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images

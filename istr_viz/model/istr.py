@@ -98,8 +98,8 @@ class ISTR(nn.Module):
                  dropout: float = 0.0,
                  pooler_resolution: int = 7, canonical_box_size: float = 224.0,
                  prior_prob: float = 0.01, zero_box_deltas: bool = False,
-                 proposal_init: str = "image", aux_semantic: bool = False, dn_groups: int = 0, dn_box_noise: float = 0.4,
-                 dn_label_noise: float = 0.2):
+                 proposal_init: str = "image", aux_semantic: bool = False,
+                 dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2):
         super().__init__()
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
