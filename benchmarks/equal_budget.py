@@ -1,17 +1,23 @@
 """ISTR against torchvision's Mask R-CNN at the same CPU training budget, from scratch.
 
-    python benchmarks/equal_budget.py [--minutes 20] [--lrs 0.01,0.02,0.04] [--data ROOT]
+    python benchmarks/equal_budget.py [--minutes 20] [--lrs 0.01,0.02,0.04]
+                                      [--istr-lrs 1e-4,2e-4,4e-4] [--data ROOT]
                                       [--out runs/equal_budget] [--points 3] [--jobs 2]
 
-Trains ISTR (the ``shapes-cpu`` preset, its own ``--max-minutes`` budget) and Mask R-CNN on the
-same backbone (``istr_viz.baseline``) once per learning rate, each for ``--minutes`` of training
-(evaluation outside the clock), two jobs at a time by default (one per core, one thread each: the
-setting that gets the most work out of this 2-core machine; each job then has the other core
-busy, the same for both models). Then it times inference at the test size, one image at a time,
-one thread, bf16 autocast where the CPU has it, for both; writes ``OUT/summary.json``, prints a
-table and saves ``OUT/ap_vs_minutes.png`` (mask AP against training minutes, the peer's best lr).
+Trains ISTR (the ``shapes-cpu`` preset, its own ``--max-minutes`` budget, AdamW) and Mask R-CNN
+on the same backbone (``istr_viz.baseline``, SGD) once per learning rate, each for ``--minutes``
+of training. Both clocks count everything a step costs (data loading included) and leave the
+evaluations out. Jobs run ``--jobs`` at a time (one per core, one thread each; with 2 each job
+has the other core busy, the same for both models). For each model the learning rate with the
+best final mask AP is kept (the same rule for both; chosen on the val set that is reported).
+Then, with no training running, the two kept models are timed back to back, image by image, at
+the test size, one image at a time, one thread, bf16 autocast where the CPU has it. Writes
+``OUT/summary.json``, prints a table and saves ``OUT/ap_vs_minutes.png`` (AP against training
+minutes, every run).
 
-``--peer-only`` / ``--istr-only`` run one side; ``--report`` only re-reads ``OUT``.
+``--peer-only`` / ``--istr-only`` run one side (run the other later with the same ``--out`` and
+the timing happens once both are there); ``--report`` only re-reads ``OUT``; ``--time`` redoes
+the timing.
 """
 
 from __future__ import annotations
@@ -59,23 +65,52 @@ def _coco_ap(val_paths, results: list[dict]) -> dict:
     return {t: coco_eval(gt, results, t)[0] for t in ("bbox", "segm")}
 
 
-def _time_inference(forward, images: list[torch.Tensor], warmup: int = 3) -> float:
-    """Median milliseconds of ``forward(image)`` over ``images`` after ``warmup`` calls."""
-    for image in images[:warmup]:
-        forward(image)
-    times = []
-    for image in images:
-        t0 = time.perf_counter()
-        forward(image)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+def _peer_forward(model):
+    """One-image inference of a torchvision Mask R-CNN, as a user calls it."""
+    from istr_viz.runtime import autocast_dtype
+
+    model.eval()
+    amp = autocast_dtype(torch.device("cpu"), True)
+
+    def forward(image):
+        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
+                                             enabled=amp is not None):
+            model([image])
+    return forward
+
+
+def _istr_forward(model):
+    """One-image ISTR inference: the final stage's top 100, masks pasted at the image size (as
+    Mask R-CNN's output is)."""
+    from istr_viz.postprocess import top_detections
+    from istr_viz.runtime import autocast_dtype
+
+    model.eval()
+    amp = autocast_dtype(torch.device("cpu"), True)
+
+    def forward(image):
+        h, w = image.shape[-2:]
+        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
+                                             enabled=amp is not None):
+            out = model(image[None], torch.tensor([[h, w]]))
+        final = out.final
+        det = top_detections(final.logits[0].float(), final.boxes_xyxy[0].float(),
+                             final.masks[0].float(), 100)
+        det.masks(h, w)
+    return forward
+
+
+def _save_weights(model, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
 
 
 def run_peer(args) -> None:
-    """Train and evaluate Mask R-CNN at one learning rate; write OUT/peer_lr{lr}.json."""
+    """Train and evaluate Mask R-CNN at one learning rate; write OUT/peer_lr{lr}.json and the
+    weights OUT/peer_lr{lr}.pt (for the timing)."""
     from istr_viz.baseline import build_mask_rcnn, mask_rcnn_results, train_mask_rcnn
     from istr_viz.config import apply_overrides, get_preset
-    from istr_viz.runtime import autocast_dtype
 
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset), args.set or [])
@@ -93,63 +128,83 @@ def run_peer(args) -> None:
     run = train_mask_rcnn(model, train, args.minutes, args.lr, batch_size=cfg.train.batch_size,
                           seed=cfg.train.seed, checkpoints=points, on_checkpoint=evaluate)
     evaluate(run["minutes"], run["iterations"])
-    model.eval()
-    amp = autocast_dtype(torch.device("cpu"), True)
-    images = [val[i][0] for i in range(min(args.time_images, len(val)))]
-
-    def forward(image):
-        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
-                                             enabled=amp is not None):
-            model([image])
-
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_weights(model, out / f"peer_lr{args.lr:g}.pt")
     record = {"model": "mask_rcnn", "lr": args.lr, **run, "curve": curve,
               "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
-              "infer_ms": _time_inference(forward, images),
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    _write(Path(args.out) / f"peer_lr{args.lr:g}.json", record)
+    _write(out / f"peer_lr{args.lr:g}.json", record)
 
 
 def run_istr(args) -> None:
-    """Train ISTR with the engine (its own --max-minutes budget), evaluate the final stage at
-    ``--points`` evenly spaced points and the end; write OUT/istr.json."""
+    """Train ISTR at one learning rate with the engine (its own --max-minutes budget), evaluate
+    the final stage at ``--points`` evenly spaced points and the end; write OUT/istr_lr{lr}.json.
+    Minutes are the engine's measured training time (``train_s``, evaluations left out)."""
     from istr_viz.config import apply_overrides, get_preset
     from istr_viz.engine import read_metrics, train
-    from istr_viz.postprocess import top_detections
     from istr_viz.predictor import load_model
-    from istr_viz.runtime import autocast_dtype
 
     train_paths, val_paths = _paths(args.data)
     cfg = apply_overrides(get_preset(args.preset), (args.set or []) + [
-        f"train.eval_points={args.points}", f"train.eval_max_images={args.eval_images or 0}",
-        f"train.threads={args.threads}"])
-    out_dir = Path(args.out) / "istr_run"
+        f"train.lr={args.lr}", f"train.eval_points={args.points}",
+        f"train.eval_max_images={args.eval_images or 0}", f"train.threads={args.threads}"])
+    out_dir = Path(args.out) / f"istr_lr{args.lr:g}"
     result = train(cfg, train_paths, out_dir, val_data=val_paths, max_minutes=args.minutes)
     evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if "eval" in r]
-    curve = [{"minutes": args.minutes * r["iter"] / result.iterations, "iteration": r["iter"],
+    model, _ = load_model(result.last_checkpoint, device="cpu")
+    curve = [{"minutes": r["train_s"] / 60, "iteration": r["iter"],
               "box_AP": r["eval"]["bbox_AP"], "mask_AP": r["eval"]["segm_AP"]} for r in evals]
-    model, predictor = load_model(result.last_checkpoint, device="cpu")
-    torch.set_num_threads(args.threads)
-    _, val, _ = _datasets(cfg, args.data)
-    amp = autocast_dtype(torch.device("cpu"), True)
-    images = [val[i][0] for i in range(min(args.time_images, len(val)))]
-
-    def forward(image):
-        h, w = image.shape[-2:]
-        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
-                                             enabled=amp is not None):
-            out = model(image[None], torch.tensor([[h, w]]))
-        final = out.final
-        det = top_detections(final.logits[0].float(), final.boxes_xyxy[0].float(),
-                             final.masks[0].float(), 100)
-        det.masks(h, w)  # pasted at the image size, as Mask R-CNN's output is
-
     record = {"model": "istr", "lr": cfg.train.lr, "iterations": result.iterations,
-              "minutes": args.minutes, "diverged": False, "curve": curve,
+              "minutes": curve[-1]["minutes"], "diverged": False, "curve": curve,
               "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
               "per_stage_mask_AP": evals[-1]["eval"]["per_stage_segm_AP"],
-              "infer_ms": _time_inference(forward, images),
+              "checkpoint": str(result.last_checkpoint),
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    _write(Path(args.out) / "istr.json", record)
+    _write(Path(args.out) / f"istr_lr{args.lr:g}.json", record)
+
+
+def _records(out: Path) -> tuple[list[dict], list[dict]]:
+    istr = [json.loads(p.read_text()) for p in sorted(out.glob("istr_lr*.json"))]
+    peers = [json.loads(p.read_text()) for p in sorted(out.glob("peer_lr*.json"))]
+    return istr, peers
+
+
+def _best(records: list[dict]) -> dict | None:
+    return max(records, key=lambda r: r["mask_AP"], default=None)
+
+
+def time_best(out: Path, args) -> dict:
+    """Time the best ISTR and the best Mask R-CNN back to back on the same val images (one image
+    at a time, alternating, after a warm-up of each); write OUT/timing.json."""
+    from istr_viz.baseline import build_mask_rcnn
+    from istr_viz.config import apply_overrides, get_preset
+    from istr_viz.predictor import load_model
+
+    istr, peer = _best(_records(out)[0]), _best(_records(out)[1])
+    torch.set_num_threads(args.threads)
+    cfg = apply_overrides(get_preset(args.preset), args.set or [])
+    train, val, _ = _datasets(cfg, args.data)
+    istr_model, _ = load_model(istr["checkpoint"], device="cpu")
+    peer_model = build_mask_rcnn(cfg, len(train.annotations.class_names))
+    peer_model.load_state_dict(torch.load(out / f"peer_lr{peer['lr']:g}.pt", map_location="cpu",
+                                          weights_only=True))
+    forwards = {"istr": _istr_forward(istr_model), "mask_rcnn": _peer_forward(peer_model)}
+    images = [val[i][0] for i in range(min(args.time_images, len(val)))]
+    for image in images[:3]:
+        for forward in forwards.values():
+            forward(image)
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for image in images:
+        for name, forward in forwards.items():
+            t0 = time.perf_counter()
+            forward(image)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "images": len(images),
+              "threads": args.threads,
+              **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
+    (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    return timing
 
 
 def _write(path: Path, record: dict) -> None:
@@ -162,29 +217,42 @@ def report(out: Path) -> dict:
     """Table, plot and summary.json from the per-run files in ``out``."""
     from istr_viz.viz.figures import new_figure
 
-    istr = json.loads((out / "istr.json").read_text()) if (out / "istr.json").exists() else None
-    peers = [json.loads(p.read_text()) for p in sorted(out.glob("peer_lr*.json"))]
-    best = max(peers, key=lambda r: r["mask_AP"], default=None)
-    print(f"{'model':<24} {'lr':>8} {'iters':>6} {'box AP':>7} {'mask AP':>8} {'infer ms':>9}")
-    for r in ([istr] if istr else []) + peers:
-        name = "ISTR" if r["model"] == "istr" else "Mask R-CNN" + (" (best lr)" if r is best else "")
-        print(f"{name:<24} {r['lr']:>8g} {r['iterations']:>6} {100 * r['box_AP']:>7.1f} "
-              f"{100 * r['mask_AP']:>8.1f} {r['infer_ms']:>9.1f}")
-    summary = {"istr": istr, "peers": peers, "best_peer_lr": best["lr"] if best else None}
+    istr_runs, peers = _records(out)
+    istr, best = _best(istr_runs), _best(peers)
+    timing_path = out / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    if timing and (timing["istr_lr"] != (istr or {}).get("lr")
+                   or timing["peer_lr"] != (best or {}).get("lr")):
+        timing = {}  # timed before another run changed the best: time again with --time
+    ms = {"istr": timing.get("istr_ms"), "mask_rcnn": timing.get("mask_rcnn_ms")}
+    print(f"{'model':<26} {'lr':>8} {'iters':>6} {'minutes':>7} {'box AP':>7} {'mask AP':>8} "
+          f"{'infer ms':>9}")
+    for r in istr_runs + peers:
+        kept = r is istr or r is best
+        name = ("ISTR" if r["model"] == "istr" else "Mask R-CNN") + (" (best lr)" if kept else "")
+        infer = f"{ms[r['model']]:.1f}" if kept and ms[r["model"]] else "-"
+        print(f"{name:<26} {r['lr']:>8g} {r['iterations']:>6} {r['minutes']:>7.1f} "
+              f"{100 * r['box_AP']:>7.1f} {100 * r['mask_AP']:>8.1f} {infer:>9}")
+    summary = {"istr": istr_runs, "peers": peers, "best_istr_lr": istr["lr"] if istr else None,
+               "best_peer_lr": best["lr"] if best else None, "timing": timing or None}
     if istr and best:
         summary["mask_AP_ratio"] = istr["mask_AP"] / max(best["mask_AP"], 1e-9)
-        summary["infer_ratio"] = istr["infer_ms"] / best["infer_ms"]
-        print(f"ISTR / Mask R-CNN: mask AP x{summary['mask_AP_ratio']:.2f}, inference time "
-              f"x{summary['infer_ratio']:.2f}")
+        line = f"ISTR / Mask R-CNN (best lr each): mask AP x{summary['mask_AP_ratio']:.2f}"
+        if timing:
+            summary["infer_ratio"] = timing["istr_ms"] / timing["mask_rcnn_ms"]
+            line += f", inference time x{summary['infer_ratio']:.2f}"
+        print(line)
         if best["mask_AP"] < 0.05:
             print("warning: the peer is below 0.05 mask AP: broken, not beaten")
     fig, axes = new_figure(1, 2, size_per_panel=(4.2, 3.2))
     for ax, key, title in zip(axes.flat, ("mask_AP", "box_AP"), ("mask AP", "box AP")):
-        for r, label in ([(istr, "ISTR")] if istr else []) + [(p, f"Mask R-CNN lr {p['lr']:g}")
-                                                              for p in peers]:
+        for r in istr_runs + peers:
+            label = f"{'ISTR' if r['model'] == 'istr' else 'Mask R-CNN'} lr {r['lr']:g}"
             xs = [0.0] + [c["minutes"] for c in r["curve"]]
             ys = [0.0] + [100 * c[key] for c in r["curve"]]
-            ax.plot(xs, ys, marker="o", label=label, lw=2.2 if r["model"] == "istr" else 1.2)
+            ax.plot(xs, ys, marker="o" if r["model"] == "istr" else "s", label=label,
+                    lw=2.2 if r is istr or r is best else 1.0,
+                    ls="-" if r["model"] == "istr" else "--")
         ax.set_xlabel("training minutes")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
@@ -198,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--lrs", default="0.01,0.02,0.04", help="Mask R-CNN SGD learning rates")
+    p.add_argument("--istr-lrs", default="1e-4,2e-4,4e-4", help="ISTR AdamW learning rates")
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--data", help="data set root with train/ and val/ (default: built-in shapes)")
     p.add_argument("--preset", default="shapes-cpu")
@@ -212,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--peer-only", action="store_true")
     side.add_argument("--istr-only", action="store_true")
     side.add_argument("--report", action="store_true")
+    side.add_argument("--time", action="store_true", help="only redo the inference timing")
     p.add_argument("--run", choices=["istr", "peer"], help=argparse.SUPPRESS)  # one job (internal)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -221,31 +291,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.run == "istr":
         run_istr(args)
         return 0
-    if not args.report:
+    if not (args.report or args.time):
         common = [sys.executable, __file__, "--minutes", str(args.minutes), "--out", str(out),
                   "--points", str(args.points), "--threads", str(args.threads),
-                  "--time-images", str(args.time_images), "--preset", args.preset]
+                  "--preset", args.preset]
         common += ["--data", args.data] if args.data else []
         common += ["--eval-images", str(args.eval_images)] if args.eval_images else []
         for item in args.set or []:
             common += ["--set", item]
-        jobs = [] if args.peer_only else [common + ["--run", "istr"]]
+        jobs = [] if args.peer_only else [
+            (f"istr_lr{float(lr):g}", common + ["--run", "istr", "--lr", lr])
+            for lr in args.istr_lrs.split(",")]
         if not args.istr_only:
-            jobs += [common + ["--run", "peer", "--lr", lr] for lr in args.lrs.split(",")]
+            jobs += [(f"peer_lr{float(lr):g}", common + ["--run", "peer", "--lr", lr])
+                     for lr in args.lrs.split(",")]
         out.mkdir(parents=True, exist_ok=True)
         running: list[subprocess.Popen] = []
-        started: list[subprocess.Popen] = []
-        for cmd in jobs:
+        started: list[tuple[str, subprocess.Popen]] = []
+        for name, cmd in jobs:
             while len(running) >= args.jobs:
                 running = [r for r in running if r.poll() is None]
                 time.sleep(2)
-            name = cmd[-1] if cmd[-2] == "--lr" else "istr"
             log = open(out / f"{name}.log", "w")
             running.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-            started.append(running[-1])
-        failed = [" ".join(r.args[-2:]) for r in started if r.wait() != 0]
+            started.append((name, running[-1]))
+        failed = [name for name, r in started if r.wait() != 0]
         if failed:
-            print(f"some jobs failed (see the logs in {out}): {failed}", file=sys.stderr)
+            print(f"some jobs failed (see their logs in {out}): {failed}", file=sys.stderr)
+            report(out)
+            return 1
+    istr_runs, peers = _records(out)
+    if istr_runs and peers and (args.time or not args.report):
+        print("timing inference (no training running)...")
+        time_best(out, args)
     report(out)
     return 0
 

@@ -392,14 +392,21 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
                          **extra})
 
+    eval_s = 0.0  # seconds spent evaluating: "train_s" in the log leaves them out
+
+    def train_seconds() -> float:
+        return round(time.perf_counter() - t_start - eval_s, 3)
+
     def run_eval(iteration: int) -> dict | None:
-        nonlocal best_ap
+        nonlocal best_ap, eval_s
         if val_data is None or not info.is_main:
             return None
+        t_eval = time.perf_counter()
+        trained = train_seconds()
         metrics = evaluate_model(eval_model, val_data, cfg, device=device,
                                  max_images=tc.eval_max_images or None, progress=False,
                                  category_ids=ann.label_to_cat_id)
-        log({"iter": iteration, "eval": {
+        log({"iter": iteration, "train_s": trained, "eval": {
             "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
             "per_stage_segm_AP": [s["segm"]["AP"] for s in metrics["per_stage"]]}})
         if metrics["segm"]["AP"] > best_ap:
@@ -408,6 +415,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         model.train()
         if ema is not None:
             ema.module.eval()
+        eval_s += time.perf_counter() - t_eval
         return metrics
 
     t_start = t_measure = time.perf_counter()
@@ -463,7 +471,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             if info.is_main:
                 log({
                     "iter": iteration, "lr": optimizer.param_groups[0]["lr"],
-                    "time": round(time.perf_counter() - t_start, 3), **logged})
+                    "time": round(time.perf_counter() - t_start, 3), "train_s": train_seconds(),
+                    **logged})
         if measure_until is not None and iteration == measure_from:
             t_measure = time.perf_counter()
         if measure_until is not None and iteration == measure_until:

@@ -75,3 +75,36 @@ def test_peer_trains_on_the_clock_and_writes_coco_results(tmp_path):
         assert r["category_id"] in valid and 0 <= r["score"] <= 1
         h0, w0 = (int(v) for v in val[0][1]["orig_size"])
         assert list(mask_utils.decode(r["segmentation"]).shape) == [h0, w0]
+
+
+class _SlowDataset(torch.utils.data.Dataset):
+    """A data set whose every item takes ``delay`` seconds to load."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+        self.annotations = inner.annotations
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        import time
+
+        time.sleep(self.delay)
+        return self.inner[index]
+
+
+def test_peer_clock_counts_data_loading(tmp_path):
+    """ISTR's budget includes loading its batches, so the peer's must too: with items that take
+    0.3 s each (0.6 s a batch of 2), a 1.2 s budget holds at most 2 steps (plus the one that
+    crosses the line), however fast the model is."""
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=8, num_val=1, size=64, seed=1, progress=False)
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+    train_tf, _ = transform_configs(cfg)
+    train = CocoDataset(root / "train" / "annotations.json", root / "train" / "images",
+                        transform=build_transform(train_tf, train=True))
+    model = build_mask_rcnn(cfg, len(train.annotations.class_names))
+    run = train_mask_rcnn(model, _SlowDataset(train, 0.3), minutes=0.02, lr=0.01, batch_size=2,
+                          warmup_iters=2, progress=False)
+    assert 1 <= run["iterations"] <= 3

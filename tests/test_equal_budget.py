@@ -1,0 +1,47 @@
+"""The equal-budget benchmark end to end on a tiny data set: both models, one learning rate each,
+the back-to-back timing, the table, the plot and summary.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from istr_viz.data.shapes import make_shapes
+from test_engine import TINY
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "equal_budget.py"
+
+
+def test_equal_budget_runs_both_models_and_reports(tmp_path):
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=12, num_val=2, size=64, seed=2, progress=False)
+    out = tmp_path / "bench"
+    sets = [a for s in [*TINY, "basis.dim=12"] if not s.startswith("train.lr=")
+            for a in ("--set", s)]
+    cmd = [sys.executable, str(SCRIPT), "--minutes", "0.2", "--data", str(root), "--out", str(out),
+           "--points", "1", "--lrs", "0.01", "--istr-lrs", "1e-3", "--jobs", "2",
+           "--time-images", "2", *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ISTR (best lr)" in proc.stdout and "Mask R-CNN (best lr)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_istr_lr"] == 1e-3 and summary["best_peer_lr"] == 0.01
+    (istr,), (peer,) = summary["istr"], summary["peers"]
+    for run in (istr, peer):
+        assert run["iterations"] >= 1 and len(run["curve"]) == 2  # one point during, one at the end
+        assert 0 <= run["mask_AP"] <= 1 and 0 <= run["box_AP"] <= 1
+        minutes = [c["minutes"] for c in run["curve"]]
+        assert minutes == sorted(minutes) and minutes[-1] > 0
+    # measured training minutes, evaluations left out: the ISTR run stops near its budget
+    assert 0.1 < istr["minutes"] < 0.4
+    timing = summary["timing"]
+    assert timing["images"] == 2 and timing["istr_ms"] > 0 and timing["mask_rcnn_ms"] > 0
+    assert summary["infer_ratio"] == timing["istr_ms"] / timing["mask_rcnn_ms"]
+    assert (out / "ap_vs_minutes.png").stat().st_size > 0
+    assert (out / f"peer_lr0.01.pt").exists()
+    # --report alone re-reads the folder and gives the same numbers
+    again = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads((out / "summary.json").read_text()) == summary
