@@ -137,3 +137,21 @@ def test_sizes_span_small_to_large_and_empty_images(tmp_path):
 def test_bad_arguments_raise_config_error(tmp_path, kwargs):
     with pytest.raises(ConfigError):
         make_shapes(tmp_path, **{"num_train": 1, "num_val": 1, "progress": False, **kwargs})
+
+
+def test_default_data_root_is_written_once_and_says_so(tmp_path, monkeypatch, capsys):
+    from istr_viz.data import layout
+
+    monkeypatch.setenv("ISTR_VIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(layout, "DEFAULT_SHAPES_TRAIN", 3)
+    monkeypatch.setattr(layout, "DEFAULT_SHAPES_VAL", 2)
+    monkeypatch.setattr(layout, "DEFAULT_SHAPES_SIZE", 64)
+    assert not layout.default_data_root(generate=False).exists()
+    root = layout.default_data_root(progress=True)
+    assert "first use" in capsys.readouterr().err
+    assert root == tmp_path / "cache" / layout.DEFAULT_SHAPES_NAME
+    for split, n in (("train", 3), ("val", 2)):
+        assert len(list((layout.split_paths(root, split).images_dir).iterdir())) == n
+    assert layout.default_data_root(progress=True) == root  # the second call finds it
+    assert "first use" not in capsys.readouterr().err
+    assert [p.name for p in root.parent.iterdir()] == [layout.DEFAULT_SHAPES_NAME]  # no temp left

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ def default_data_root(generate: bool = True, progress: bool = True) -> Path:
         return root
     from istr_viz.data.shapes import make_shapes  # local import: generation is rare
 
+    if progress:
+        print(f"first use: writing the built-in shapes data set to {root} (about a minute, once)",
+              file=sys.stderr, flush=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-shapes-", dir=root.parent))
     try:
