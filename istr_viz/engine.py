@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -285,6 +286,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     """
     from tqdm.auto import tqdm
 
+    from istr_viz.data.check import fit_warnings
     from istr_viz.data.coco import load_annotations
     from istr_viz.evaluate import evaluate_model
 
@@ -315,6 +317,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
+    if info.is_main and ckpt is None:
+        for line in fit_warnings(ann, cfg.model.num_queries, cfg.data.test_min_size,
+                                 cfg.data.test_max_size):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     if ckpt is not None and list(ckpt["category_ids"]) != list(ann.label_to_cat_id):
         raise DataError(f"resuming a run trained on categories {ckpt['category_ids']} with data whose "
                         f"categories are {ann.label_to_cat_id}", file=train_data.ann_file)

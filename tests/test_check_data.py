@@ -7,7 +7,7 @@ import json
 import pytest
 
 import coco_factory as cf
-from istr_viz.data.check import check_dataset, check_images, format_summary
+from istr_viz.data.check import check_dataset, check_images, fit_warnings, format_summary
 from istr_viz.data.coco import CocoDataset, load_annotations
 from istr_viz.errors import DataError
 
@@ -176,3 +176,14 @@ def test_missing_image_folder_raises(quirky, tmp_path):
     with pytest.raises(DataError) as err:
         check_dataset(quirky.ann_file, tmp_path / "no-images")
     assert str(tmp_path / "no-images") in str(err.value)
+
+
+def test_fit_warnings_name_the_queries_and_the_shrink(quirky):
+    ann = load_annotations(quirky.ann_file)
+    # the quirky set: at most 3 instances per image, shorter sides 130-200 px
+    assert fit_warnings(ann, num_queries=3, test_min_size=192, test_max_size=373) == []
+    few, = fit_warnings(ann, num_queries=2, test_min_size=192, test_max_size=373)
+    assert few.startswith("annotations.json: 1 of 6 images have more instances than the model's 2")
+    assert "model.num_queries=6" in few
+    shrink, = fit_warnings(ann, num_queries=24, test_min_size=48, test_max_size=96)
+    assert "shrunk to less than half" in shrink and "data.test_min_size" in shrink

@@ -308,3 +308,15 @@ def test_eval_points_split_the_budget_evenly():
 
     assert eval_points(100, 3) == {25, 50, 75}
     assert eval_points(10, 0) == set()
+
+
+def test_training_warns_when_images_hold_more_objects_than_queries(tmp_path, capsys):
+    from istr_viz.data.layout import DatasetPaths
+    from istr_viz.engine import train
+
+    quirky = cf.write_quirky_coco(tmp_path / "quirky")  # image 1001 holds 3 instances
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "model.num_queries=2", "basis.dim=4"])
+    train(cfg, DatasetPaths(quirky.ann_file, quirky.images_dir), tmp_path / "run", max_iters=1,
+          device="cpu", progress=False)
+    err = capsys.readouterr().err
+    assert "warning: annotations.json: 1 of 6 images have more instances than the model's 2" in err

@@ -180,3 +180,33 @@ def format_summary(summary: dict) -> str:
     lines += ["", f"{len(s['skipped'])} skipped:" if s["skipped"] else "nothing skipped"]
     lines += [f"  {p['file']}: {p['entry']}: {p['reason']}" for p in s["skipped"]]
     return "\n".join(lines)
+
+
+def fit_warnings(ann: CocoAnnotations, num_queries: int, test_min_size: int,
+                 test_max_size: int) -> list[str]:
+    """What in a data set a configuration cannot do well, one line each (empty when nothing):
+    images with more instances than the model has queries (a set predictor finds at most
+    ``num_queries`` objects per image), and images that the test resize shrinks to less than
+    half their shorter side (small objects lose most of their pixels)."""
+    file = ann.ann_file.name
+    counts = np.array([len(ann.instance_anns(i)) for i in ann.image_ids] or [0])
+    warnings = []
+    over = int((counts > num_queries).sum())
+    if over:
+        warnings.append(
+            f"{file}: {over} of {len(counts)} images have more instances than the model's "
+            f"{num_queries} queries (at most {counts.max()}); at most {num_queries} per image can "
+            f"be found: set model.num_queries={int(counts.max()) * 2} or more")
+    shorts = np.array([min(ann.image_info(i)["height"], ann.image_info(i)["width"])
+                       for i in ann.image_ids] or [0])
+    longs = np.array([max(ann.image_info(i)["height"], ann.image_info(i)["width"])
+                      for i in ann.image_ids] or [0])
+    scale = np.minimum(test_min_size / np.maximum(shorts, 1), test_max_size / np.maximum(longs, 1))
+    shrunk = float((scale < 0.5).mean())
+    if shrunk > 0.5:
+        median = int(np.median(shorts))
+        warnings.append(
+            f"{file}: {shrunk:.0%} of the images are shrunk to less than half their size (median "
+            f"shorter side {median} px, test size {test_min_size}/{test_max_size}); for small "
+            f"objects raise data.test_min_size and data.train_min_sizes (slower)")
+    return warnings
