@@ -23,6 +23,7 @@ the timing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -120,47 +121,75 @@ def run_peer(args) -> None:
     curve = []
 
     def evaluate(minutes: float, iteration: int) -> None:
-        ap = _coco_ap(val_paths, mask_rcnn_results(model, val, max_images=args.eval_images))
+        ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp,
+                                                   max_images=args.eval_images))
         curve.append({"minutes": minutes, "iteration": iteration,
                       "box_AP": ap["bbox"]["AP"], "mask_AP": ap["segm"]["AP"]})
 
     points = tuple(args.minutes * k / (args.points + 1) for k in range(1, args.points + 1))
     run = train_mask_rcnn(model, train, args.minutes, args.lr, batch_size=cfg.train.batch_size,
-                          seed=cfg.train.seed, checkpoints=points, on_checkpoint=evaluate)
+                          amp=cfg.train.amp, seed=cfg.train.seed, checkpoints=points,
+                          on_checkpoint=evaluate, num_workers=cfg.data.num_workers)
     evaluate(run["minutes"], run["iterations"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(model, out / f"peer_lr{args.lr:g}.pt")
-    record = {"model": "mask_rcnn", "lr": args.lr, **run, "curve": curve,
+    record = {"model": "mask_rcnn", "lr": args.lr, **run, "budget_minutes": args.minutes,
+              "set": args.set or [], "curve": curve,
               "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     _write(out / f"peer_lr{args.lr:g}.json", record)
 
 
 def run_istr(args) -> None:
-    """Train ISTR at one learning rate with the engine (its own --max-minutes budget), evaluate
-    the final stage at ``--points`` evenly spaced points and the end; write OUT/istr_lr{lr}.json.
-    Minutes are the engine's measured training time (``train_s``, evaluations left out)."""
+    """Train ISTR at one learning rate with the engine, evaluate the final stage at ``--points``
+    evenly spaced points and the end; write OUT/istr_lr{lr}.json. The basis fit is part of
+    ISTR's training, so it is timed and taken off the engine's ``--max-minutes`` budget; minutes
+    are measured (the fit plus the engine's ``train_s``, evaluations left out). A diverged run
+    is recorded (``diverged``, AP 0 at the end), not lost."""
+    from istr_viz.basis import MaskBasis
     from istr_viz.config import apply_overrides, get_preset
-    from istr_viz.engine import read_metrics, train
+    from istr_viz.data.coco import load_annotations
+    from istr_viz.data.instance_masks import instance_masks
+    from istr_viz.engine import TrainingDiverged, read_metrics, train
     from istr_viz.predictor import load_model
 
     train_paths, val_paths = _paths(args.data)
     cfg = apply_overrides(get_preset(args.preset), (args.set or []) + [
         f"train.lr={args.lr}", f"train.eval_points={args.points}",
         f"train.eval_max_images={args.eval_images or 0}", f"train.threads={args.threads}"])
+    torch.set_num_threads(args.threads)
     out_dir = Path(args.out) / f"istr_lr{args.lr:g}"
-    result = train(cfg, train_paths, out_dir, val_data=val_paths, max_minutes=args.minutes)
-    evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if "eval" in r]
-    model, _ = load_model(result.last_checkpoint, device="cpu")
-    curve = [{"minutes": r["train_s"] / 60, "iteration": r["iter"],
+    t0 = time.perf_counter()
+    masks = instance_masks(load_annotations(train_paths.ann_file), cfg.basis.mask_size,
+                           progress=False)
+    basis = MaskBasis.fit(masks, dim=min(cfg.basis.dim, len(masks)), recipe=cfg.basis.recipe,
+                          seed=cfg.train.seed)
+    fit_minutes = (time.perf_counter() - t0) / 60
+    diverged = False
+    try:
+        train(cfg, train_paths, out_dir, val_data=val_paths, basis=basis,
+              max_minutes=args.minutes - fit_minutes)
+    except TrainingDiverged as err:
+        print(f"diverged: {err}", file=sys.stderr)
+        diverged = True
+    records = read_metrics(out_dir / "metrics.jsonl")
+    evals = [r for r in records if "eval" in r]
+    curve = [{"minutes": fit_minutes + r["train_s"] / 60, "iteration": r["iter"],
               "box_AP": r["eval"]["bbox_AP"], "mask_AP": r["eval"]["segm_AP"]} for r in evals]
-    record = {"model": "istr", "lr": cfg.train.lr, "iterations": result.iterations,
-              "minutes": curve[-1]["minutes"], "diverged": False, "curve": curve,
-              "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
-              "per_stage_mask_AP": evals[-1]["eval"]["per_stage_segm_AP"],
-              "checkpoint": str(result.last_checkpoint),
-              "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    last = records[-1] if records else {"iter": 0, "train_s": 0.0}
+    if diverged:
+        curve.append({"minutes": fit_minutes + last["train_s"] / 60, "iteration": last["iter"],
+                      "box_AP": 0.0, "mask_AP": 0.0})
+    last_ckpt = out_dir / "last.pt"
+    model = load_model(last_ckpt, device="cpu")[0] if last_ckpt.exists() else None
+    record = {"model": "istr", "lr": cfg.train.lr, "iterations": curve[-1]["iteration"],
+              "minutes": curve[-1]["minutes"], "basis_fit_minutes": fit_minutes,
+              "budget_minutes": args.minutes, "set": args.set or [], "diverged": diverged,
+              "curve": curve, "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
+              "per_stage_mask_AP": None if diverged else evals[-1]["eval"]["per_stage_segm_AP"],
+              "checkpoint": str(last_ckpt.resolve()),
+              "params_M": sum(p.numel() for p in model.parameters()) / 1e6 if model else None}
     _write(Path(args.out) / f"istr_lr{args.lr:g}.json", record)
 
 
@@ -183,7 +212,7 @@ def time_best(out: Path, args) -> dict:
 
     istr, peer = _best(_records(out)[0]), _best(_records(out)[1])
     torch.set_num_threads(args.threads)
-    cfg = apply_overrides(get_preset(args.preset), args.set or [])
+    cfg = apply_overrides(get_preset(args.preset), peer["set"])  # as the peer was trained
     train, val, _ = _datasets(cfg, args.data)
     istr_model, _ = load_model(istr["checkpoint"], device="cpu")
     peer_model = build_mask_rcnn(cfg, len(train.annotations.class_names))
@@ -225,6 +254,14 @@ def report(out: Path) -> dict:
                    or timing["peer_lr"] != (best or {}).get("lr")):
         timing = {}  # timed before another run changed the best: time again with --time
     ms = {"istr": timing.get("istr_ms"), "mask_rcnn": timing.get("mask_rcnn_ms")}
+    budgets = {r["budget_minutes"] for r in istr_runs + peers}
+    if len(budgets) > 1:
+        print(f"warning: the runs in {out} had different budgets {sorted(budgets)} minutes",
+              file=sys.stderr)
+    measured = [r["minutes"] for r in istr_runs + peers if not r["diverged"]]
+    if measured and max(measured) > 1.05 * min(measured):
+        print(f"warning: measured training minutes differ by more than 5% "
+              f"({min(measured):.2f}-{max(measured):.2f})", file=sys.stderr)
     print(f"{'model':<26} {'lr':>8} {'iters':>6} {'minutes':>7} {'box AP':>7} {'mask AP':>8} "
           f"{'infer ms':>9}")
     for r in istr_runs + peers:
@@ -284,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--time", action="store_true", help="only redo the inference timing")
     p.add_argument("--run", choices=["istr", "peer"], help=argparse.SUPPRESS)  # one job (internal)
     args = p.parse_args(argv)
-    out = Path(args.out)
+    if any(item.split("=")[0].strip() == "train.lr" for item in args.set or []):
+        p.error("--set train.lr is what --istr-lrs sweeps: give the values there")
+    out = Path(args.out).resolve()
+    args.out = str(out)
+    if args.data:
+        args.data = str(Path(args.data).resolve())
     if args.run == "peer":
         run_peer(args)
         return 0
@@ -299,13 +341,19 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--eval-images", str(args.eval_images)] if args.eval_images else []
         for item in args.set or []:
             common += ["--set", item]
-        jobs = [] if args.peer_only else [
+        istr_jobs = [] if args.peer_only else [
             (f"istr_lr{float(lr):g}", common + ["--run", "istr", "--lr", lr])
             for lr in args.istr_lrs.split(",")]
-        if not args.istr_only:
-            jobs += [(f"peer_lr{float(lr):g}", common + ["--run", "peer", "--lr", lr])
-                     for lr in args.lrs.split(",")]
+        peer_jobs = [] if args.istr_only else [
+            (f"peer_lr{float(lr):g}", common + ["--run", "peer", "--lr", lr])
+            for lr in args.lrs.split(",")]
+        # alternate the two models, so that with 2 jobs at a time each runs beside the other
+        jobs = [job for pair in itertools.zip_longest(istr_jobs, peer_jobs) for job in pair if job]
+        _paths(args.data)  # the built-in data set is written here once, not by every job
         out.mkdir(parents=True, exist_ok=True)
+        for name, _ in jobs:  # results of an earlier run under these names are replaced
+            (out / f"{name}.json").unlink(missing_ok=True)
+        (out / "timing.json").unlink(missing_ok=True)
         running: list[subprocess.Popen] = []
         started: list[tuple[str, subprocess.Popen]] = []
         for name, cmd in jobs:
@@ -321,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             report(out)
             return 1
     istr_runs, peers = _records(out)
+    if args.time and not (istr_runs and peers):
+        print(f"nothing to time in {out}: it needs an ISTR and a Mask R-CNN result",
+              file=sys.stderr)
+        return 2
     if istr_runs and peers and (args.time or not args.report):
         print("timing inference (no training running)...")
         time_best(out, args)

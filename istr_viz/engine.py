@@ -347,9 +347,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
     budget = {"max_iters": max_iters or tc.max_iters, "from_minutes": max_minutes}
-    start_iter, best_ap = 0, -1.0
+    start_iter, best_ap, train_s0 = 0, -1.0, 0.0
     if ckpt is not None:
         state = ckpt["train_state"]
+        train_s0 = float(state.get("train_s", 0.0))  # the training seconds before this resume
         model.load_state_dict(state.get("raw_model", ckpt["model"]))  # raw weights under EMA
         optimizer.load_state_dict(state["optimizer"])
         start_iter, best_ap = state["iteration"], state["best_mask_ap"]
@@ -396,12 +397,14 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "grad_scaler": scaler.state_dict(),
                          "max_minutes": budget["from_minutes"], "best_mask_ap": best_ap,
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
+                         "train_s": train_seconds(),
                          **extra})
 
     eval_s = 0.0  # seconds spent evaluating: "train_s" in the log leaves them out
 
     def train_seconds() -> float:
-        return round(time.perf_counter() - t_start - eval_s, 3)
+        """Seconds of training so far, over every resume, evaluations left out."""
+        return round(train_s0 + time.perf_counter() - t_start - eval_s, 3)
 
     def run_eval(iteration: int) -> dict | None:
         nonlocal best_ap, eval_s

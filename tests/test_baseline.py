@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from pycocotools import mask as mask_utils
 
@@ -66,7 +68,7 @@ def test_peer_trains_on_the_clock_and_writes_coco_results(tmp_path):
                           progress=False)
     assert run["iterations"] >= 1 and not run["diverged"]
     assert run["minutes"] >= 0.03
-    assert len(calls) == 1 and calls[0][0] == 0.01 and model.training
+    assert len(calls) == 1 and 0.01 <= calls[0][0] < run["minutes"] and model.training
     model.roi_heads.score_thresh = 0.0  # an untrained model: keep whatever it finds
     results = mask_rcnn_results(model, val)
     assert results
@@ -94,10 +96,11 @@ class _SlowDataset(torch.utils.data.Dataset):
         return self.inner[index]
 
 
-def test_peer_clock_counts_data_loading(tmp_path):
-    """ISTR's budget includes loading its batches, so the peer's must too: with items that take
-    0.3 s each (0.6 s a batch of 2), a 1.2 s budget holds at most 2 steps (plus the one that
-    crosses the line), however fast the model is."""
+def test_peer_clock_counts_data_loading_and_not_evaluation(tmp_path):
+    """ISTR's budget includes loading its batches, so the peer's must too. Items take 1 s each
+    (2 s a batch of 2) and the budget is 5 s: 3 steps, however fast the model is (with loading
+    off the clock it would be dozens). An evaluation after the first step sleeps 2.5 s: off the
+    clock it changes nothing (on it, the run would stop after 2 steps)."""
     root = tmp_path / "shapes"
     make_shapes(root, num_train=8, num_val=1, size=64, seed=1, progress=False)
     cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
@@ -105,6 +108,8 @@ def test_peer_clock_counts_data_loading(tmp_path):
     train = CocoDataset(root / "train" / "annotations.json", root / "train" / "images",
                         transform=build_transform(train_tf, train=True))
     model = build_mask_rcnn(cfg, len(train.annotations.class_names))
-    run = train_mask_rcnn(model, _SlowDataset(train, 0.3), minutes=0.02, lr=0.01, batch_size=2,
-                          warmup_iters=2, progress=False)
-    assert 1 <= run["iterations"] <= 3
+    run = train_mask_rcnn(model, _SlowDataset(train, 1.0), minutes=5 / 60, lr=0.01, batch_size=2,
+                          warmup_iters=2, progress=False, checkpoints=(0.01,),
+                          on_checkpoint=lambda m, i: time.sleep(2.5))
+    assert run["iterations"] == 3
+    assert 5 / 60 <= run["minutes"] < 7 / 60  # stops at the first step past the budget

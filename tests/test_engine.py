@@ -320,3 +320,33 @@ def test_training_warns_when_images_hold_more_objects_than_queries(tmp_path, cap
           device="cpu", progress=False)
     err = capsys.readouterr().err
     assert "warning: annotations.json: 1 of 6 images have more instances than the model's 2" in err
+
+
+def test_train_seconds_leave_evaluation_out_and_add_up_over_a_resume(tmp_path, monkeypatch):
+    """``train_s`` in metrics.jsonl (the benchmark's ISTR clock) is wall time minus evaluations,
+    and a resumed run continues it instead of starting again from 0."""
+    import istr_viz.evaluate as evaluate_module
+    from istr_viz.engine import train
+
+    real = evaluate_module.evaluate_model
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", slow_evaluate)
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=8, num_val=2, size=64, seed=4, progress=False)
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "basis.dim=12", "train.eval_every=2"])
+    run = tmp_path / "run"
+    train(cfg, split_paths(root, "train"), run, val_data=split_paths(root, "val"), max_iters=4,
+          device="cpu", progress=False)
+    records = read_metrics(run / "metrics.jsonl")
+    at4 = next(r for r in records if r["iter"] == 4 and "loss" in r)  # after the eval at 2
+    assert at4["time"] - at4["train_s"] >= 1.5
+    evals = [r for r in records if "eval" in r]
+    assert [r["iter"] for r in evals] == [2, 4] and evals[0]["train_s"] < at4["train_s"]
+    train(cfg, split_paths(root, "train"), run, val_data=split_paths(root, "val"), max_iters=5,
+          resume=True, device="cpu", progress=False)
+    at5 = next(r for r in read_metrics(run / "metrics.jsonl") if r["iter"] == 5 and "loss" in r)
+    assert at5["train_s"] > at4["train_s"] and at5["time"] < at4["time"]  # the wall clock restarted
