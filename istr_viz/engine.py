@@ -277,7 +277,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     """Train ISTR on a COCO-format data set and return where the checkpoints are.
 
     ``max_minutes`` is turned into an iteration budget once, after timing the first iterations,
-    and stored in the checkpoint; ``max_iters`` overrides ``cfg.train.max_iters``. With
+    and stored in the checkpoint (the learning-rate schedule follows it); if the iterations then
+    run slower than timed, training still stops when ``max_minutes`` of training (evaluations
+    left out, summed over resumes) have passed; ``max_iters`` overrides ``cfg.train.max_iters``. With
     ``resume=True`` the run continues from ``out_dir/last.pt`` with the configuration, basis,
     optimiser, scheduler, RNG and iteration stored there (never refitted).
     ``on_log(record)``: called (main process only) with each record just appended to
@@ -427,6 +429,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         eval_s += time.perf_counter() - t_eval
         return metrics
 
+    # a minutes budget is also a hard limit, unless a resume asked for an explicit iteration count
+    hard_stop_s = budget["from_minutes"] * 60 if budget["from_minutes"] and not (
+        ckpt is not None and max_iters is not None) else None
     t_start = t_measure = time.perf_counter()
     # --max-minutes: time iterations [start+3, start+23) (after warm-up), then fix the budget once
     measure_from = start_iter + 3
@@ -491,6 +496,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             budget["max_iters"] = int(_all_reduce_sum(n, info, device) / info.world_size)
             bar.total = budget["max_iters"]
             measure_until = None
+        if hard_stop_s is not None and measure_until is None and iteration < budget["max_iters"] \
+                and (info.world_size == 1 or iteration % 10 == 0):
+            over = float(train_seconds() >= hard_stop_s)
+            if _all_reduce_sum(over, info, device) > 0:  # every process stops at the same step
+                budget["max_iters"] = iteration
+                bar.total = iteration
         if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
                 and iteration < budget["max_iters"] and measure_until is None:  # budget fixed
             save_checkpoint(last_path, **payload(iteration))

@@ -350,3 +350,30 @@ def test_train_seconds_leave_evaluation_out_and_add_up_over_a_resume(tmp_path, m
           resume=True, device="cpu", progress=False)
     at5 = next(r for r in read_metrics(run / "metrics.jsonl") if r["iter"] == 5 and "loss" in r)
     assert at5["train_s"] > at4["train_s"] and at5["time"] < at4["time"]  # the wall clock restarted
+
+
+def test_a_minutes_budget_stops_training_when_iterations_slow_down(tmp_path, monkeypatch):
+    """The iteration budget is forecast from iterations 3-23; when later ones run slower (another
+    job on the machine), the run still ends at its minutes, not 10x past them."""
+    from istr_viz.data.coco import CocoDataset
+    from istr_viz.engine import train
+
+    real_getitem, loaded = CocoDataset.__getitem__, []
+
+    def slow_after_the_forecast(self, index):
+        loaded.append(index)
+        if len(loaded) > 4 * 24:  # batch 4: from iteration 25 on
+            time.sleep(0.1)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(CocoDataset, "__getitem__", slow_after_the_forecast)
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=8, num_val=2, size=64, seed=4, progress=False)
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "basis.dim=12",
+                                                     "train.checkpoint_every=0"])
+    result = train(cfg, split_paths(root, "train"), tmp_path / "run", max_minutes=0.1,
+                   device="cpu", progress=False)
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert 6.0 <= logged[-1]["train_s"] < 6.0 + 1.0  # 0.4 s an iteration once slowed
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt["train_state"]["max_iters"] == result.iterations == logged[-1]["iter"]
