@@ -44,3 +44,27 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
     again = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads((out / "summary.json").read_text()) == summary
+
+
+def _record(model: str, lr: float, minutes: float, mask_ap: float) -> dict:
+    return {"model": model, "lr": lr, "iterations": 10, "minutes": minutes, "budget_minutes": 20.0,
+            "set": [], "diverged": False, "box_AP": mask_ap, "mask_AP": mask_ap,
+            "curve": [{"minutes": minutes, "iteration": 10, "box_AP": mask_ap, "mask_AP": mask_ap}]}
+
+
+def test_report_passes_over_a_run_that_trained_past_its_budget(tmp_path):
+    runs = {"istr_lr0.0001": _record("istr", 1e-4, 20.1, 0.05),
+            "istr_lr0.0002": _record("istr", 2e-4, 22.8, 0.07),  # 14% over: not eligible
+            "peer_lr0.02": _record("mask_rcnn", 0.02, 20.0, 0.10)}
+    for name, record in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_istr_lr"] == 1e-4 and abs(summary["mask_AP_ratio"] - 0.5) < 1e-9
+    assert "ISTR (over budget)" in proc.stdout and "trained 22.8 of its 20 minutes" in proc.stderr
+    assert summary["timing"] is None  # never timed: no inference column is made up
+    timed = subprocess.run([sys.executable, str(SCRIPT), "--time", "--out", str(tmp_path / "none")],
+                           capture_output=True, text=True, timeout=300)
+    assert timed.returncode == 2 and "nothing to time" in timed.stderr
