@@ -11,8 +11,9 @@ evaluations out. Jobs run ``--jobs`` at a time (one per core, one thread each; w
 has the other core busy, the same for both models). For each model the learning rate with the
 best final mask AP is kept (the same rule for both; chosen on the val set that is reported; a run
 that trained more than 5% past the budget is not eligible).
-Then, with no training running, the two kept models are timed back to back, image by image, at
-the test size, one image at a time, one thread, bf16 autocast where the CPU has it. Writes
+Then the two kept models are timed back to back, image by image, at the test size, one image at
+a time, one thread, bf16 autocast where the CPU has it, both post-processed alike (at most 100
+detections scoring at least Mask R-CNN's ``box_score_thresh``, masks pasted at the image size). Writes
 ``OUT/summary.json``, prints a table and saves ``OUT/ap_vs_minutes.png`` (AP against training
 minutes, every run).
 
@@ -81,10 +82,11 @@ def _peer_forward(model):
     return forward
 
 
-def _istr_forward(model):
-    """One-image ISTR inference: the final stage's top 100, masks pasted at the image size (as
-    Mask R-CNN's output is)."""
-    from istr_viz.postprocess import top_detections
+def _istr_forward(model, score_floor: float):
+    """One-image ISTR inference as Mask R-CNN's is post-processed: the final stage's top 100
+    detections, those scoring ``score_floor`` or more (Mask R-CNN's ``box_score_thresh``), masks
+    pasted at the image size."""
+    from istr_viz.postprocess import paste_masks, top_detections
     from istr_viz.runtime import autocast_dtype
 
     model.eval()
@@ -98,7 +100,8 @@ def _istr_forward(model):
         final = out.final
         det = top_detections(final.logits[0].float(), final.boxes_xyxy[0].float(),
                              final.masks[0].float(), 100)
-        det.masks(h, w)
+        keep = det.scores >= score_floor
+        paste_masks(det.mask_probs[keep], det.boxes_xyxy[keep], h, w)
     return forward
 
 
@@ -226,7 +229,9 @@ def time_best(out: Path, args) -> dict:
     peer_model = build_mask_rcnn(cfg, len(train.annotations.class_names))
     peer_model.load_state_dict(torch.load(out / f"peer_lr{peer['lr']:g}.pt", map_location="cpu",
                                           weights_only=True))
-    forwards = {"istr": _istr_forward(istr_model), "mask_rcnn": _peer_forward(peer_model)}
+    score_floor = peer_model.roi_heads.score_thresh  # the same floor for both
+    forwards = {"istr": _istr_forward(istr_model, score_floor),
+                "mask_rcnn": _peer_forward(peer_model)}
     images = [val[i][0] for i in range(min(args.time_images, len(val)))]
     for image in images[:3]:
         for forward in forwards.values():
@@ -238,7 +243,7 @@ def time_best(out: Path, args) -> dict:
             forward(image)
             times[name].append((time.perf_counter() - t0) * 1000)
     timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "images": len(images),
-              "threads": args.threads,
+              "threads": args.threads, "score_floor": score_floor,
               **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
     return timing
@@ -383,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if istr_runs and peers and (args.time or not args.report):
-        print("timing inference (no training running)...")
+        print("timing the kept models back to back (run it with nothing else on the machine)...")
         time_best(out, args)
     report(out)
     return 0

@@ -106,8 +106,9 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
     step costs, data loading included, as ISTR's budget does; evaluation time does not count.
 
     ``on_checkpoint(minutes_done, iteration)`` is called (with the clock stopped) when the training
-    time passes each value of ``checkpoints`` (minutes); ``minutes_done`` is the measured time. Returns {"iterations", "minutes",
-    "diverged"}; a non-finite loss stops the run with ``diverged`` True.
+    time passes each value of ``checkpoints`` (minutes); ``minutes_done`` is the measured time.
+    Returns {"iterations", "minutes", "diverged"}; a non-finite loss stops the run with
+    ``diverged`` True.
     """
     from tqdm.auto import tqdm
 
