@@ -16,13 +16,15 @@ from torch import Tensor
 
 
 def paste_masks(masks: Tensor, boxes_xyxy: Tensor, height: int, width: int,
-                threshold: float | None = 0.5, chunk: int = 32) -> Tensor:
+                threshold: float | None = 0.5, chunk: int = 16) -> Tensor:
     """Paste box-relative masks into an image.
 
     masks: (N, S, S) probabilities; boxes_xyxy: (N, 4) pixels of the target image.
     Returns (N, height, width): bool when ``threshold`` is given, else float probabilities.
     Pixels outside a box are 0. Each pixel centre (x + 0.5, y + 0.5) is mapped into the box and the
-    mask is sampled bilinearly there (``grid_sample``, ``align_corners=False``).
+    mask is sampled bilinearly there (``grid_sample``, ``align_corners=False``). Only each box's
+    own pixel window is sampled (``chunk`` boxes of similar size at a time, in one window as large
+    as the largest of them), so the cost follows the boxes' area, not the image's.
     """
     n = masks.shape[0]
     dtype = torch.bool if threshold is not None else torch.float32
@@ -30,19 +32,35 @@ def paste_masks(masks: Tensor, boxes_xyxy: Tensor, height: int, width: int,
     if n == 0 or height == 0 or width == 0:
         return out
     boxes = boxes_xyxy.float()
-    ys = torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5
-    xs = torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5
+    # each box's pixel window, one pixel wider than its edges (the exact inside test is below)
+    windows = torch.stack([boxes[:, 0].floor() - 1, boxes[:, 1].floor() - 1,
+                           boxes[:, 2].ceil() + 1, boxes[:, 3].ceil() + 1], dim=1)
+    windows = torch.maximum(torch.minimum(windows, torch.tensor(
+        [width, height, width, height], dtype=torch.float32, device=boxes.device)),
+        torch.zeros(4, device=boxes.device)).long()
+    sizes = (windows[:, 2:] - windows[:, :2]).clamp(min=0)  # (N, 2) window width, height
+    order = (sizes[:, 0] * sizes[:, 1]).argsort().tolist()
+    steps = torch.arange(int(sizes.max()) + 1, device=masks.device, dtype=torch.float32) + 0.5
     for start in range(0, n, chunk):
-        b = boxes[start:start + chunk]
-        x0, y0, x1, y1 = b.unbind(1)
-        gx = (xs[None, :] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1  # (n, W)
-        gy = (ys[None, :] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1  # (n, H)
+        idx = [i for i in order[start:start + chunk] if sizes[i, 0] > 0 and sizes[i, 1] > 0]
+        if not idx:
+            continue
+        sel = torch.tensor(idx, device=masks.device)
+        ww, wh = (int(v) for v in sizes[sel].max(dim=0).values)
+        x0, y0, x1, y1 = boxes[sel].unbind(1)
+        xs = windows[sel, 0:1].float() + steps[None, :ww]  # (n, ww) pixel centres
+        ys = windows[sel, 1:2].float() + steps[None, :wh]  # (n, wh)
+        gx = (xs - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1
+        gy = (ys - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1
         grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-        m = masks[start:start + chunk, None].float()
-        pasted = F.grid_sample(m, grid, mode="bilinear", align_corners=False)[:, 0]  # (n, H, W)
-        inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
-        pasted = pasted * inside
-        out[start:start + chunk] = pasted >= threshold if threshold is not None else pasted
+        pasted = F.grid_sample(masks[sel, None].float(), grid, mode="bilinear",
+                               align_corners=False)[:, 0]  # (n, wh, ww)
+        pasted = pasted * ((gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None])
+        if threshold is not None:
+            pasted = pasted >= threshold
+        for k, i in enumerate(idx):
+            c0, r0, c1, r1 = windows[i].tolist()
+            out[i, r0:r1, c0:c1] = pasted[k, :r1 - r0, :c1 - c0]
     return out
 
 

@@ -274,6 +274,34 @@ def test_paste_keeps_the_masks_layout_and_handles_no_masks():
     assert paste_masks(torch.zeros(0, 4, 4), torch.zeros(0, 4), 12, 10).shape == (0, 12, 10)
 
 
+def _paste_whole_image(masks, boxes, height, width):
+    """The definition, sampled at every pixel of the image: what paste_masks must equal."""
+    import torch.nn.functional as F
+
+    ys = torch.arange(height, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, dtype=torch.float32) + 0.5
+    x0, y0, x1, y1 = boxes.float().unbind(1)
+    gx = (xs[None, :] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1
+    gy = (ys[None, :] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    pasted = F.grid_sample(masks[:, None].float(), grid, mode="bilinear", align_corners=False)[:, 0]
+    return pasted * ((gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None])
+
+
+def test_paste_inside_each_box_equals_sampling_the_whole_image():
+    g = torch.Generator().manual_seed(3)
+    n, h, w = 64, 37, 53
+    masks = torch.rand(n, 28, 28, generator=g)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w + 20.0, h + 20.0]) - 10
+    wh = torch.rand(n, 2, generator=g) * 30
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes[:4] = torch.tensor([[5.0, 5.0, 5.0, 9.0], [0.5, 0.5, 1.5, 1.5],  # empty, one pixel
+                              [-30.0, -30.0, 90.0, 90.0], [60.0, 2.0, 70.0, 9.0]])  # huge, outside
+    reference = _paste_whole_image(masks, boxes, h, w)
+    assert torch.allclose(paste_masks(masks, boxes, h, w, threshold=None), reference, atol=1e-6)
+    assert torch.equal(paste_masks(masks, boxes, h, w), reference >= 0.5)
+
+
 def test_top_detections_is_the_global_top_k_over_queries_and_classes():
     g = torch.Generator().manual_seed(0)
     q, c, s = 6, 4, 5
