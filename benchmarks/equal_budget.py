@@ -12,8 +12,9 @@ has the other core busy, the same for both models). For each model the learning 
 best final mask AP is kept (the same rule for both; chosen on the val set that is reported; a run
 that trained more than 5% past the budget is not eligible).
 Then the two kept models are timed back to back, image by image, at the test size, one image at
-a time, one thread, bf16 autocast where the CPU has it, both post-processed alike (at most 100
-detections scoring at least Mask R-CNN's ``box_score_thresh``, masks pasted at the image size). Writes
+a time, one thread, bf16 autocast where the CPU has it, each with the post-processing its AP was
+scored with (Mask R-CNN's own; ISTR's top 100 with each query's mask pasted once), masks pasted
+at the image size; ISTR's network alone is timed too. Writes
 ``OUT/summary.json``, prints a table and saves ``OUT/ap_vs_minutes.png`` (AP against training
 minutes, every run).
 
@@ -82,10 +83,10 @@ def _peer_forward(model):
     return forward
 
 
-def _istr_forward(model, score_floor: float):
-    """One-image ISTR inference as Mask R-CNN's is post-processed: the final stage's top 100
-    detections, those scoring ``score_floor`` or more (Mask R-CNN's ``box_score_thresh``), masks
-    pasted at the image size."""
+def _istr_forward(model, network_only: bool = False):
+    """One-image ISTR inference as it is scored: the final stage's top 100 (query, class) pairs
+    (no score floor, no NMS), each query's mask pasted once at the image size (its classes share
+    it), as ``evaluate`` does. ``network_only``: the forward pass alone."""
     from istr_viz.postprocess import paste_masks, top_detections
     from istr_viz.runtime import autocast_dtype
 
@@ -97,11 +98,13 @@ def _istr_forward(model, score_floor: float):
         with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
                                              enabled=amp is not None):
             out = model(image[None], torch.tensor([[h, w]]))
+        if network_only:
+            return
         final = out.final
-        det = top_detections(final.logits[0].float(), final.boxes_xyxy[0].float(),
-                             final.masks[0].float(), 100)
-        keep = det.scores >= score_floor
-        paste_masks(det.mask_probs[keep], det.boxes_xyxy[keep], h, w)
+        boxes, masks = final.boxes_xyxy[0].float(), final.masks[0].float()
+        det = top_detections(final.logits[0].float(), boxes, masks, 100)
+        queries = torch.unique(det.queries)
+        paste_masks(masks[queries], boxes[queries], h, w)
     return forward
 
 
@@ -222,6 +225,8 @@ def time_best(out: Path, args) -> dict:
     from istr_viz.predictor import load_model
 
     istr, peer = _best(_records(out)[0]), _best(_records(out)[1])
+    if istr is None or peer is None:
+        raise SystemExit(f"nothing to time in {out}: no run of one of the models kept to its budget")
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset), peer["set"])  # as the peer was trained
     train, val, _ = _datasets(cfg, args.data)
@@ -229,9 +234,8 @@ def time_best(out: Path, args) -> dict:
     peer_model = build_mask_rcnn(cfg, len(train.annotations.class_names))
     peer_model.load_state_dict(torch.load(out / f"peer_lr{peer['lr']:g}.pt", map_location="cpu",
                                           weights_only=True))
-    score_floor = peer_model.roi_heads.score_thresh  # the same floor for both
-    forwards = {"istr": _istr_forward(istr_model, score_floor),
-                "mask_rcnn": _peer_forward(peer_model)}
+    forwards = {"istr": _istr_forward(istr_model), "mask_rcnn": _peer_forward(peer_model),
+                "istr_network": _istr_forward(istr_model, network_only=True)}
     images = [val[i][0] for i in range(min(args.time_images, len(val)))]
     for image in images[:3]:
         for forward in forwards.values():
@@ -243,7 +247,7 @@ def time_best(out: Path, args) -> dict:
             forward(image)
             times[name].append((time.perf_counter() - t0) * 1000)
     timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "images": len(images),
-              "threads": args.threads, "score_floor": score_floor,
+              "threads": args.threads,
               **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
     return timing

@@ -79,6 +79,14 @@ def _all_reduce_sum(value: float, info: DistInfo, device: torch.device) -> float
     return float(t.item())
 
 
+def _broadcast_from_main(value: float, info: DistInfo, device: torch.device) -> float:
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 # ----------------------------------------------------------------------------- data order
 
 
@@ -498,8 +506,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             measure_until = None
         if hard_stop_s is not None and measure_until is None and iteration < budget["max_iters"] \
                 and (info.world_size == 1 or iteration % 10 == 0):
-            over = float(train_seconds() >= hard_stop_s)
-            if _all_reduce_sum(over, info, device) > 0:  # every process stops at the same step
+            over = float(train_seconds() >= hard_stop_s)  # rank 0's clock (it alone evaluates)
+            if _broadcast_from_main(over, info, device) > 0:  # every process stops at this step
                 budget["max_iters"] = iteration
                 bar.total = iteration
         if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \

@@ -35,10 +35,11 @@ def paste_masks(masks: Tensor, boxes_xyxy: Tensor, height: int, width: int,
     # each box's pixel window, one pixel wider than its edges (the exact inside test is below)
     windows = torch.stack([boxes[:, 0].floor() - 1, boxes[:, 1].floor() - 1,
                            boxes[:, 2].ceil() + 1, boxes[:, 3].ceil() + 1], dim=1)
-    windows = torch.maximum(torch.minimum(windows, torch.tensor(
+    windows = torch.maximum(torch.minimum(windows.nan_to_num(0.0), torch.tensor(
         [width, height, width, height], dtype=torch.float32, device=boxes.device)),
         torch.zeros(4, device=boxes.device)).long()
     sizes = (windows[:, 2:] - windows[:, :2]).clamp(min=0)  # (N, 2) window width, height
+    sizes[~torch.isfinite(boxes).all(dim=1)] = 0  # a box with NaN / inf pastes nothing
     order = (sizes[:, 0] * sizes[:, 1]).argsort().tolist()
     steps = torch.arange(int(sizes.max()) + 1, device=masks.device, dtype=torch.float32) + 0.5
     for start in range(0, n, chunk):

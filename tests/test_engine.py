@@ -374,6 +374,6 @@ def test_a_minutes_budget_stops_training_when_iterations_slow_down(tmp_path, mon
     result = train(cfg, split_paths(root, "train"), tmp_path / "run", max_minutes=0.1,
                    device="cpu", progress=False)
     logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    assert 6.0 <= logged[-1]["train_s"] < 6.0 + 1.0  # 0.4 s an iteration once slowed
+    assert 6.0 <= logged[-1]["train_s"] < 6.0 + 2.0  # 0.4 s an iteration once slowed
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt["train_state"]["max_iters"] == result.iterations == logged[-1]["iter"]

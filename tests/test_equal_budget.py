@@ -38,6 +38,7 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
     assert 0.1 < istr["minutes"] < 0.4 and istr["basis_fit_minutes"] > 0
     timing = summary["timing"]
     assert timing["images"] == 2 and timing["istr_ms"] > 0 and timing["mask_rcnn_ms"] > 0
+    assert 0 < timing["istr_network_ms"]
     assert (out / "ap_vs_minutes.png").stat().st_size > 0
     assert (out / f"peer_lr0.01.pt").exists()
     # --report alone re-reads the folder and gives the same numbers

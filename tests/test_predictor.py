@@ -297,9 +297,15 @@ def test_paste_inside_each_box_equals_sampling_the_whole_image():
     boxes = torch.cat([xy, xy + wh], dim=1)
     boxes[:4] = torch.tensor([[5.0, 5.0, 5.0, 9.0], [0.5, 0.5, 1.5, 1.5],  # empty, one pixel
                               [-30.0, -30.0, 90.0, 90.0], [60.0, 2.0, 70.0, 9.0]])  # huge, outside
+    boxes[4:6] = torch.tensor([[20.0, 20.0, 10.0, 10.0], [3.0, 30.0, 9.0, 20.0]])  # x1 < x0, y1 < y0
     reference = _paste_whole_image(masks, boxes, h, w)
     assert torch.allclose(paste_masks(masks, boxes, h, w, threshold=None), reference, atol=1e-6)
     assert torch.equal(paste_masks(masks, boxes, h, w), reference >= 0.5)
+    broken = boxes.clone()
+    broken[0] = torch.tensor([float("nan"), 1.0, 5.0, 9.0])
+    broken[1, 2] = float("inf")
+    out = paste_masks(masks, broken, h, w)  # non-finite boxes paste nothing; the rest as before
+    assert not out[:2].any() and torch.equal(out[2:], reference[2:] >= 0.5)
 
 
 def test_top_detections_is_the_global_top_k_over_queries_and_classes():

@@ -208,5 +208,6 @@ def fit_warnings(ann: CocoAnnotations, num_queries: int, test_min_size: int,
         warnings.append(
             f"{file}: {shrunk:.0%} of the images are shrunk to less than half their size (median "
             f"shorter side {median} px, test size {test_min_size}/{test_max_size}); for small "
-            f"objects raise data.test_min_size and data.train_min_sizes (slower)")
+            f"objects raise data.test_min_size / test_max_size and data.train_min_sizes / "
+            f"train_max_size (slower)")
     return warnings
