@@ -21,7 +21,7 @@ from istr_viz.losses import SetCriterion
 from istr_viz.model import (ISTR, ISTROutput, RoIPooler, StageOutput, assign_fpn_levels,
                             build_backbone, build_model)
 from istr_viz.model.backbone import group_norm
-from istr_viz.model.istr import global_image_feature
+from istr_viz.model.istr import global_image_feature, grid_proposals
 from istr_viz.postprocess import paste_masks
 
 Q, K, D, C, M, S = 10, 2, 32, 3, 16, 28
@@ -103,6 +103,17 @@ def test_grid_proposals_tile_each_valid_image(basis):
     assert len({tuple(b) for b in boxes.tolist()}) == Q  # every query pools its own place
     with pytest.raises(ConfigError, match="proposal_init"):
         ModelConfig(proposal_init="random")
+
+
+def test_grid_proposals_alternate_two_box_sizes_as_a_checkerboard():
+    boxes = grid_proposals(9, box_cells=(2.0, 1.0))  # 3 x 3 cells
+    sides = boxes[:, 2].view(3, 3)
+    assert torch.allclose(sides, torch.tensor([[2, 1, 2], [1, 2, 1], [2, 1, 2]]) / 3)
+    assert torch.equal(boxes[:, 2], boxes[:, 3])  # square
+    assert torch.equal(grid_proposals(9, box_cells=(2.0,)), grid_proposals(9))
+    assert grid_proposals(1, box_cells=(3.0,))[0, 2] == 1.0  # never beyond the image
+    with pytest.raises(ConfigError, match="proposal_box_cells"):
+        ModelConfig(proposal_box_cells=(2.0, 0.0))
 
 
 def test_different_images_give_different_stage1_queries(model):

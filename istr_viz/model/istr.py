@@ -58,13 +58,20 @@ def global_image_feature(features: list[Tensor], strides: tuple[int, ...],
     return total
 
 
-def grid_proposals(num_queries: int) -> Tensor:
+def grid_proposals(num_queries: int, box_cells: tuple[float, ...] = (2.0,)) -> Tensor:
     """(Q, 4) normalised cxcywh boxes tiled over the image: centres on an n x n grid
-    (n = ceil(sqrt(Q)), row by row, the first Q cells), each box twice its cell's side."""
+    (n = ceil(sqrt(Q)), row by row, the first Q cells). A box's side is ``box_cells[k]`` cells
+    (at most the image), k = (row + column) mod len(box_cells): one size everywhere, or with two
+    sizes a checkerboard of large and small boxes."""
+    if not box_cells or min(box_cells) <= 0:
+        raise ConfigError(f"proposal box sizes must be positive cell counts, got {box_cells}",
+                          entry="model.proposal_box_cells")
     n = math.ceil(math.sqrt(num_queries))
-    index = torch.arange(num_queries, dtype=torch.float32)
-    cx, cy = (index % n + 0.5) / n, (torch.div(index, n, rounding_mode="floor") + 0.5) / n
-    side = torch.full_like(cx, min(1.0, 2.0 / n))
+    index = torch.arange(num_queries)
+    col, row = index % n, torch.div(index, n, rounding_mode="floor")
+    cx, cy = (col.float() + 0.5) / n, (row.float() + 0.5) / n
+    cells = torch.tensor(box_cells, dtype=torch.float32)[(row + col) % len(box_cells)]
+    side = (cells / n).clamp(max=1.0)
     return torch.stack([cx, cy, side, side], dim=1)
 
 
@@ -86,6 +93,7 @@ class ISTR(nn.Module):
         zero_box_deltas: start every stage's box-delta layer at zero (identity refinement) instead
             of the official xavier init; helps training from scratch.
         proposal_init: "image" (official) or "grid" (:func:`grid_proposals`).
+        proposal_box_cells: the grid boxes' sides in grid cells (:func:`grid_proposals`).
         aux_semantic: add the training-only semantic head (``ModelConfig.aux_semantic``).
         dn_groups, dn_box_noise, dn_label_noise: training-only query denoising
             (``istr_viz.model.denoising``); 0 groups = off.
@@ -98,7 +106,8 @@ class ISTR(nn.Module):
                  dropout: float = 0.0,
                  pooler_resolution: int = 7, canonical_box_size: float = 224.0,
                  prior_prob: float = 0.01, zero_box_deltas: bool = False,
-                 proposal_init: str = "image", aux_semantic: bool = False,
+                 proposal_init: str = "image", proposal_box_cells: tuple[float, ...] = (2.0,),
+                 aux_semantic: bool = False,
                  dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2):
         super().__init__()
         if backbone.out_channels != hidden_dim:
@@ -117,7 +126,7 @@ class ISTR(nn.Module):
             for _ in range(num_stages))
         with torch.no_grad():
             if proposal_init == "grid":
-                self.proposal_boxes.weight.copy_(grid_proposals(num_queries))
+                self.proposal_boxes.weight.copy_(grid_proposals(num_queries, proposal_box_cells))
             else:
                 self.proposal_boxes.weight[:, :2] = 0.5
                 self.proposal_boxes.weight[:, 2:] = 1.0
@@ -214,6 +223,6 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 dropout=cfg.dropout, pooler_resolution=cfg.pooler_resolution,
                 canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob,
                 zero_box_deltas=cfg.zero_box_deltas, proposal_init=cfg.proposal_init,
-                aux_semantic=cfg.aux_semantic,
+                proposal_box_cells=cfg.proposal_box_cells, aux_semantic=cfg.aux_semantic,
                 dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
                 dn_label_noise=cfg.dn_label_noise)

@@ -1,7 +1,9 @@
 """Multi-level RoIAlign over P2..P5 as detectron2's ``ROIPooler`` with ``ROIAlignV2``.
 
 ``torchvision.ops.MultiScaleRoIAlign`` calls ``roi_align`` with ``aligned=False`` and a slightly
-different level formula, so this small pooler is used instead.
+different level formula, so this small pooler is used instead. When gradients flow on the CPU
+(training), each level pools with :func:`istr_viz.model.roi_align.sparse_roi_align`, the same
+operator with a faster backward; otherwise with torchvision's ``roi_align``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
+
+from istr_viz.model.roi_align import sparse_roi_align
 
 
 def assign_fpn_levels(boxes_xyxy: Tensor, min_level: int = 2, max_level: int = 5,
@@ -58,9 +62,14 @@ class RoIPooler(nn.Module):
             idx = torch.nonzero(levels == level).squeeze(1)
             if idx.numel() == 0:
                 continue
-            pooled.append(roi_align(feat.float(), rois[idx], self.output_size,
-                                    spatial_scale=1.0 / stride,
-                                    sampling_ratio=self.sampling_ratio, aligned=True))
+            feat = feat.float()
+            if feat.requires_grad and feat.device.type == "cpu":
+                pooled.append(sparse_roi_align(feat, rois[idx], self.output_size, 1.0 / stride,
+                                               self.sampling_ratio))
+            else:
+                pooled.append(roi_align(feat, rois[idx], self.output_size,
+                                        spatial_scale=1.0 / stride,
+                                        sampling_ratio=self.sampling_ratio, aligned=True))
             order.append(idx)
         inverse = torch.argsort(torch.cat(order))  # back to image-by-image row order
         return torch.cat(pooled)[inverse]

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from istr_viz.boxes import DEFAULT_DELTA_WEIGHTS, DEFAULT_SCALE_CLAMP, apply_deltas
+from istr_viz.model.activations import ELU
 from istr_viz.model.pooler import RoIPooler
 
 
@@ -20,7 +21,7 @@ def mlp_branch(dim: int, num_layers: int) -> nn.Sequential:
     """``num_layers`` x [Linear(D, D, no bias), LayerNorm, ELU]."""
     layers: list[nn.Module] = []
     for _ in range(num_layers):
-        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ELU(inplace=True)]
+        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), ELU()]
     return nn.Sequential(*layers)
 
 
@@ -33,7 +34,7 @@ class DynamicConv(nn.Module):
         self.dynamic_layer = nn.Linear(hidden_dim, 2 * hidden_dim * dim_dynamic)
         self.norm1 = nn.LayerNorm(dim_dynamic)
         self.norm2 = nn.LayerNorm(hidden_dim)
-        self.activation = nn.ELU(inplace=True)
+        self.activation = ELU()
         self.out_layer = nn.Linear(hidden_dim * pooler_resolution**2, hidden_dim)
         self.norm3 = nn.LayerNorm(hidden_dim)
 
@@ -73,7 +74,7 @@ class RefinementStage(nn.Module):
         self.norm1 = nn.LayerNorm(D)
         self.dynamic_conv = DynamicConv(D, dim_dynamic, pooler_resolution)
         self.norm2 = nn.LayerNorm(D)
-        self.ffn = nn.Sequential(nn.Linear(D, dim_feedforward), nn.ELU(inplace=True),
+        self.ffn = nn.Sequential(nn.Linear(D, dim_feedforward), ELU(),
                                  nn.Dropout(dropout), nn.Linear(dim_feedforward, D))
         self.norm3 = nn.LayerNorm(D)
         self.dropout = nn.Dropout(dropout)

@@ -1,0 +1,126 @@
+"""RoIAlign (``aligned=True``) as a sparse matrix product, for training on the CPU.
+
+torchvision's ``roi_align`` is the reference and what inference uses. Its CPU backward scatters
+every sample into the feature map one value at a time, and in a ``shapes-cpu`` training step it
+was the largest single cost (141 of ~630 ms per iteration, ``python -m cProfile``). The same
+operator is a sparse matrix ``A`` of bilinear weights, (R * P * P, B * H * W), applied to the
+feature map laid out as (B * H * W, C): the forward is ``A @ F`` and the backward ``A.T @ G``,
+both one sparse-dense product over contiguous channel rows. ``benchmarks/bench_kernels.py``
+times the two; tests/test_roi_align.py checks outputs and gradients against torchvision.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+
+def _axis_samples(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear corners of sample coordinates along one axis, as torchvision's kernel does.
+
+    Args:
+        coords: (R, N) sample positions in feature cells (pixel centres at integers).
+        size: the axis' length.
+
+    Returns:
+        low, high (R, N) long indices, their weights w_low, w_high (R, N), and valid (R, N)
+        bool (False for samples more than one cell outside the map: they count as zero).
+    """
+    valid = (coords >= -1.0) & (coords <= size)
+    coords = coords.clamp(min=0)
+    low = coords.floor().long()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+    high = torch.where(at_edge, low, low + 1)
+    frac = torch.where(at_edge, torch.zeros_like(coords), coords - low.to(coords.dtype))
+    return low, high, 1 - frac, frac, valid
+
+
+def roi_align_matrix(rois: Tensor, batch: int, height: int, width: int, output_size: int,
+                     spatial_scale: float, sampling_ratio: int) -> tuple[Tensor, Tensor]:
+    """The RoIAlign weights of ``rois`` on a (batch, C, height, width) map, as sparse CSR.
+
+    Args:
+        rois: (R, 5) [batch index, x1, y1, x2, y2] in image pixels.
+        output_size: P; sampling_ratio: s samples per bin side (s * s averaged per bin).
+
+    Returns:
+        (A, A_t): A (R * P * P, batch * height * width) with rows ordered RoI, bin row, bin
+        column; A_t its transpose. Each row of A holds 4 * s * s entries (4 corners of every
+        sample, repeats allowed); the weights of a row sum to the fraction of valid samples.
+    """
+    R, P, s = rois.shape[0], output_size, sampling_ratio
+    rois = rois.float()
+    x1, y1 = rois[:, 1] * spatial_scale - 0.5, rois[:, 2] * spatial_scale - 0.5
+    x2, y2 = rois[:, 3] * spatial_scale - 0.5, rois[:, 4] * spatial_scale - 0.5
+    steps = (torch.arange(P * s, dtype=torch.float32, device=rois.device) + 0.5) / s  # (P*s,)
+    ys = y1[:, None] + steps[None] * ((y2 - y1) / P)[:, None]  # (R, P*s), bin-major
+    xs = x1[:, None] + steps[None] * ((x2 - x1) / P)[:, None]
+    y_lo, y_hi, wy_lo, wy_hi, y_ok = (t.reshape(R, P, 1, s, 1, 1) for t in _axis_samples(ys, height))
+    x_lo, x_hi, wx_lo, wx_hi, x_ok = (t.reshape(R, 1, P, 1, s, 1) for t in _axis_samples(xs, width))
+    # corners last: (R, P_y, P_x, s_y, s_x, 4), so each output row's entries are contiguous
+    y_idx = torch.cat([y_lo, y_lo, y_hi, y_hi], dim=-1)
+    x_idx = torch.cat([x_lo, x_hi, x_lo, x_hi], dim=-1)
+    weight = torch.cat([wy_lo, wy_lo, wy_hi, wy_hi], dim=-1) * \
+        torch.cat([wx_lo, wx_hi, wx_lo, wx_hi], dim=-1) * (y_ok & x_ok).float() / (s * s)
+    base = rois[:, 0].long().reshape(R, 1, 1, 1, 1, 1) * (height * width)
+    cols = (base + y_idx * width + x_idx).reshape(-1)
+    values = weight.reshape(-1)
+    per_row = 4 * s * s
+    num_cols = batch * height * width
+    crow = torch.arange(0, cols.numel() + 1, per_row, device=rois.device)
+    matrix = _csr(crow, cols, values, (R * P * P, num_cols))
+    # the transpose: entries sorted by column; their rows follow from the entry index
+    order = torch.argsort(cols, stable=True)
+    rows = torch.div(order, per_row, rounding_mode="floor")
+    t_crow = torch.zeros(num_cols + 1, dtype=torch.long, device=rois.device)
+    t_crow[1:] = torch.cumsum(torch.bincount(cols, minlength=num_cols), 0)
+    transposed = _csr(t_crow, rows, values[order], (num_cols, R * P * P))
+    return matrix, transposed
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR tensor, without torch's notice that CSR support is in beta (built here by
+    construction valid, so the invariant checks stay off)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
+
+
+class _MatrixRoIAlign(torch.autograd.Function):
+    """(B*H*W, C) features -> (R*P*P, C) pooled, with the matrices precomputed (no box grads)."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, matrix: Tensor, transposed: Tensor) -> Tensor:
+        ctx.save_for_backward(transposed)
+        return torch.sparse.mm(matrix, flat)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (transposed,) = ctx.saved_tensors
+        return torch.sparse.mm(transposed, grad.contiguous()), None, None
+
+
+def sparse_roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
+                     sampling_ratio: int) -> Tensor:
+    """torchvision's ``roi_align(..., aligned=True)`` with a sparse-matrix backward.
+
+    Args:
+        features: (B, C, H, W) float32.
+        rois: (R, 5) [batch index, x1, y1, x2, y2] in image pixels (no gradient flows to them,
+            as in ISTR, where the boxes are detached before pooling).
+        sampling_ratio: a positive count (torchvision's adaptive ``-1`` is not supported).
+
+    Returns:
+        (R, C, P, P) pooled features; gradients flow to ``features``.
+    """
+    if sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be a positive count, got {sampling_ratio}")
+    B, C, H, W = features.shape
+    R, P = rois.shape[0], output_size
+    matrix, transposed = roi_align_matrix(rois.detach(), B, H, W, P, spatial_scale, sampling_ratio)
+    flat = features.permute(0, 2, 3, 1).reshape(B * H * W, C)
+    pooled = _MatrixRoIAlign.apply(flat, matrix, transposed)  # (R*P*P, C)
+    return pooled.reshape(R, P, P, C).permute(0, 3, 1, 2)

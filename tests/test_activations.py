@@ -1,0 +1,29 @@
+"""istr_viz.model.activations: the fast ELU has torch's values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from istr_viz.model.activations import ELU, elu
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_values_and_gradients_equal_torch_elu(dtype, atol):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 49, 8, generator=g) * 4).to(dtype)
+    x[0, 0, :4] = torch.tensor([0.0, -80.0, 80.0, -1e-4])  # zero, far negative, far positive, tiny
+    upstream = torch.randn(x.shape, generator=g).to(dtype)
+    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = elu(ours_in), F.elu(ref_in)
+    assert ours.dtype == ref.dtype == dtype
+    assert torch.allclose(ours.float(), ref.float(), atol=atol, rtol=1e-2)
+    ours.backward(upstream)
+    ref.backward(upstream)
+    assert torch.allclose(ours_in.grad.float(), ref_in.grad.float(), atol=atol, rtol=1e-2)
+    assert ours[0, 0, 2] == 80.0 and ours[0, 0, 1] == -1.0  # exact on the positive side
+
+
+def test_module_has_no_parameters_and_matches_nn_elu():
+    x = torch.linspace(-5, 5, 101)
+    assert list(ELU().parameters()) == []
+    assert torch.allclose(ELU()(x), torch.nn.ELU()(x), atol=1e-6)

@@ -1,0 +1,78 @@
+"""istr_viz.model.roi_align: the sparse-matrix RoIAlign equals torchvision's, values and gradients."""
+
+import pytest
+import torch
+from torchvision.ops import roi_align
+
+from istr_viz.model import RoIPooler
+from istr_viz.model.roi_align import roi_align_matrix, sparse_roi_align
+
+
+def _rois(batch: int, height: int, width: int, stride: int, count: int, seed: int) -> torch.Tensor:
+    """(count, 5) random RoIs in image pixels, including ones partly or wholly outside the map,
+    an empty one and one far larger than the image."""
+    g = torch.Generator().manual_seed(seed)
+    size = torch.tensor([width, height]) * stride
+    xy = torch.rand(count, 2, generator=g) * size * 1.4 - 0.2 * size
+    wh = torch.rand(count, 2, generator=g) * size * 0.7
+    rois = torch.cat([torch.randint(0, batch, (count, 1), generator=g).float(), xy, xy + wh], 1)
+    rois[0, 1:] = torch.tensor([-30.0, -30.0, size[0] + 40.0, size[1] + 40.0])
+    rois[1, 3:] = rois[1, 1:3]  # zero width and height
+    rois[2, 1:] = torch.tensor([size[0] + 50.0, 5.0, size[0] + 90.0, 30.0])  # right of the map
+    return rois
+
+
+@pytest.mark.parametrize("shape,stride,sampling", [((3, 8, 20, 28), 4, 2), ((2, 5, 7, 5), 16, 1),
+                                                   ((1, 4, 9, 9), 8, 3)])
+def test_values_and_feature_gradients_equal_torchvision(shape, stride, sampling):
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(*shape, generator=g)
+    rois = _rois(shape[0], shape[2], shape[3], stride, 40, seed=2)
+    ours_in = features.clone().requires_grad_()
+    ref_in = features.clone().requires_grad_()
+    ours = sparse_roi_align(ours_in, rois, 7, 1.0 / stride, sampling)
+    ref = roi_align(ref_in, rois, 7, 1.0 / stride, sampling_ratio=sampling, aligned=True)
+    assert ours.shape == ref.shape == (40, shape[1], 7, 7)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    upstream = torch.randn(ref.shape, generator=g)
+    ours.backward(upstream)
+    ref.backward(upstream)
+    assert torch.allclose(ours_in.grad, ref_in.grad, atol=1e-5)
+    assert ref_in.grad.abs().sum() > 0  # the comparison is not between two zero maps
+    assert ours[2].abs().max() == 0  # the RoI beyond the map pools nothing, as torchvision's
+
+
+def test_matrix_rows_sum_to_the_valid_share_and_transpose_matches():
+    rois = torch.tensor([[0.0, 4, 4, 12, 12], [1.0, -100, -100, -50, -50]])
+    matrix, transposed = roi_align_matrix(rois, 2, 8, 8, 2, 0.5, 2)
+    dense = matrix.to_dense()
+    assert dense.shape == (2 * 4, 2 * 64)
+    assert torch.allclose(dense[:4].sum(1), torch.ones(4))  # inside: weights sum to 1
+    assert torch.equal(dense[4:], torch.zeros(4, 128))  # wholly outside: nothing
+    assert dense[:4, 64:].abs().sum() == 0  # image 0's RoI reads only image 0
+    assert torch.allclose(transposed.to_dense(), dense.T)
+
+
+def test_pooler_gives_the_same_features_with_and_without_gradients(monkeypatch):
+    import istr_viz.model.pooler as pooler_module
+    calls = []
+    monkeypatch.setattr(pooler_module, "sparse_roi_align",
+                        lambda *args: calls.append(1) or sparse_roi_align(*args))
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 64, 64]], [[5, 5, 40, 30], [1, 2, 3, 4]]])
+    pooler = RoIPooler(canonical_size=32.0)
+    with torch.no_grad():
+        reference = pooler(feats, boxes)  # torchvision's roi_align
+    assert not calls
+    trainable = [f.clone().requires_grad_() for f in feats]
+    pooled = pooler(trainable, boxes)  # the sparse path
+    assert torch.allclose(pooled, reference, atol=1e-5)
+    assert len(calls) == 3  # one call per level that holds boxes: 2, 3 and 5
+    pooled.sum().backward()
+    assert [f.grad is not None for f in trainable] == [True, True, False, True]
+
+
+def test_rejects_an_adaptive_sampling_ratio():
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        sparse_roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), 2, 1.0, 0)
