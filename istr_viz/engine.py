@@ -354,7 +354,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             print(f"initialised from {init_from}; re-initialised: {', '.join(reinitialised) or 'none'}")
     criterion = SetCriterion(cfg.loss, basis)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # the fused kernel: one pass over all parameters (shapes-cpu, 10 M parameters, one core:
+    # 15 ms a step against 57 ms for the default per-tensor loop)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
 
     budget = {"max_iters": max_iters or tc.max_iters, "from_minutes": max_minutes}
     start_iter, best_ap, train_s0 = 0, -1.0, 0.0
