@@ -3,7 +3,10 @@
 Used by ``benchmarks/equal_budget.py`` to compare the two at the same wall-clock training budget.
 The peer gets what ISTR gets: the same ResNet + FPN (GroupNorm, all layers trainable, from
 scratch), the same pixels (istr_viz's transforms do the scale jitter and the flip; torchvision's
-own resize is switched off), bf16 autocast where the CPU has it, the same threads and batch size.
+own resize is switched off), bf16 autocast where the CPU has it, the same threads and batch size,
+and the CPU training kernels: its RoI pooling's backward goes through the same sparse-matrix
+RoIAlign (``TrainingRoIAlign``), its SGD is the fused one as ISTR's AdamW is, and the shared
+ResNet body max-pools channels-last.
 Its anchors are scaled to the small images (16-256 px instead of 32-512 px), and its heads are
 sized for a CPU (``PeerHeads``: fewer proposals and sampled RoIs, heads as wide as the FPN) so that
 it gets through as many images per minute as it can; ``PeerHeads.torchvision_defaults()`` gives
@@ -26,14 +29,42 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from istr_viz.config import Config
 from istr_viz.data.coco import CocoDataset
 from istr_viz.model.backbone import IMAGENET_MEAN, IMAGENET_STD, ResNetBody, norm_layer_for
+from istr_viz.model.roi_align import sparse_roi_align
 from istr_viz.postprocess import mask_to_rle, rescale_boxes
 from istr_viz.runtime import autocast_dtype
 
 ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))  # P2..P5 and the pooled P6
+
+
+class TrainingRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` (same levels, ``aligned=False``) that pools with
+    :func:`istr_viz.model.roi_align.sparse_roi_align` when gradients flow on the CPU, as ISTR's
+    pooler does in training; otherwise torchvision's own ``forward``. Square outputs only."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = _filter_input(x, self.featmap_names)
+        if not (features[0].requires_grad and features[0].device.type == "cpu"):
+            return super().forward(x, boxes, image_shapes)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes,
+                                                         self.canonical_scale, self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        size = self.output_size[0]
+        pooled = features[0].new_zeros((len(rois), features[0].shape[1], size, size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            idx = torch.nonzero(levels == level).squeeze(1)
+            if idx.numel():
+                pooled[idx] = sparse_roi_align(feature, rois[idx], size, scale,
+                                               self.sampling_ratio, aligned=False).to(pooled.dtype)
+        return pooled
 
 
 @dataclass(frozen=True)
@@ -77,6 +108,8 @@ def build_mask_rcnn(cfg: Config, num_classes: int, heads: PeerHeads = PeerHeads(
         rpn_pre_nms_top_n_test=heads.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=heads.rpn_post_nms_top_n_test,
         box_batch_size_per_image=heads.box_batch_size_per_image,
+        box_roi_pool=TrainingRoIAlign(["0", "1", "2", "3"], 7, 2),  # torchvision's levels
+        mask_roi_pool=TrainingRoIAlign(["0", "1", "2", "3"], 14, 2),
         box_head=TwoMLPHead(m.hidden_dim * 7 * 7, heads.box_head_width),
         box_predictor=FastRCNNPredictor(heads.box_head_width, num_classes + 1),
         mask_head=MaskRCNNHeads(m.hidden_dim, (width,) * 4, 1, norm_layer=fpn_norm),
@@ -116,7 +149,8 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=list,
                         generator=generator, drop_last=True, num_workers=num_workers)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                fused=True)  # as ISTR's AdamW
     amp_dtype = autocast_dtype(torch.device("cpu"), amp)
     budget_s, trained_s, iteration = minutes * 60, 0.0, 0
     pending = sorted(c for c in checkpoints if 0 < c < minutes)

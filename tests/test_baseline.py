@@ -6,8 +6,10 @@ import time
 
 import torch
 from pycocotools import mask as mask_utils
+from torchvision.ops import MultiScaleRoIAlign
 
-from istr_viz.baseline import ANCHOR_SIZES, PeerHeads, build_mask_rcnn, mask_rcnn_results, train_mask_rcnn
+from istr_viz.baseline import (ANCHOR_SIZES, PeerHeads, TrainingRoIAlign, build_mask_rcnn,
+                               mask_rcnn_results, train_mask_rcnn)
 from istr_viz.config import apply_overrides, get_preset
 from istr_viz.data.coco import CocoDataset
 from istr_viz.data.shapes import make_shapes
@@ -113,3 +115,27 @@ def test_peer_clock_counts_data_loading_and_not_evaluation(tmp_path):
                           on_checkpoint=lambda m, i: time.sleep(2.5))
     assert run["iterations"] == 3
     assert 6 / 60 <= run["minutes"] < 8.5 / 60  # 3 batches of loading; stops past the budget
+
+
+def test_peer_training_pooler_equals_torchvision_values_and_gradients():
+    """The peer's RoI pooling in training (sparse-matrix RoIAlign, as ISTR's) is torchvision's."""
+    g = torch.Generator().manual_seed(0)
+    feats = {k: torch.randn(2, 8, 64 // (4 * 2**int(k)), 64 // (4 * 2**int(k)), generator=g)
+             for k in "0123"}
+    boxes = [torch.tensor([[0.0, 0, 10, 10], [5, 5, 60, 60], [1, 2, 3, 4], [20, 8, 50, 30]]),
+             torch.tensor([[10.0, 10, 40, 50]])]
+    for size in (7, 14):
+        ref_in = {k: v.clone().requires_grad_() for k, v in feats.items()}
+        ours_in = {k: v.clone().requires_grad_() for k, v in feats.items()}
+        ref = MultiScaleRoIAlign(list(feats), size, 2)(ref_in, boxes, [(64, 64)] * 2)
+        ours = TrainingRoIAlign(list(feats), size, 2)(ours_in, boxes, [(64, 64)] * 2)
+        assert torch.allclose(ours, ref, atol=1e-5)
+        upstream = torch.randn(ref.shape, generator=g)
+        ref.backward(upstream)
+        ours.backward(upstream)
+        for k in feats:
+            ours_grad = ours_in[k].grad if ours_in[k].grad is not None else 0 * feats[k]
+            assert torch.allclose(ours_grad, ref_in[k].grad, atol=1e-5)
+    model = build_mask_rcnn(apply_overrides(get_preset("shapes-cpu"), TINY), num_classes=3)
+    assert isinstance(model.roi_heads.box_roi_pool, TrainingRoIAlign)
+    assert isinstance(model.roi_heads.mask_roi_pool, TrainingRoIAlign)

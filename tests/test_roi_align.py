@@ -22,16 +22,17 @@ def _rois(batch: int, height: int, width: int, stride: int, count: int, seed: in
     return rois
 
 
-@pytest.mark.parametrize("shape,stride,sampling", [((3, 8, 20, 28), 4, 2), ((2, 5, 7, 5), 16, 1),
-                                                   ((1, 4, 9, 9), 8, 3)])
-def test_values_and_feature_gradients_equal_torchvision(shape, stride, sampling):
+@pytest.mark.parametrize("shape,stride,sampling,aligned", [
+    ((3, 8, 20, 28), 4, 2, True), ((2, 5, 7, 5), 16, 1, True), ((1, 4, 9, 9), 8, 3, True),
+    ((3, 8, 20, 28), 4, 2, False), ((2, 5, 7, 5), 16, 1, False)])
+def test_values_and_feature_gradients_equal_torchvision(shape, stride, sampling, aligned):
     g = torch.Generator().manual_seed(1)
     features = torch.randn(*shape, generator=g)
     rois = _rois(shape[0], shape[2], shape[3], stride, 40, seed=2)
     ours_in = features.clone().requires_grad_()
     ref_in = features.clone().requires_grad_()
-    ours = sparse_roi_align(ours_in, rois, 7, 1.0 / stride, sampling)
-    ref = roi_align(ref_in, rois, 7, 1.0 / stride, sampling_ratio=sampling, aligned=True)
+    ours = sparse_roi_align(ours_in, rois, 7, 1.0 / stride, sampling, aligned)
+    ref = roi_align(ref_in, rois, 7, 1.0 / stride, sampling_ratio=sampling, aligned=aligned)
     assert ours.shape == ref.shape == (40, shape[1], 7, 7)
     assert torch.allclose(ours, ref, atol=1e-5)
     upstream = torch.randn(ref.shape, generator=g)
@@ -76,3 +77,16 @@ def test_pooler_gives_the_same_features_with_and_without_gradients(monkeypatch):
 def test_rejects_an_adaptive_sampling_ratio():
     with pytest.raises(ValueError, match="sampling_ratio"):
         sparse_roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), 2, 1.0, 0)
+
+
+def test_pools_in_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 6, 16, 16, generator=g)
+    rois = _rois(2, 16, 16, 4, 12, seed=4)
+    leaf = features.clone().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = sparse_roi_align(leaf, rois, 7, 0.25, 2)
+        (pooled * 2).sum().backward()
+    ref = roi_align(features.bfloat16().float(), rois, 7, 0.25, sampling_ratio=2, aligned=True)
+    assert pooled.dtype == torch.float32 and torch.allclose(pooled, ref, atol=1e-5)
+    assert leaf.grad.dtype == torch.bfloat16 and leaf.grad.abs().sum() > 0

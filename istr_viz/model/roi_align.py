@@ -1,4 +1,4 @@
-"""RoIAlign (``aligned=True``) as a sparse matrix product, for training on the CPU.
+"""RoIAlign as a sparse matrix product, for training on the CPU.
 
 torchvision's ``roi_align`` is the reference and what inference uses. Its CPU backward scatters
 every sample into the feature map one value at a time, and in a ``shapes-cpu`` training step it
@@ -39,12 +39,15 @@ def _axis_samples(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Te
 
 
 def roi_align_matrix(rois: Tensor, batch: int, height: int, width: int, output_size: int,
-                     spatial_scale: float, sampling_ratio: int) -> tuple[Tensor, Tensor]:
+                     spatial_scale: float, sampling_ratio: int,
+                     aligned: bool = True) -> tuple[Tensor, Tensor]:
     """The RoIAlign weights of ``rois`` on a (batch, C, height, width) map, as sparse CSR.
 
     Args:
         rois: (R, 5) [batch index, x1, y1, x2, y2] in image pixels.
         output_size: P; sampling_ratio: s samples per bin side (s * s averaged per bin).
+        aligned: torchvision's flag: True shifts the box by half a cell (ISTR, detectron2's
+            ROIAlignV2); False does not and makes every box at least one cell wide (Mask R-CNN).
 
     Returns:
         (A, A_t): A (R * P * P, batch * height * width) with rows ordered RoI, bin row, bin
@@ -53,11 +56,15 @@ def roi_align_matrix(rois: Tensor, batch: int, height: int, width: int, output_s
     """
     R, P, s = rois.shape[0], output_size, sampling_ratio
     rois = rois.float()
-    x1, y1 = rois[:, 1] * spatial_scale - 0.5, rois[:, 2] * spatial_scale - 0.5
-    x2, y2 = rois[:, 3] * spatial_scale - 0.5, rois[:, 4] * spatial_scale - 0.5
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    box_w = rois[:, 3] * spatial_scale - offset - x1
+    box_h = rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        box_w, box_h = box_w.clamp(min=1.0), box_h.clamp(min=1.0)
     steps = (torch.arange(P * s, dtype=torch.float32, device=rois.device) + 0.5) / s  # (P*s,)
-    ys = y1[:, None] + steps[None] * ((y2 - y1) / P)[:, None]  # (R, P*s), bin-major
-    xs = x1[:, None] + steps[None] * ((x2 - x1) / P)[:, None]
+    ys = y1[:, None] + steps[None] * (box_h / P)[:, None]  # (R, P*s), bin-major
+    xs = x1[:, None] + steps[None] * (box_w / P)[:, None]
     y_lo, y_hi, wy_lo, wy_hi, y_ok = (t.reshape(R, P, 1, s, 1, 1) for t in _axis_samples(ys, height))
     x_lo, x_hi, wx_lo, wx_hi, x_ok = (t.reshape(R, 1, P, 1, s, 1) for t in _axis_samples(xs, width))
     # corners last: (R, P_y, P_x, s_y, s_x, 4), so each output row's entries are contiguous
@@ -95,32 +102,37 @@ class _MatrixRoIAlign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: Tensor, matrix: Tensor, transposed: Tensor) -> Tensor:
         ctx.save_for_backward(transposed)
-        return torch.sparse.mm(matrix, flat)
+        with torch.autocast(flat.device.type, enabled=False):  # sparse mm has no bf16 kernel
+            return torch.sparse.mm(matrix, flat.float())
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (transposed,) = ctx.saved_tensors
-        return torch.sparse.mm(transposed, grad.contiguous()), None, None
+        with torch.autocast(grad.device.type, enabled=False):
+            return torch.sparse.mm(transposed, grad.float().contiguous()), None, None
 
 
 def sparse_roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
-                     sampling_ratio: int) -> Tensor:
-    """torchvision's ``roi_align(..., aligned=True)`` with a sparse-matrix backward.
+                     sampling_ratio: int, aligned: bool = True) -> Tensor:
+    """torchvision's ``roi_align`` (square output) with a sparse-matrix backward.
 
     Args:
-        features: (B, C, H, W) float32.
+        features: (B, C, H, W); pooled in float32 whatever their dtype (as torchvision's
+            ``roi_align`` is under autocast).
         rois: (R, 5) [batch index, x1, y1, x2, y2] in image pixels (no gradient flows to them,
             as in ISTR, where the boxes are detached before pooling).
         sampling_ratio: a positive count (torchvision's adaptive ``-1`` is not supported).
+        aligned: as torchvision's (see :func:`roi_align_matrix`).
 
     Returns:
-        (R, C, P, P) pooled features; gradients flow to ``features``.
+        (R, C, P, P) float32 pooled features; gradients flow to ``features``.
     """
     if sampling_ratio < 1:
         raise ValueError(f"sampling_ratio must be a positive count, got {sampling_ratio}")
     B, C, H, W = features.shape
     R, P = rois.shape[0], output_size
-    matrix, transposed = roi_align_matrix(rois.detach(), B, H, W, P, spatial_scale, sampling_ratio)
-    flat = features.permute(0, 2, 3, 1).reshape(B * H * W, C)
+    matrix, transposed = roi_align_matrix(rois.detach(), B, H, W, P, spatial_scale,
+                                          sampling_ratio, aligned)
+    flat = features.float().permute(0, 2, 3, 1).reshape(B * H * W, C)  # fp32, as under autocast
     pooled = _MatrixRoIAlign.apply(flat, matrix, transposed)  # (R*P*P, C)
     return pooled.reshape(R, P, P, C).permute(0, 3, 1, 2)
