@@ -22,6 +22,19 @@ TINY = ["model.backbone_base_channels=8", "model.hidden_dim=32", "data.train_min
         "train.batch_size=2"]
 
 
+def _tiny_shapes(tmp_path, num_train: int, num_val: int):
+    """(config, train set, val set) of a tiny built-in-shapes folder at 64 px."""
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=num_train, num_val=num_val, size=64, seed=1, progress=False)
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+    train_tf, test_tf = transform_configs(cfg)
+    train = CocoDataset(root / "train" / "annotations.json", root / "train" / "images",
+                        transform=build_transform(train_tf, train=True))
+    val = CocoDataset(root / "val" / "annotations.json", root / "val" / "images",
+                      transform=build_transform(test_tf, train=False))
+    return cfg, train, val
+
+
 def test_peer_uses_istrs_backbone_and_keeps_the_pixels_it_is_given():
     cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
     model = build_mask_rcnn(cfg, num_classes=3)
@@ -54,14 +67,7 @@ def test_peer_heads_take_the_sizes_given():
 
 
 def test_peer_trains_on_the_clock_and_writes_coco_results(tmp_path):
-    root = tmp_path / "shapes"
-    make_shapes(root, num_train=4, num_val=2, size=64, seed=1, progress=False)
-    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
-    train_tf, test_tf = transform_configs(cfg)
-    train = CocoDataset(root / "train" / "annotations.json", root / "train" / "images",
-                        transform=build_transform(train_tf, train=True))
-    val = CocoDataset(root / "val" / "annotations.json", root / "val" / "images",
-                      transform=build_transform(test_tf, train=False))
+    cfg, train, val = _tiny_shapes(tmp_path, num_train=4, num_val=2)
     torch.manual_seed(0)
     model = build_mask_rcnn(cfg, len(train.annotations.class_names))
     calls = []
@@ -103,12 +109,7 @@ def test_peer_clock_counts_data_loading_and_not_evaluation(tmp_path):
     (2 s a batch of 2) and the budget is 5 s: 3 steps, however fast the model is (with loading
     off the clock it would be dozens). An evaluation after the first step sleeps 2.5 s: off the
     clock it changes nothing (on it, the run would stop after 2 steps)."""
-    root = tmp_path / "shapes"
-    make_shapes(root, num_train=8, num_val=1, size=64, seed=1, progress=False)
-    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
-    train_tf, _ = transform_configs(cfg)
-    train = CocoDataset(root / "train" / "annotations.json", root / "train" / "images",
-                        transform=build_transform(train_tf, train=True))
+    cfg, train, _ = _tiny_shapes(tmp_path, num_train=8, num_val=1)
     model = build_mask_rcnn(cfg, len(train.annotations.class_names))
     run = train_mask_rcnn(model, _SlowDataset(train, 1.0), minutes=5 / 60, lr=0.01, batch_size=2,
                           warmup_iters=2, progress=False, checkpoints=(0.01,),
