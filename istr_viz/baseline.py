@@ -30,6 +30,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
+# private helpers of MultiScaleRoIAlign, so that the levels are exactly torchvision's; torchvision is
+# pinned (environment.yml, pyproject.toml) and tests/test_baseline.py compares the two poolers
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from istr_viz.config import Config
@@ -46,6 +48,11 @@ class TrainingRoIAlign(MultiScaleRoIAlign):
     """torchvision's ``MultiScaleRoIAlign`` (same levels, ``aligned=False``) that pools with
     :func:`istr_viz.model.roi_align.sparse_roi_align` when gradients flow on the CPU, as ISTR's
     pooler does in training; otherwise torchvision's own ``forward``. Square outputs only."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        if self.output_size[0] != self.output_size[1]:
+            raise ValueError(f"TrainingRoIAlign pools square outputs only, got {output_size}")
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:

@@ -36,8 +36,9 @@ class ModelConfig:
     # where the learned proposal boxes start: "image" (official: every box is the whole image) or
     # "grid" (not official: boxes tiled over the image, so stage 1 pools different places)
     proposal_init: str = "image"
-    # "grid" boxes' sides in grid cells; two values alternate as a checkerboard (large and small
-    # boxes side by side, for data with many small objects)
+    # "grid" boxes' sides in grid cells (unused with "image"): one value, or two that alternate
+    # as a checkerboard of large and small boxes (tried on the second data set's small objects:
+    # no gain at 30 minutes, benchmarks/results_log.md r12)
     proposal_box_cells: tuple[float, ...] = (2.0,)
     # Training-only aid (not in ISTR): a 1x1 conv on every FPN level predicts each pixel's class
     # (or background), supervised by LossConfig.semantic_weight; gives the from-scratch backbone
@@ -63,9 +64,9 @@ class ModelConfig:
         if self.proposal_init not in ("image", "grid"):
             raise ConfigError("model.proposal_init must be image or grid, "
                               f"got {self.proposal_init!r}")
-        if not self.proposal_box_cells or min(self.proposal_box_cells) <= 0:
-            raise ConfigError("model.proposal_box_cells must be positive cell counts, got "
-                              f"{self.proposal_box_cells}")
+        if not 1 <= len(self.proposal_box_cells) <= 2 or min(self.proposal_box_cells) <= 0:
+            raise ConfigError("model.proposal_box_cells must be one or two positive cell counts, "
+                              f"got {self.proposal_box_cells}")
         if self.norm not in ("frozen_bn", "gn", "bn"):
             raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
 

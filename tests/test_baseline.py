@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import MultiScaleRoIAlign
@@ -15,7 +16,7 @@ from istr_viz.data.coco import CocoDataset
 from istr_viz.data.shapes import make_shapes
 from istr_viz.data.transforms import build_transform
 from istr_viz.engine import transform_configs
-from istr_viz.model.backbone import ResNetBody
+from istr_viz.model.backbone import ChannelsLastMaxPool2d, ResNetBody
 
 TINY = ["model.backbone_base_channels=8", "model.hidden_dim=32", "data.train_min_sizes=64",
         "data.train_max_size=64", "data.test_min_size=64", "data.test_max_size=64",
@@ -119,24 +120,32 @@ def test_peer_clock_counts_data_loading_and_not_evaluation(tmp_path):
 
 
 def test_peer_training_pooler_equals_torchvision_values_and_gradients():
-    """The peer's RoI pooling in training (sparse-matrix RoIAlign, as ISTR's) is torchvision's."""
+    """The peer's RoI pooling in training (sparse-matrix RoIAlign, as ISTR's) is torchvision's,
+    on every FPN level."""
     g = torch.Generator().manual_seed(0)
-    feats = {k: torch.randn(2, 8, 64 // (4 * 2**int(k)), 64 // (4 * 2**int(k)), generator=g)
+    feats = {k: torch.randn(2, 8, 512 // (4 * 2**int(k)), 512 // (4 * 2**int(k)), generator=g)
              for k in "0123"}
-    boxes = [torch.tensor([[0.0, 0, 10, 10], [5, 5, 60, 60], [1, 2, 3, 4], [20, 8, 50, 30]]),
-             torch.tensor([[10.0, 10, 40, 50]])]
+    sides = torch.tensor([20.0, 60, 150, 300, 450, 90, 230])  # levels 0, 0, 1, 2, 3, 0, 2
+    corners = torch.rand(len(sides), 2, generator=g) * (512 - sides[:, None])
+    all_boxes = torch.cat([corners, corners + sides[:, None]], 1)
+    boxes = [all_boxes[:4], all_boxes[4:]]
     for size in (7, 14):
         ref_in = {k: v.clone().requires_grad_() for k, v in feats.items()}
         ours_in = {k: v.clone().requires_grad_() for k, v in feats.items()}
-        ref = MultiScaleRoIAlign(list(feats), size, 2)(ref_in, boxes, [(64, 64)] * 2)
-        ours = TrainingRoIAlign(list(feats), size, 2)(ours_in, boxes, [(64, 64)] * 2)
-        assert torch.allclose(ours, ref, atol=1e-5)
+        ref_pool = MultiScaleRoIAlign(list(feats), size, 2)
+        ref = ref_pool(ref_in, boxes, [(512, 512)] * 2)
+        ours = TrainingRoIAlign(list(feats), size, 2)(ours_in, boxes, [(512, 512)] * 2)
+        assert set(ref_pool.map_levels(boxes).tolist()) == {0, 1, 2, 3}
+        assert torch.allclose(ours, ref, atol=1e-4)  # float sums in another order
         upstream = torch.randn(ref.shape, generator=g)
         ref.backward(upstream)
         ours.backward(upstream)
         for k in feats:
-            ours_grad = ours_in[k].grad if ours_in[k].grad is not None else 0 * feats[k]
-            assert torch.allclose(ours_grad, ref_in[k].grad, atol=1e-5)
+            assert ours_in[k].grad.abs().sum() > 0
+            assert torch.allclose(ours_in[k].grad, ref_in[k].grad, atol=1e-4)
     model = build_mask_rcnn(apply_overrides(get_preset("shapes-cpu"), TINY), num_classes=3)
     assert isinstance(model.roi_heads.box_roi_pool, TrainingRoIAlign)
     assert isinstance(model.roi_heads.mask_roi_pool, TrainingRoIAlign)
+    assert isinstance(model.backbone.body.maxpool, ChannelsLastMaxPool2d)  # as ISTR's body
+    with pytest.raises(ValueError, match="square"):
+        TrainingRoIAlign(["0"], (7, 5), 2)

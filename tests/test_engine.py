@@ -380,3 +380,34 @@ def test_a_minutes_budget_stops_training_when_iterations_slow_down(tmp_path, mon
     assert len(logged) < 40  # stopped by the minutes, long before the forecast's count
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt["train_state"]["max_iters"] == result.iterations == logged[-1]["iter"]
+
+
+def test_training_steps_with_the_fused_adamw_also_after_resuming_an_unfused_checkpoint(
+        shapes, tmp_path, monkeypatch):
+    """The optimiser is the fused AdamW; a checkpoint written without it (older code) does not
+    switch it off on resume (``load_state_dict`` restores the saved groups' flags)."""
+    from istr_viz.checkpoint import load_checkpoint, save_checkpoint
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["fused"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "basis.dim=12"])
+    basis = MaskBasis.load(basis_path)
+    run = tmp_path / "run"
+    train(cfg, split_paths(root, "train"), run, basis=basis, max_iters=2, device="cpu",
+          progress=False)
+    assert seen == [True, True]
+    ckpt = load_checkpoint(run / "last.pt")
+    for group in ckpt["train_state"]["optimizer"]["param_groups"]:
+        group["fused"] = None  # as torch writes it for the default, unfused AdamW
+    save_checkpoint(run / "last.pt", **ckpt)
+    train(cfg, split_paths(root, "train"), run, basis=basis, max_iters=3, resume=True,
+          device="cpu", progress=False)
+    assert seen == [True, True, True]

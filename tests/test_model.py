@@ -110,10 +110,15 @@ def test_grid_proposals_alternate_two_box_sizes_as_a_checkerboard():
     sides = boxes[:, 2].view(3, 3)
     assert torch.allclose(sides, torch.tensor([[2, 1, 2], [1, 2, 1], [2, 1, 2]]) / 3)
     assert torch.equal(boxes[:, 2], boxes[:, 3])  # square
-    assert torch.equal(grid_proposals(9, box_cells=(2.0,)), grid_proposals(9))
+    n = 3  # one size: every box twice its cell, as grid proposals always were
+    index = torch.arange(9.0)
+    old = torch.stack([(index % n + 0.5) / n, (index // n + 0.5) / n,
+                       torch.full((9,), 2 / n), torch.full((9,), 2 / n)], 1)
+    assert torch.allclose(grid_proposals(9), old)
     assert grid_proposals(1, box_cells=(3.0,))[0, 2] == 1.0  # never beyond the image
-    with pytest.raises(ConfigError, match="proposal_box_cells"):
-        ModelConfig(proposal_box_cells=(2.0, 0.0))
+    for bad in ((2.0, 0.0), (), (2.0, 1.0, 0.5)):
+        with pytest.raises(ConfigError, match="proposal_box_cells"):
+            ModelConfig(proposal_box_cells=bad)
 
 
 def test_different_images_give_different_stage1_queries(model):

@@ -28,8 +28,8 @@ def _axis_samples(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Te
         low, high (R, N) long indices, their weights w_low, w_high (R, N), and valid (R, N)
         bool (False for samples more than one cell outside the map: they count as zero).
     """
-    valid = (coords >= -1.0) & (coords <= size)
-    coords = coords.clamp(min=0)
+    valid = (coords >= -1.0) & (coords <= size)  # False for NaN too
+    coords = torch.where(valid, coords, torch.zeros_like(coords)).clamp(min=0)  # indices in range
     low = coords.floor().long()
     at_edge = low >= size - 1
     low = torch.where(at_edge, torch.full_like(low, size - 1), low)
@@ -51,8 +51,8 @@ def roi_align_matrix(rois: Tensor, batch: int, height: int, width: int, output_s
 
     Returns:
         (A, A_t): A (R * P * P, batch * height * width) with rows ordered RoI, bin row, bin
-        column; A_t its transpose. Each row of A holds 4 * s * s entries (4 corners of every
-        sample, repeats allowed); the weights of a row sum to the fraction of valid samples.
+        column; A_t its transpose. Each row of A holds the cells its 4 * s * s bilinear corners
+        touch (repeats summed); the weights of a row sum to the fraction of valid samples.
     """
     R, P, s = rois.shape[0], output_size, sampling_ratio
     rois = rois.float()
@@ -74,26 +74,21 @@ def roi_align_matrix(rois: Tensor, batch: int, height: int, width: int, output_s
         torch.cat([wx_lo, wx_hi, wx_lo, wx_hi], dim=-1) * (y_ok & x_ok).float() / (s * s)
     base = rois[:, 0].long().reshape(R, 1, 1, 1, 1, 1) * (height * width)
     cols = (base + y_idx * width + x_idx).reshape(-1)
+    rows = torch.arange(R * P * P, device=rois.device).repeat_interleave(4 * s * s)
     values = weight.reshape(-1)
-    per_row = 4 * s * s
-    num_cols = batch * height * width
-    crow = torch.arange(0, cols.numel() + 1, per_row, device=rois.device)
-    matrix = _csr(crow, cols, values, (R * P * P, num_cols))
-    # the transpose: entries sorted by column; their rows follow from the entry index
-    order = torch.argsort(cols, stable=True)
-    rows = torch.div(order, per_row, rounding_mode="floor")
-    t_crow = torch.zeros(num_cols + 1, dtype=torch.long, device=rois.device)
-    t_crow[1:] = torch.cumsum(torch.bincount(cols, minlength=num_cols), 0)
-    transposed = _csr(t_crow, rows, values[order], (num_cols, R * P * P))
-    return matrix, transposed
+    num_rows, num_cols = R * P * P, batch * height * width
+    return (_csr(rows, cols, values, (num_rows, num_cols)),
+            _csr(cols, rows, values, (num_cols, num_rows)))
 
 
-def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    """A sparse CSR tensor, without torch's notice that CSR support is in beta (built here by
-    construction valid, so the invariant checks stay off)."""
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A valid sparse CSR matrix from (row, column, value) entries: sorted, repeated entries
+    summed (``coalesce``), without torch's notice that CSR support is in beta."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
+        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size,
+                                      check_invariants=False)
+        return coo.coalesce().to_sparse_csr()
 
 
 class _MatrixRoIAlign(torch.autograd.Function):
