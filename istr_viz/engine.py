@@ -154,9 +154,12 @@ def transform_configs(cfg: Config) -> tuple[TransformConfig, TransformConfig]:
 
 
 def lr_factor(iteration: int, max_iters: int, warmup_iters: int, warmup_factor: float,
-              steps: tuple[float, ...], gamma: float) -> float:
-    """Linear warm-up from ``warmup_factor``, then x ``gamma`` at each step (fractions of max_iters)."""
-    factor = gamma ** sum(iteration >= round(s * max_iters) for s in steps)
+              steps: tuple[float, ...], gamma: float, time_done: float = 0.0) -> float:
+    """Linear warm-up from ``warmup_factor``, then x ``gamma`` at each step (fractions of the
+    budget): a step is passed when ``iteration`` reaches that fraction of ``max_iters`` or, for a
+    minutes budget, ``time_done`` (the fraction of its minutes used) reaches it, whichever comes
+    first (so a run whose iterations slow down still gets its late, low-lr phase)."""
+    factor = gamma ** sum(iteration >= round(s * max_iters) or time_done >= s for s in steps)
     if iteration < warmup_iters:
         alpha = iteration / max(1, warmup_iters)
         factor *= warmup_factor * (1 - alpha) + alpha
@@ -381,7 +384,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
 
     def schedule(it: int) -> float:
         return lr_factor(it, budget["max_iters"], tc.warmup_iters, tc.warmup_factor, tc.lr_steps,
-                         tc.lr_gamma)
+                         tc.lr_gamma, budget.get("time_done", 0.0))
 
     per_process_batch = tc.batch_size // info.world_size
     if per_process_batch * info.world_size != tc.batch_size:
@@ -445,6 +448,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     # a minutes budget is also a hard limit, unless a resume asked for an explicit iteration count
     hard_stop_s = budget["from_minutes"] * 60 if budget["from_minutes"] and not (
         ckpt is not None and max_iters is not None) else None
+    if hard_stop_s is not None:  # the lr schedule also follows the minutes (lr_factor)
+        budget["time_done"] = train_s0 / hard_stop_s
     t_start = t_measure = time.perf_counter()
     # --max-minutes: time iterations [start+3, start+23) (after warm-up), then fix the budget once
     measure_from = start_iter + 3
@@ -511,8 +516,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             measure_until = None
         if hard_stop_s is not None and measure_until is None and iteration < budget["max_iters"] \
                 and (info.world_size == 1 or iteration % 10 == 0):
-            over = float(train_seconds() >= hard_stop_s)  # rank 0's clock (it alone evaluates)
-            if _broadcast_from_main(over, info, device) > 0:  # every process stops at this step
+            # rank 0's clock (it alone evaluates), so that every process has the same lr and
+            # stops at the same step
+            budget["time_done"] = _broadcast_from_main(train_seconds() / hard_stop_s, info, device)
+            if budget["time_done"] >= 1.0:
                 budget["max_iters"] = iteration
                 bar.total = iteration
         if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \

@@ -362,8 +362,8 @@ def test_a_minutes_budget_stops_training_when_iterations_slow_down(tmp_path, mon
 
     def slow_after_the_forecast(self, index, *args, **kwargs):  # the engine loads with .get
         loaded.append(index)
-        if len(loaded) > 4 * 24:  # batch 4: from iteration 25 on, 2 s an iteration
-            time.sleep(0.5)
+        if len(loaded) > 4 * 24:  # batch 4: from iteration 25 on, 0.5 s an iteration
+            time.sleep(0.125)
         return real_get(self, index, *args, **kwargs)
 
     monkeypatch.setattr(CocoDataset, "get", slow_after_the_forecast)
@@ -374,10 +374,17 @@ def test_a_minutes_budget_stops_training_when_iterations_slow_down(tmp_path, mon
     result = train(cfg, split_paths(root, "train"), tmp_path / "run", max_minutes=0.1,
                    device="cpu", progress=False)
     logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    # however slow the forecast's iterations were, the slowed ones (2 s) are slower: the run
+    # however slow the forecast's iterations were, the slowed ones (0.5 s) are slower: the run
     # ends at the first step past 6 s, not when the forecast's count is done
-    assert 6.0 <= logged[-1]["train_s"] < 6.0 + 3.0
+    assert 6.0 <= logged[-1]["train_s"] < 6.0 + 2.0
     assert len(logged) < 40  # stopped by the minutes, long before the forecast's count
+    # the x0.1 step at 80% of the budget follows the minutes too: the last iterations, past
+    # 4.8 s, ran at the low lr although they were far from 80% of the forecast's count
+    late = [r for r in logged if r["train_s"] > 0.8 * 6.0 + 0.6]
+    early = [r for r in logged if 3 < r["iter"] and r["train_s"] < 0.8 * 6.0 - 0.6]
+    assert late and early
+    assert all(r["lr"] == pytest.approx(1e-4) for r in late)
+    assert all(r["lr"] == pytest.approx(1e-3) for r in early)
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt["train_state"]["max_iters"] == result.iterations == logged[-1]["iter"]
 
