@@ -405,7 +405,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         ema.n_averaged.fill_(start_iter)
     eval_model = ema.module if ema is not None else model
 
-    def payload(iteration: int, metrics: dict | None = None) -> dict:
+    def payload(iteration: int, metrics: dict | None = None,
+                train_s: float | None = None) -> dict:
+        """The checkpoint; ``train_s`` defaults to the training seconds so far."""
         extra = {"raw_model": model.state_dict()} if ema is not None else {}
         return dict(
             model=eval_model.state_dict(), config=cfg.to_dict(), basis=basis.to_dict(),
@@ -415,7 +417,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "grad_scaler": scaler.state_dict(),
                          "max_minutes": budget["from_minutes"], "best_mask_ap": best_ap,
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
-                         "train_s": train_seconds(),
+                         "train_s": train_seconds() if train_s is None else train_s,
                          **extra})
 
     eval_s = 0.0  # seconds spent evaluating: "train_s" in the log leaves them out
@@ -438,7 +440,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             "per_stage_segm_AP": [s["segm"]["AP"] for s in metrics["per_stage"]]}})
         if metrics["segm"]["AP"] > best_ap:
             best_ap = metrics["segm"]["AP"]
-            save_checkpoint(best_path, **payload(iteration, metrics))
+            # its clock stops where this evaluation began (evaluating is not training)
+            save_checkpoint(best_path, **payload(iteration, metrics, train_s=trained))
         model.train()
         if ema is not None:
             ema.module.eval()

@@ -346,6 +346,8 @@ def test_train_seconds_leave_evaluation_out_and_add_up_over_a_resume(tmp_path, m
     assert at4["time"] - at4["train_s"] >= 1.5
     evals = [r for r in records if "eval" in r]
     assert [r["iter"] for r in evals] == [2, 4] and evals[0]["train_s"] < at4["train_s"]
+    best = load_checkpoint(run / "best.pt")["train_state"]  # its clock: where its eval began
+    assert best["train_s"] == next(r["train_s"] for r in evals if r["iter"] == best["iteration"])
     train(cfg, split_paths(root, "train"), run, val_data=split_paths(root, "val"), max_iters=5,
           resume=True, device="cpu", progress=False)
     at5 = next(r for r in read_metrics(run / "metrics.jsonl") if r["iter"] == 5 and "loss" in r)
