@@ -37,8 +37,8 @@ class ModelConfig:
     # "grid" (not official: boxes tiled over the image, so stage 1 pools different places)
     proposal_init: str = "image"
     # "grid" boxes' sides in grid cells (unused with "image"): one value, or two that alternate
-    # as a checkerboard of large and small boxes (tried on the second data set's small objects:
-    # no gain at 30 minutes, benchmarks/results_log.md r12)
+    # as a checkerboard of large and small boxes (tried once on the second data set's small
+    # objects, inconclusive: benchmarks/results_log.md, r12)
     proposal_box_cells: tuple[float, ...] = (2.0,)
     # Training-only aid (not in ISTR): a 1x1 conv on every FPN level predicts each pixel's class
     # (or background), supervised by LossConfig.semantic_weight; gives the from-scratch backbone

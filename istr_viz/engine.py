@@ -368,9 +368,11 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         state = ckpt["train_state"]
         train_s0 = float(state.get("train_s", 0.0))  # the training seconds before this resume
         model.load_state_dict(state.get("raw_model", ckpt["model"]))  # raw weights under EMA
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # the saved groups carry the writer's choice
-            group["fused"] = fused
+        # the saved groups carry the writer's fused flag, and load_state_dict also uses it to
+        # place the step counters: give them this run's flag before loading
+        saved = dict(state["optimizer"])
+        saved["param_groups"] = [{**g, "fused": fused} for g in saved["param_groups"]]
+        optimizer.load_state_dict(saved)
         start_iter, best_ap = state["iteration"], state["best_mask_ap"]
         budget = {"max_iters": state["max_iters"], "from_minutes": state.get("max_minutes")}
         if max_iters is not None:  # an explicit budget on resume extends or shortens the run
@@ -451,8 +453,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     # a minutes budget is also a hard limit, unless a resume asked for an explicit iteration count
     hard_stop_s = budget["from_minutes"] * 60 if budget["from_minutes"] and not (
         ckpt is not None and max_iters is not None) else None
-    if hard_stop_s is not None:  # the lr schedule also follows the minutes (lr_factor)
-        budget["time_done"] = train_s0 / hard_stop_s
+    if budget["from_minutes"]:  # the lr schedule also follows the minutes (lr_factor); after a
+        # resume with an explicit --max-iters the share done so far still counts
+        budget["time_done"] = train_s0 / (budget["from_minutes"] * 60)
     t_start = t_measure = time.perf_counter()
     # --max-minutes: time iterations [start+3, start+23) (after warm-up), then fix the budget once
     measure_from = start_iter + 3

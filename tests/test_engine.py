@@ -382,11 +382,14 @@ def test_a_minutes_budget_stops_training_when_iterations_slow_down(tmp_path, mon
     assert len(logged) < 40  # stopped by the minutes, long before the forecast's count
     # the x0.1 step at 80% of the budget follows the minutes too: the last iterations, past
     # 4.8 s, ran at the low lr although they were far from 80% of the forecast's count
-    late = [r for r in logged if r["train_s"] > 0.8 * 6.0 + 0.6]
-    early = [r for r in logged if 3 < r["iter"] and r["train_s"] < 0.8 * 6.0 - 0.6]
-    assert late and early
-    assert all(r["lr"] == pytest.approx(1e-4) for r in late)
-    assert all(r["lr"] == pytest.approx(1e-3) for r in early)
+    # (each iteration's lr is set from the clock at the end of the one before)
+    pairs = [(a, b) for a, b in zip(logged, logged[1:])
+             if b["iter"] > 3 and abs(a["train_s"] - 0.8 * 6.0) > 0.05]  # the clock is read
+    # again just after logging: leave out the few ms around the step
+    assert any(a["train_s"] >= 0.8 * 6.0 for a, _ in pairs)
+    assert any(a["train_s"] < 0.8 * 6.0 for a, _ in pairs)
+    for before, r in pairs:
+        assert r["lr"] == pytest.approx(1e-4 if before["train_s"] >= 0.8 * 6.0 else 1e-3)
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt["train_state"]["max_iters"] == result.iterations == logged[-1]["iter"]
 
