@@ -67,7 +67,7 @@ def roi_align_matrix(rois: Tensor, batch: int, height: int, width: int, output_s
     xs = x1[:, None] + steps[None] * (box_w / P)[:, None]
     y_lo, y_hi, wy_lo, wy_hi, y_ok = (t.reshape(R, P, 1, s, 1, 1) for t in _axis_samples(ys, height))
     x_lo, x_hi, wx_lo, wx_hi, x_ok = (t.reshape(R, 1, P, 1, s, 1) for t in _axis_samples(xs, width))
-    # corners last: (R, P_y, P_x, s_y, s_x, 4), so each output row's entries are contiguous
+    # (R, P_y, P_x, s_y, s_x, 4): the 4 corners of every sample of every output bin
     y_idx = torch.cat([y_lo, y_lo, y_hi, y_hi], dim=-1)
     x_idx = torch.cat([x_lo, x_hi, x_lo, x_hi], dim=-1)
     weight = torch.cat([wy_lo, wy_lo, wy_hi, wy_hi], dim=-1) * \
