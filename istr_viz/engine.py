@@ -153,13 +153,15 @@ def transform_configs(cfg: Config) -> tuple[TransformConfig, TransformConfig]:
 # ----------------------------------------------------------------------------- schedule
 
 
-def lr_factor(iteration: int, max_iters: int, warmup_iters: int, warmup_factor: float,
+def lr_factor(iteration: int, max_iters: int | None, warmup_iters: int, warmup_factor: float,
               steps: tuple[float, ...], gamma: float, time_done: float = 0.0) -> float:
     """Linear warm-up from ``warmup_factor``, then x ``gamma`` at each step (fractions of the
-    budget): a step is passed when ``iteration`` reaches that fraction of ``max_iters`` or, for a
-    minutes budget, ``time_done`` (the fraction of its minutes used) reaches it, whichever comes
-    first (so a run whose iterations slow down still gets its late, low-lr phase)."""
-    factor = gamma ** sum(iteration >= round(s * max_iters) or time_done >= s for s in steps)
+    budget): a step is passed when ``iteration`` reaches that fraction of ``max_iters`` or
+    ``time_done`` (the fraction of a minutes budget used) reaches it, whichever comes first.
+    ``max_iters=None`` (a minutes budget): the steps follow the clock alone, so neither a forecast
+    that was too low nor iterations that slow down move them."""
+    factor = gamma ** sum(time_done >= s or (max_iters is not None and iteration >= round(s * max_iters))
+                          for s in steps)
     if iteration < warmup_iters:
         alpha = iteration / max(1, warmup_iters)
         factor *= warmup_factor * (1 - alpha) + alpha
@@ -287,10 +289,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
           on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ISTR on a COCO-format data set and return where the checkpoints are.
 
-    ``max_minutes`` is turned into an iteration budget once, after timing the first iterations,
-    and stored in the checkpoint (the learning-rate schedule follows it); if the iterations then
-    run slower than timed, training still stops when ``max_minutes`` of training (evaluations
-    left out, summed over resumes) have passed; ``max_iters`` overrides ``cfg.train.max_iters``. With
+    ``max_minutes``: training stops when that many minutes of training (evaluations left out,
+    summed over resumes) have passed, and the lr steps and ``train.eval_points`` fall at their
+    shares of those minutes; the iteration count is forecast from the first iterations (and
+    updated as they run) for the progress bar and the checkpoint's record; ``max_iters`` overrides ``cfg.train.max_iters``. With
     ``resume=True`` the run continues from ``out_dir/last.pt`` with the configuration, basis,
     optimiser, scheduler, RNG and iteration stored there (never refitted).
     ``on_log(record)``: called (main process only) with each record just appended to
@@ -385,7 +387,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         metrics_path.write_text("")
 
     def schedule(it: int) -> float:
-        return lr_factor(it, budget["max_iters"], tc.warmup_iters, tc.warmup_factor, tc.lr_steps,
+        by_iters = None if budget.get("by_minutes") else budget["max_iters"]
+        return lr_factor(it, by_iters, tc.warmup_iters, tc.warmup_factor, tc.lr_steps,
                          tc.lr_gamma, budget.get("time_done", 0.0))
 
     per_process_batch = tc.batch_size // info.world_size
@@ -450,19 +453,26 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         eval_s += time.perf_counter() - t_eval
         return metrics
 
-    # a minutes budget is also a hard limit, unless a resume asked for an explicit iteration count
+    # A minutes budget ends the run, times the lr steps and places the evaluation points by the
+    # training clock alone (unless a resume asked for an explicit iteration count); its iteration
+    # count is only a forecast, for the progress bar and the record, kept up to date as it runs.
     hard_stop_s = budget["from_minutes"] * 60 if budget["from_minutes"] and not (
         ckpt is not None and max_iters is not None) else None
-    if budget["from_minutes"]:  # the lr schedule also follows the minutes (lr_factor); after a
-        # resume with an explicit --max-iters the share done so far still counts
+    budget["by_minutes"] = hard_stop_s is not None
+    if budget["from_minutes"]:  # after a resume with an explicit --max-iters the share of the
+        # minutes done so far still counts for the lr steps
         budget["time_done"] = train_s0 / (budget["from_minutes"] * 60)
+    stop_at = 10**12 if budget["by_minutes"] else budget["max_iters"]
+    # evaluation points: k / (n + 1) of the minutes, or of the iterations
+    minute_points = [k / (tc.eval_points + 1) for k in range(1, tc.eval_points + 1)
+                     if k / (tc.eval_points + 1) > budget.get("time_done", 0.0)] \
+        if budget["by_minutes"] else []
     t_start = t_measure = time.perf_counter()
-    # --max-minutes: time iterations [start+3, start+23) (after warm-up), then fix the budget once
+    # --max-minutes: time iterations [start+3, start+23) (after warm-up) for a first forecast
     measure_from = start_iter + 3
     measure_until = measure_from + 20 if (max_minutes and ckpt is None) else None
     sampler = IterationBatchSampler(len(dataset), per_process_batch, tc.seed, start_iter,
-                                    budget["max_iters"] if measure_until is None else 10**12,
-                                    info.rank, info.world_size)
+                                    stop_at, info.rank, info.world_size)
     loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.data.num_workers, generator=torch.Generator(),
                         persistent_workers=False)
@@ -471,7 +481,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                desc="train", dynamic_ncols=True)
     iteration = start_iter
     for batch in loader:
-        if iteration >= budget["max_iters"]:
+        if iteration >= stop_at:
             break
         for g in optimizer.param_groups:
             g["lr"] = tc.lr * schedule(iteration)
@@ -504,7 +514,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         iteration += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if iteration % tc.log_every == 0 or iteration == budget["max_iters"]:
+        if iteration % tc.log_every == 0 or iteration == stop_at:
             logged = _global_terms(loss, terms, info)  # every process takes part under DDP
             if info.is_main:
                 log({
@@ -520,20 +530,29 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             budget["max_iters"] = int(_all_reduce_sum(n, info, device) / info.world_size)
             bar.total = budget["max_iters"]
             measure_until = None
-        if hard_stop_s is not None and measure_until is None and iteration < budget["max_iters"] \
-                and (info.world_size == 1 or iteration % 10 == 0):
-            # rank 0's clock (it alone evaluates), so that every process has the same lr and
-            # stops at the same step
+        due = False  # an evaluation point of the minutes passed
+        if hard_stop_s is not None and (info.world_size == 1 or iteration % 10 == 0):
+            # rank 0's clock (it alone evaluates), so that every process has the same lr, stops
+            # at the same step and evaluates at the same points
             budget["time_done"] = _broadcast_from_main(train_seconds() / hard_stop_s, info, device)
             if budget["time_done"] >= 1.0:
-                budget["max_iters"] = iteration
-                bar.total = iteration
+                stop_at = budget["max_iters"] = bar.total = iteration
+            elif measure_until is None and iteration % 25 == 0 and iteration > start_iter:
+                # the forecast from this run's pace so far
+                per_iter = (budget["time_done"] * hard_stop_s - train_s0) / (iteration - start_iter)
+                left = (1.0 - budget["time_done"]) * hard_stop_s
+                budget["max_iters"] = bar.total = iteration + max(1, int(left / max(per_iter, 1e-9)))
+            while measure_until is None and minute_points and \
+                    budget["time_done"] >= minute_points[0]:  # (not inside the timed iterations)
+                minute_points.pop(0)
+                due = True
         if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
-                and iteration < budget["max_iters"] and measure_until is None:  # budget fixed
+                and iteration < stop_at and measure_until is None:  # budget fixed
             save_checkpoint(last_path, **payload(iteration))
         every = tc.eval_every and iteration % tc.eval_every == 0
-        if measure_until is None and iteration < budget["max_iters"] and (
-                every or iteration in eval_points(budget["max_iters"], tc.eval_points)):
+        at_point = due if budget["by_minutes"] else \
+            iteration in eval_points(budget["max_iters"], tc.eval_points)
+        if measure_until is None and iteration < stop_at and (every or at_point):
             run_eval(iteration)
     bar.close()
     if info.is_main:  # saved before evaluating, so a failing evaluation loses nothing

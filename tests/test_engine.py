@@ -243,7 +243,9 @@ def test_non_finite_loss_stops_naming_stage_and_term_and_keeps_last_checkpoint(s
     assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["iteration"] == 2
 
 
-def test_max_minutes_becomes_a_stored_iteration_budget(shapes, tmp_path):
+def test_max_minutes_is_stored_and_ends_the_run_on_the_clock(shapes, tmp_path):
+    """A minutes budget is kept in the checkpoint with the iterations it bought; the clock ends
+    it, even inside the first iterations that time the forecast."""
     from istr_viz.engine import train
 
     root, basis_path = shapes
@@ -252,8 +254,9 @@ def test_max_minutes_becomes_a_stored_iteration_budget(shapes, tmp_path):
                    max_minutes=0.01, device="cpu", progress=False)
     state = load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]
     assert state["max_minutes"] == 0.01
-    assert state["max_iters"] == result.iterations >= 23  # the timed iterations are kept
-    assert len(_losses(tmp_path / "run")) == result.iterations
+    assert state["max_iters"] == result.iterations == len(_losses(tmp_path / "run"))
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert logged[-1]["train_s"] >= 0.6 > logged[-2]["train_s"]  # the first step past 0.6 s
 
 
 def test_ema_checkpoint_holds_the_average_and_resume_continues_it(shapes, tmp_path):
@@ -392,6 +395,46 @@ def test_a_minutes_budget_stops_training_when_iterations_slow_down(tmp_path, mon
         assert r["lr"] == pytest.approx(1e-4 if before["train_s"] >= 0.8 * 6.0 else 1e-3)
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt["train_state"]["max_iters"] == result.iterations == logged[-1]["iter"]
+
+
+def test_a_minutes_budget_outlasts_a_forecast_that_was_too_low(tmp_path, monkeypatch):
+    """Iterations timed while the machine was busy forecast too few; when they then speed up the
+    run goes on to its minutes (it used to stop at the forecast's count), its lr step and its
+    evaluation point fall at their shares of the minutes, not of that forecast."""
+    from istr_viz.data.coco import CocoDataset
+    from istr_viz.engine import train
+
+    real_get, loaded = CocoDataset.get, []
+
+    def slow_while_timed(self, index, *args, **kwargs):  # the engine loads with .get
+        loaded.append(index)
+        if len(loaded) <= 4 * 24:  # batch 4: the first 24 iterations, 0.12 s slower each
+            time.sleep(0.03)
+        return real_get(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(CocoDataset, "get", slow_while_timed)
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=8, num_val=2, size=64, seed=4, progress=False)
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "basis.dim=12", "train.checkpoint_every=0",
+                                                     "train.eval_points=1"])
+    budget_s = 0.2 * 60
+    result = train(cfg, split_paths(root, "train"), tmp_path / "run", max_minutes=0.2,
+                   val_data=split_paths(root, "val"), device="cpu", progress=False)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    logged = [r for r in records if "loss" in r]
+    at = {r["iter"]: r["time"] for r in logged}
+    forecast = 23 + (budget_s - at[23]) / ((at[23] - at[3]) / 20)  # as the engine made it
+    assert result.iterations == logged[-1]["iter"] > forecast + 5
+    assert budget_s <= logged[-1]["train_s"] < budget_s + 1.0
+    pairs = [(a, b) for a, b in zip(logged, logged[1:])
+             if b["iter"] > 3 and abs(a["train_s"] - 0.8 * budget_s) > 0.05]
+    assert any(a["train_s"] >= 0.8 * budget_s for a, _ in pairs)
+    for before, r in pairs:  # the lr step came from the clock alone
+        assert r["lr"] == pytest.approx(1e-4 if before["train_s"] >= 0.8 * budget_s else 1e-3)
+    evals = [r for r in records if "eval" in r]
+    assert len(evals) == 2  # the point at half the minutes, then the final one
+    assert 0.5 * budget_s <= evals[0]["train_s"] < 0.5 * budget_s + 0.5
+    assert load_checkpoint(result.last_checkpoint)["train_state"]["max_iters"] == result.iterations
 
 
 def test_training_steps_with_the_fused_adamw_also_after_resuming_an_unfused_checkpoint(
