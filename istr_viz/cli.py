@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="start from another checkpoint's weights (class head re-initialised)")
     p.add_argument("--max-iters", type=int, help="iterations to train (default: the preset's)")
     p.add_argument("--max-minutes", type=float,
-                   help="wall-clock budget, turned into iterations after timing the first ones")
+                   help="minutes of training (evaluations not counted): the run stops, and "
+                        "steps its lr, by the clock")
     p.add_argument("--out", required=True, help="output folder (last.pt, best.pt, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -132,6 +132,9 @@ class TrainConfig:
 
     batch_size: int = 16  # in total, over all processes
     lr: float = 2.5e-5
+    # the backbone's (ResNet + FPN) lr is lr x this (not in ISTR: a from-scratch CNN may take a
+    # higher lr than the transformer-like head); 1 = one lr for all
+    backbone_lr_mult: float = 1.0
     weight_decay: float = 1e-4
     max_iters: int = 270_000
     warmup_iters: int = 1000
@@ -158,8 +161,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_iters < 1:
             raise ConfigError("train.batch_size and train.max_iters must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not self.lr > 0 or not self.backbone_lr_mult > 0:
+            raise ConfigError(f"train.lr and train.backbone_lr_mult must be positive, got "
+                              f"{self.lr} and {self.backbone_lr_mult}")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be at least 1")
         if not 0.0 <= self.ema_decay < 1.0 or self.ema_ramp < 0:
@@ -211,10 +215,15 @@ PRESETS: dict[str, Config] = {
         # (ModelConfig.zero_box_deltas); one group of denoising queries in training; proposal boxes
         # that start tiled over the image (8x the mask AP of whole-image boxes at 20 minutes:
         # benchmarks/results_log.md, session 3 ablations)
+        # The training-only semantic head (dense per-pixel class supervision on the FPN, weight
+        # 3) and a 3x lr for the backbone: 6.2 box / 2.8 mask AP after 12 minutes against 3.5 /
+        # 1.1 without them (benchmarks/results_log.md, session 6 screens)
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
                           num_queries=24, num_stages=3, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
-                          zero_box_deltas=True, dn_groups=1, proposal_init="grid"),
+                          zero_box_deltas=True, dn_groups=1, proposal_init="grid",
+                          aux_semantic=True),
+        loss=LossConfig(semantic_weight=3.0),
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images
@@ -222,7 +231,8 @@ PRESETS: dict[str, Config] = {
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=373,
                         test_min_size=192, test_max_size=373, num_workers=0),
         # one thread: on 2 cores, 2 OpenMP threads were no faster (benchmarks/bench_model.py)
-        train=TrainConfig(batch_size=4, lr=2e-4, max_iters=1500, warmup_iters=100,
+        train=TrainConfig(batch_size=4, lr=2e-4, backbone_lr_mult=3.0, max_iters=1500,
+                          warmup_iters=100,
                           lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1,
                           ema_decay=0.998, ema_ramp=100),
     ),

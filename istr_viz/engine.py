@@ -168,6 +168,17 @@ def lr_factor(iteration: int, max_iters: int | None, warmup_iters: int, warmup_f
     return factor
 
 
+def param_groups(model: nn.Module, backbone_lr_mult: float) -> list[dict]:
+    """The optimiser's parameter groups: one, or with ``backbone_lr_mult`` != 1 the backbone's
+    parameters (``model.backbone``) apart, their ``lr_mult`` read by the loop."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if backbone_lr_mult == 1.0:
+        return [{"params": [p for _, p in trainable], "lr_mult": 1.0}]
+    body = [p for n, p in trainable if n.startswith("backbone.")]
+    head = [p for n, p in trainable if not n.startswith("backbone.")]
+    return [{"params": body, "lr_mult": backbone_lr_mult}, {"params": head, "lr_mult": 1.0}]
+
+
 # ----------------------------------------------------------------------------- weight average
 
 
@@ -256,12 +267,16 @@ def _check_finite_outputs(output, iteration: int) -> None:
 
 def _init_from(model: nn.Module, ckpt: dict, keep_class_head: bool = False) -> list[str]:
     """Copy every weight of checkpoint ``ckpt`` whose name and shape fit (the basis is the model's
-    own) but, unless ``keep_class_head``, the class logits; return the names left as initialised."""
+    own) but, unless ``keep_class_head``, the per-class ones (the class logits, the semantic
+    head's, the denoising label embedding: other classes may have the same count); return the
+    names left as initialised."""
     own = model.state_dict()
+    per_class = ("class_logits", "semantic_head.", "label_embed.")
     fitting = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
                for k, v in ckpt["model"].items()
                if torch.is_tensor(v) and not k.startswith("basis.") and k in own
-               and own[k].shape == v.shape and (keep_class_head or "class_logits" not in k)}
+               and own[k].shape == v.shape
+               and (keep_class_head or not any(part in k for part in per_class))}
     model.load_state_dict(fitting, strict=False)
     return sorted(k for k in own if torch.is_tensor(own[k]) and not k.startswith("basis.")
                   and k not in fitting)
@@ -362,7 +377,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     # the fused kernel: one pass over all parameters (shapes-cpu, 10 M parameters, one core:
     # 15 ms a step against 57 ms for the default per-tensor loop)
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.backbone_lr_mult), lr=tc.lr,
+                                  weight_decay=tc.weight_decay, fused=fused)
 
     budget = {"max_iters": max_iters or tc.max_iters, "from_minutes": max_minutes}
     start_iter, best_ap, train_s0 = 0, -1.0, 0.0
@@ -484,7 +500,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         if iteration >= stop_at:
             break
         for g in optimizer.param_groups:
-            g["lr"] = tc.lr * schedule(iteration)
+            g["lr"] = tc.lr * g.get("lr_mult", 1.0) * schedule(iteration)
         images = batch.images.to(device, non_blocking=True)
         sizes = batch.image_sizes.to(device)
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
@@ -518,7 +534,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             logged = _global_terms(loss, terms, info)  # every process takes part under DDP
             if info.is_main:
                 log({
-                    "iter": iteration, "lr": optimizer.param_groups[0]["lr"],
+                    "iter": iteration, "lr": optimizer.param_groups[-1]["lr"],
                     "time": round(time.perf_counter() - t_start, 3), "train_s": train_seconds(),
                     **logged})
         if measure_until is not None and iteration == measure_from:

@@ -161,6 +161,29 @@ def test_init_from_with_the_same_classes_keeps_the_class_head(shapes, tmp_path):
     torch.testing.assert_close(a[head], b[head], atol=1e-6, rtol=0)
 
 
+def test_init_from_other_classes_of_the_same_count_starts_every_per_class_layer_afresh(shapes):
+    """Classes are matched by name and id, not count: with other classes, the class logits, the
+    semantic head and the denoising label embedding are not copied even when their shapes fit."""
+    from istr_viz.engine import _init_from
+    from istr_viz.model.istr import build_model
+
+    _, basis_path = shapes
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+    assert cfg.model.aux_semantic and cfg.model.dn_groups > 0
+    basis = MaskBasis.load(basis_path)
+    torch.manual_seed(0)
+    source = build_model(cfg.model, 6, basis)
+    torch.manual_seed(1)
+    target = build_model(cfg.model, 6, basis)
+    fresh = _init_from(target, {"model": source.state_dict()}, keep_class_head=False)
+    assert any("class_logits" in k for k in fresh)
+    assert {"semantic_head.weight", "label_embed.weight"} <= set(fresh)
+    assert not torch.equal(target.semantic_head.weight, source.semantic_head.weight)
+    assert torch.equal(target.backbone.state_dict()[next(iter(target.backbone.state_dict()))],
+                       source.backbone.state_dict()[next(iter(source.backbone.state_dict()))])
+    assert _init_from(target, {"model": source.state_dict()}, keep_class_head=True) == []
+
+
 def test_diverged_boxes_stop_with_one_line_naming_the_stage(shapes, tmp_path, monkeypatch):
     import istr_viz.engine as engine
 
@@ -435,6 +458,32 @@ def test_a_minutes_budget_outlasts_a_forecast_that_was_too_low(tmp_path, monkeyp
     assert len(evals) == 2  # the point at half the minutes, then the final one
     assert 0.5 * budget_s <= evals[0]["train_s"] < 0.5 * budget_s + 0.5
     assert load_checkpoint(result.last_checkpoint)["train_state"]["max_iters"] == result.iterations
+
+
+def test_backbone_lr_mult_gives_the_backbone_its_own_lr_through_the_schedule(shapes, tmp_path):
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "train.backbone_lr_mult=3",
+                                                     "train.warmup_iters=0"])
+    run = tmp_path / "run"
+    train(cfg, split_paths(root, "train"), run, basis=MaskBasis.load(basis_path), max_iters=5,
+          device="cpu", progress=False)
+    ckpt = load_checkpoint(run / "last.pt")
+    body, head = ckpt["train_state"]["optimizer"]["param_groups"]
+    assert body["lr"] == pytest.approx(3e-4) and head["lr"] == pytest.approx(1e-4)  # after the step
+    names = [n for n, p in build_model_for(ckpt).named_parameters()]
+    assert len(body["params"]) == sum(n.startswith("backbone.") for n in names) > 0
+    assert len(head["params"]) == sum(not n.startswith("backbone.") for n in names) > 0
+    assert [r["lr"] for r in read_metrics(run / "metrics.jsonl")][-1] == pytest.approx(1e-4)
+
+
+def build_model_for(ckpt: dict):
+    from istr_viz.config import Config
+    from istr_viz.model.istr import build_model
+
+    cfg = Config.from_dict(ckpt["config"])
+    return build_model(cfg.model, len(ckpt["class_names"]), MaskBasis.from_dict(ckpt["basis"]))
 
 
 def test_training_steps_with_the_fused_adamw_also_after_resuming_an_unfused_checkpoint(
