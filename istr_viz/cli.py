@@ -152,9 +152,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.max_iters is not None and args.max_minutes is not None:
         raise DataError("give --max-iters or --max-minutes, not both")
     given_data = args.data or args.train_ann or args.train_images
-    if args.resume and (args.set or args.init_from or args.basis):
-        raise DataError("--resume continues the run with its stored configuration and basis: "
-                        "drop --set, --init-from and --basis", file=args.out)
+    if args.resume and (args.set or args.init_from or args.basis or args.max_minutes is not None):
+        raise DataError("--resume continues the run with its stored configuration, basis and "
+                        "budget (--max-iters may change the budget): drop --set, --init-from, "
+                        "--basis and --max-minutes", file=args.out)
     if args.resume and not given_data:
         from istr_viz.engine import resume_data
 

@@ -317,6 +317,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     from tqdm.auto import tqdm
 
     from istr_viz.data.check import fit_warnings
+
+    if max_iters is not None and max_minutes is not None:
+        raise ConfigError("give max_iters or max_minutes, not both")
+    if resume and max_minutes is not None:
+        raise ConfigError("a resumed run keeps its stored budget: give max_iters to change it, "
+                          "not max_minutes")
     from istr_viz.data.coco import load_annotations
     from istr_viz.evaluate import evaluate_model
 
@@ -437,6 +443,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "rng": _rng_state(), "max_iters": budget["max_iters"],
                          "grad_scaler": scaler.state_dict(),
                          "max_minutes": budget["from_minutes"], "best_mask_ap": best_ap,
+                         "by_minutes": budget.get("by_minutes", False),
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
                          "train_s": train_seconds() if train_s is None else train_s,
                          **extra})
@@ -472,13 +479,17 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     # A minutes budget ends the run, times the lr steps and places the evaluation points by the
     # training clock alone (unless a resume asked for an explicit iteration count); its iteration
     # count is only a forecast, for the progress bar and the record, kept up to date as it runs.
-    hard_stop_s = budget["from_minutes"] * 60 if budget["from_minutes"] and not (
-        ckpt is not None and max_iters is not None) else None
+    # (a run once resumed with an explicit count keeps to counts when resumed again)
+    stored_by_minutes = ckpt is None or ckpt["train_state"].get("by_minutes", True)
+    hard_stop_s = budget["from_minutes"] * 60 if budget["from_minutes"] and stored_by_minutes \
+        and not (ckpt is not None and max_iters is not None) else None
     budget["by_minutes"] = hard_stop_s is not None
     if budget["from_minutes"]:  # after a resume with an explicit --max-iters the share of the
         # minutes done so far still counts for the lr steps
         budget["time_done"] = train_s0 / (budget["from_minutes"] * 60)
     stop_at = 10**12 if budget["by_minutes"] else budget["max_iters"]
+    if budget["by_minutes"] and budget["time_done"] >= 1.0:  # resuming a run whose minutes are up
+        stop_at = start_iter
     # evaluation points: k / (n + 1) of the minutes, or of the iterations
     minute_points = [k / (tc.eval_points + 1) for k in range(1, tc.eval_points + 1)
                      if k / (tc.eval_points + 1) > budget.get("time_done", 0.0)] \
@@ -511,7 +522,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                                 enabled=amp_dtype is not None):
                 output = ddp_model(images, sizes, targets=targets)  # targets: denoising only
             _check_finite_outputs(output, iteration + 1)
-            loss, terms, _ = criterion(output.float(), targets, num_instances=max(num_inst, 1.0))
+            loss, terms, _ = criterion(output.float(), targets, num_instances=max(num_inst, 1.0),
+                                       num_processes=info.world_size)
         except NonFiniteError as err:
             if isinstance(err, TrainingDiverged):
                 raise
@@ -530,13 +542,6 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         iteration += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if iteration % tc.log_every == 0 or iteration == stop_at:
-            logged = _global_terms(loss, terms, info)  # every process takes part under DDP
-            if info.is_main:
-                log({
-                    "iter": iteration, "lr": optimizer.param_groups[-1]["lr"],
-                    "time": round(time.perf_counter() - t_start, 3), "train_s": train_seconds(),
-                    **logged})
         if measure_until is not None and iteration == measure_from:
             t_measure = time.perf_counter()
         if measure_until is not None and iteration == measure_until:
@@ -549,7 +554,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         due = False  # an evaluation point of the minutes passed
         if hard_stop_s is not None and (info.world_size == 1 or iteration % 10 == 0):
             # rank 0's clock (it alone evaluates), so that every process has the same lr, stops
-            # at the same step and evaluates at the same points
+            # at the same step and evaluates at the same points; read before the log line, so
+            # that the last line of a run is past its minutes
             budget["time_done"] = _broadcast_from_main(train_seconds() / hard_stop_s, info, device)
             if budget["time_done"] >= 1.0:
                 stop_at = budget["max_iters"] = bar.total = iteration
@@ -562,14 +568,25 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                     budget["time_done"] >= minute_points[0]:  # (not inside the timed iterations)
                 minute_points.pop(0)
                 due = True
-        if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
-                and iteration < stop_at and measure_until is None:  # budget fixed
-            save_checkpoint(last_path, **payload(iteration))
+        if iteration % tc.log_every == 0 or iteration == stop_at:
+            logged = _global_terms(loss, terms, info)  # every process takes part under DDP
+            if info.is_main:
+                lrs = {"lr_backbone": optimizer.param_groups[0]["lr"]} \
+                    if len(optimizer.param_groups) > 1 else {}
+                log({
+                    "iter": iteration, "lr": optimizer.param_groups[-1]["lr"], **lrs,
+                    "time": round(time.perf_counter() - t_start, 3), "train_s": train_seconds(),
+                    **logged})
         every = tc.eval_every and iteration % tc.eval_every == 0
         at_point = due if budget["by_minutes"] else \
             iteration in eval_points(budget["max_iters"], tc.eval_points)
+        # an evaluation point is evaluated before the checkpoint of its iteration is written, so
+        # that a run killed while evaluating evaluates it again when resumed
         if measure_until is None and iteration < stop_at and (every or at_point):
             run_eval(iteration)
+        if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
+                and iteration < stop_at and measure_until is None:  # budget fixed
+            save_checkpoint(last_path, **payload(iteration))
     bar.close()
     if info.is_main:  # saved before evaluating, so a failing evaluation loses nothing
         save_checkpoint(last_path, **payload(iteration))

@@ -193,14 +193,17 @@ class SetCriterion:
         self.cost_weights = loss_cfg.cost_weights()
 
     def __call__(self, output: ISTROutput, targets: Sequence[Mapping[str, Tensor]],
-                 num_instances: float | None = None) -> CriterionResult:
+                 num_instances: float | None = None, num_processes: int = 1) -> CriterionResult:
         """
         Args:
             output: the model's ``ISTROutput``.
             targets: one dataset target dict per image (``boxes_xyxy``, ``labels``, ``masks``,
                 ``size``); crowd regions are never targets.
-            num_instances: the normaliser; default the batch's GT count. Under DDP pass the
-                all-reduced count divided by the world size. Clamped to >= 1.
+            num_instances: the normaliser of the set losses; default the batch's GT count. Under
+                DDP the engine passes the count summed over processes, so that each process
+                holds its share of one global sum. Clamped to >= 1.
+            num_processes: the semantic loss, a mean over this process's pixels, is divided by
+                it, so that it too is a share: summed over processes it is their mean.
         """
         device = output.final.logits.device
         with no_autocast(device):
@@ -227,7 +230,7 @@ class SetCriterion:
                         losses[f"stage{k}/dn_{name}"] = value
             if output.semantic_logits is not None and self.cfg.semantic_weight > 0:
                 losses["aux/loss_semantic"] = self.cfg.semantic_weight * semantic_loss(
-                    output.semantic_logits, targets, output.semantic_strides)
+                    output.semantic_logits, targets, output.semantic_strides) / num_processes
         return CriterionResult(torch.stack(list(losses.values())).sum(), losses, matches)
 
     def match(self, stage: StageOutput, targets: Sequence[MatchTarget],

@@ -144,6 +144,8 @@ def test_train_bad_inputs(tiny_run, tmp_path, capsys):
     _fails_with(["train", "--data", str(root), "--out", str(tmp_path / "o"), "--preset", "nope"],
                 capsys, "unknown preset")
     _fails_with(["train", "--out", str(tmp_path / "never"), "--resume"], capsys, "last.pt")
+    _fails_with(["train", "--out", str(tmp_path / "never"), "--resume", "--max-minutes", "5"],
+                capsys, "--max-minutes")
 
 
 def test_train_with_a_val_set_of_other_classes_is_refused(tiny_run, tmp_path, capsys):

@@ -420,7 +420,24 @@ def test_a_minutes_budget_stops_training_when_iterations_slow_down(tmp_path, mon
     assert ckpt["train_state"]["max_iters"] == result.iterations == logged[-1]["iter"]
 
 
-def test_a_minutes_budget_outlasts_a_forecast_that_was_too_low(tmp_path, monkeypatch):
+@pytest.fixture
+def virtual_clock(monkeypatch):
+    """The engine's clock, plus seconds that ``advance(s)`` adds: slow iterations without
+    sleeping, and far slower than any machine load could make the real ones."""
+    import types
+
+    import istr_viz.engine as engine
+
+    offset, real = [0.0], time.perf_counter
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: real() + offset[0]))
+
+    def advance(seconds: float) -> None:
+        offset[0] += seconds
+    return advance
+
+
+def test_a_minutes_budget_outlasts_a_forecast_that_was_too_low(tmp_path, monkeypatch,
+                                                               virtual_clock):
     """Iterations timed while the machine was busy forecast too few; when they then speed up the
     run goes on to its minutes (it used to stop at the forecast's count), its lr step and its
     evaluation point fall at their shares of the minutes, not of that forecast."""
@@ -430,9 +447,8 @@ def test_a_minutes_budget_outlasts_a_forecast_that_was_too_low(tmp_path, monkeyp
     real_get, loaded = CocoDataset.get, []
 
     def slow_while_timed(self, index, *args, **kwargs):  # the engine loads with .get
-        loaded.append(index)
-        if len(loaded) <= 4 * 24:  # batch 4: the first 24 iterations, 0.12 s slower each
-            time.sleep(0.03)
+        loaded.append(index)  # batch 4: the first 24 iterations 0.5 s each, then 0.1 s (+ real)
+        virtual_clock(0.125 if len(loaded) <= 4 * 24 else 0.025)
         return real_get(self, index, *args, **kwargs)
 
     monkeypatch.setattr(CocoDataset, "get", slow_while_timed)
@@ -440,13 +456,14 @@ def test_a_minutes_budget_outlasts_a_forecast_that_was_too_low(tmp_path, monkeyp
     make_shapes(root, num_train=8, num_val=2, size=64, seed=4, progress=False)
     cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "basis.dim=12", "train.checkpoint_every=0",
                                                      "train.eval_points=1"])
-    budget_s = 0.2 * 60
-    result = train(cfg, split_paths(root, "train"), tmp_path / "run", max_minutes=0.2,
+    budget_s = 40.0
+    result = train(cfg, split_paths(root, "train"), tmp_path / "run", max_minutes=budget_s / 60,
                    val_data=split_paths(root, "val"), device="cpu", progress=False)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     logged = [r for r in records if "loss" in r]
     at = {r["iter"]: r["time"] for r in logged}
     forecast = 23 + (budget_s - at[23]) / ((at[23] - at[3]) / 20)  # as the engine made it
+    assert at[23] < budget_s / 2  # (the evaluation point falls after the timed iterations)
     assert result.iterations == logged[-1]["iter"] > forecast + 5
     assert budget_s <= logged[-1]["train_s"] < budget_s + 1.0
     pairs = [(a, b) for a, b in zip(logged, logged[1:])
@@ -456,8 +473,42 @@ def test_a_minutes_budget_outlasts_a_forecast_that_was_too_low(tmp_path, monkeyp
         assert r["lr"] == pytest.approx(1e-4 if before["train_s"] >= 0.8 * budget_s else 1e-3)
     evals = [r for r in records if "eval" in r]
     assert len(evals) == 2  # the point at half the minutes, then the final one
-    assert 0.5 * budget_s <= evals[0]["train_s"] < 0.5 * budget_s + 0.5
+    assert 0.5 * budget_s <= evals[0]["train_s"] < 0.5 * budget_s + 1.0
     assert load_checkpoint(result.last_checkpoint)["train_state"]["max_iters"] == result.iterations
+
+
+def test_resuming_a_minutes_run_keeps_its_mode(shapes, tmp_path):
+    """A finished minutes run resumes to nothing; one resumed with an explicit --max-iters keeps
+    to iteration counts when it is resumed again (its minutes are long used up by then)."""
+    from istr_viz.checkpoint import save_checkpoint
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "train.checkpoint_every=0"])
+    basis, run = MaskBasis.load(basis_path), tmp_path / "run"
+    done = train(cfg, split_paths(root, "train"), run, basis=basis, max_minutes=0.005,
+                 device="cpu", progress=False).iterations
+    lines = len(_losses(run))
+    assert train(cfg, split_paths(root, "train"), run, resume=True, device="cpu",
+                 progress=False).iterations == done
+    assert len(_losses(run)) == lines  # no step was added
+    extended = train(cfg, split_paths(root, "train"), run, resume=True, max_iters=done + 2,
+                     device="cpu", progress=False)
+    assert extended.iterations == done + 2
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["train_state"]["by_minutes"] is False
+    ckpt["train_state"]["max_iters"] = done + 4  # as if killed on the way to done + 4
+    save_checkpoint(run / "last.pt", **ckpt)
+    again = train(cfg, split_paths(root, "train"), run, resume=True, device="cpu", progress=False)
+    assert again.iterations == done + 4
+
+
+def test_lr_steps_of_a_minutes_budget_follow_the_clock_alone():
+    # max_iters=None: however many iterations, only the share of the minutes moves the step
+    assert lr_factor(10**6, None, 0, 1.0, (0.8,), 0.1, time_done=0.79) == 1.0
+    assert lr_factor(5, None, 0, 1.0, (0.8,), 0.1, time_done=0.8) == pytest.approx(0.1)
+    assert lr_factor(5, 10, 0, 1.0, (0.8,), 0.1, time_done=0.0) == 1.0
+    assert lr_factor(8, 10, 0, 1.0, (0.8,), 0.1, time_done=0.0) == pytest.approx(0.1)
 
 
 def test_backbone_lr_mult_gives_the_backbone_its_own_lr_through_the_schedule(shapes, tmp_path):

@@ -5,7 +5,7 @@ import torch
 from torchvision.ops import roi_align
 
 from istr_viz.model import RoIPooler
-from istr_viz.model.roi_align import roi_align_matrix, sparse_roi_align
+from istr_viz.model.roi_align import _csr_pair, roi_align_matrix, sparse_roi_align
 
 
 def _rois(batch: int, height: int, width: int, stride: int, count: int, seed: int) -> torch.Tensor:
@@ -106,3 +106,21 @@ def test_pools_in_float32_under_bf16_autocast():
     assert pooled.dtype == torch.float32 and torch.allclose(pooled, ref, atol=1e-5)
     assert leaf.grad.dtype == torch.bfloat16
     assert torch.allclose(leaf.grad.float(), ref_in.grad, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("num_rows", [0, 1, 37])
+def test_csr_pair_equals_the_dense_sum_of_its_entries(num_rows):
+    """Random entries with many repeats (4 per row drawn from 6 columns): A and its transpose
+    are valid CSR and equal the dense matrix that accumulates every entry."""
+    g = torch.Generator().manual_seed(num_rows)
+    per_row, num_cols = 4, 6
+    cols = torch.randint(0, num_cols, (num_rows * per_row,), generator=g)
+    values = torch.rand(num_rows * per_row, generator=g)
+    dense = torch.zeros(num_rows, num_cols)
+    rows = torch.arange(num_rows).repeat_interleave(per_row)
+    dense.index_put_((rows, cols), values, accumulate=True)
+    matrix, transposed = _csr_pair(cols, values, per_row, num_cols)
+    assert torch.allclose(matrix.to_dense(), dense) and torch.allclose(transposed.to_dense(), dense.T)
+    for m in (matrix, transposed):
+        torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape,
+                                check_invariants=True)

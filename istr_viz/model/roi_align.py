@@ -100,9 +100,10 @@ def _csr_pair(cols: Tensor, values: Tensor, per_row: int, num_cols: int) -> tupl
     """A and its transpose as valid CSR (sorted, repeats summed), where A's row r holds entries
     [r * per_row, (r + 1) * per_row) of ``cols`` / ``values``.
 
-    The rows are already in order, so A needs only a sort within each short row: about 3x
-    cheaper than torch's ``coalesce`` of the whole entry list (2.1 against 7.1 ms for both
-    matrices of 64 RoIs on a 48 x 48 P2 map, one core).
+    The rows are already in order, so A needs only a sort within each short row, not torch's
+    ``coalesce`` of the whole entry list (which took 33 ms of a ~460 ms training iteration in a
+    ``python -m cProfile`` of ``istr_viz train``); ``benchmarks/bench_kernels.py`` times the
+    whole operator, these matrices included.
     """
     num_rows = cols.numel() // per_row
     row_cols, order = cols.view(num_rows, per_row).sort(dim=1)
