@@ -216,10 +216,10 @@ PRESETS: dict[str, Config] = {
         # that start tiled over the image (8x the mask AP of whole-image boxes at 20 minutes:
         # benchmarks/results_log.md, session 3 ablations)
         # The training-only semantic head (dense per-pixel class supervision on the FPN) and a 3x
-        # lr for the backbone: at 12 minutes 6.2 box / 2.8 mask AP (head weight 1) against 3.5 /
-        # 1.1 without them; at 30 minutes 25.4 / 18.1 against 24.1 / 17.0 (r15, r13). Weight 3
-        # measured no better than 1 on top of the lr (benchmarks/results_log.md, session 6); kept
-        # because the 20- and 30-minute results were measured with it
+        # lr for the backbone: each gained at 12 minutes in side-by-side screens; at 30 minutes
+        # 25.4 / 18.1 box / mask AP (r15). Weight 3 measured no better than 1 on top of the lr;
+        # kept because the 20- and 30-minute results were measured with it (all in
+        # benchmarks/results_log.md, session 6)
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
                           num_queries=24, num_stages=3, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,

@@ -444,6 +444,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "grad_scaler": scaler.state_dict(),
                          "max_minutes": budget["from_minutes"], "best_mask_ap": best_ap,
                          "by_minutes": budget.get("by_minutes", False),
+                         "time_done": budget.get("time_done"),
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
                          "train_s": train_seconds() if train_s is None else train_s,
                          **extra})
@@ -485,8 +486,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         and not (ckpt is not None and max_iters is not None) else None
     budget["by_minutes"] = hard_stop_s is not None
     if budget["from_minutes"]:  # after a resume with an explicit --max-iters the share of the
-        # minutes done so far still counts for the lr steps
-        budget["time_done"] = train_s0 / (budget["from_minutes"] * 60)
+        # minutes done when it switched to counts still times the lr steps, frozen (stored, so
+        # that a later resume does not move it)
+        frozen = ckpt["train_state"].get("time_done") if ckpt is not None and \
+            not stored_by_minutes else None
+        budget["time_done"] = frozen if frozen is not None else \
+            train_s0 / (budget["from_minutes"] * 60)
     stop_at = 10**12 if budget["by_minutes"] else budget["max_iters"]
     if budget["by_minutes"] and budget["time_done"] >= 1.0:  # resuming a run whose minutes are up
         stop_at = start_iter
@@ -588,6 +593,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                 and iteration < stop_at and measure_until is None:  # budget fixed
             save_checkpoint(last_path, **payload(iteration))
     bar.close()
+    if iteration == start_iter and ckpt is not None and ckpt.get("metrics"):
+        # resuming a finished run: nothing to train, its final evaluation is on record
+        if info.world_size > 1:
+            dist.barrier()
+        return TrainResult(out_dir, last_path, best_path if best_path.exists() else None,
+                           iteration, 0.0, ckpt["metrics"])
     if info.is_main:  # saved before evaluating, so a failing evaluation loses nothing
         save_checkpoint(last_path, **payload(iteration))
     final_metrics = run_eval(iteration)

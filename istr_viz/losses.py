@@ -203,7 +203,9 @@ class SetCriterion:
                 DDP the engine passes the count summed over processes, so that each process
                 holds its share of one global sum. Clamped to >= 1.
             num_processes: the semantic loss, a mean over this process's pixels, is divided by
-                it, so that it too is a share: summed over processes it is their mean.
+                it, so that it too is a share: summed over processes it is the mean of their
+                pixel means (the global pixel mean when the processes' images have as many
+                valid pixels, as plain DDP averaging would give).
         """
         device = output.final.logits.device
         with no_autocast(device):

@@ -429,7 +429,9 @@ def virtual_clock(monkeypatch):
     import istr_viz.engine as engine
 
     offset, real = [0.0], time.perf_counter
-    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: real() + offset[0]))
+    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    clock.perf_counter = lambda: real() + offset[0]
+    monkeypatch.setattr(engine, "time", clock)
 
     def advance(seconds: float) -> None:
         offset[0] += seconds
@@ -497,10 +499,34 @@ def test_resuming_a_minutes_run_keeps_its_mode(shapes, tmp_path):
     assert extended.iterations == done + 2
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["train_state"]["by_minutes"] is False
+    frozen = ckpt["train_state"]["time_done"]  # the share of the minutes at the switch
+    assert frozen >= 1.0
     ckpt["train_state"]["max_iters"] = done + 4  # as if killed on the way to done + 4
     save_checkpoint(run / "last.pt", **ckpt)
     again = train(cfg, split_paths(root, "train"), run, resume=True, device="cpu", progress=False)
     assert again.iterations == done + 4
+    # the lr steps' share of the minutes stayed where the switch froze it, though the clock ran on
+    assert load_checkpoint(run / "last.pt")["train_state"]["time_done"] == frozen
+
+
+def test_a_finished_run_resumes_to_nothing_and_logs_its_last_step(shapes, tmp_path):
+    """With log_every > 1 the last step of a minutes run is still logged (past its minutes), and
+    resuming the finished run neither trains nor evaluates again."""
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "basis.dim=12", "train.log_every=7",
+                                                     "train.checkpoint_every=0"])
+    run = tmp_path / "run"
+    first = train(cfg, split_paths(root, "train"), run, basis=MaskBasis.load(basis_path),
+                  val_data=split_paths(root, "val"), max_minutes=0.02, device="cpu", progress=False)
+    records = read_metrics(run / "metrics.jsonl")
+    logged = [r for r in records if "loss" in r]
+    assert logged[-1]["iter"] == first.iterations and logged[-1]["train_s"] >= 0.02 * 60
+    again = train(cfg, split_paths(root, "train"), run, resume=True, device="cpu", progress=False)
+    assert again.iterations == first.iterations
+    assert again.metrics["segm"]["AP"] == first.metrics["segm"]["AP"]
+    assert read_metrics(run / "metrics.jsonl") == records  # no step, no second evaluation
 
 
 def test_lr_steps_of_a_minutes_budget_follow_the_clock_alone():
