@@ -307,7 +307,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     ``max_minutes``: training stops when that many minutes of training (evaluations left out,
     summed over resumes) have passed, and the lr steps and ``train.eval_points`` fall at their
     shares of those minutes; the iteration count is forecast from the first iterations (and
-    updated as they run) for the progress bar and the checkpoint's record; ``max_iters`` overrides ``cfg.train.max_iters``. With
+    updated as they run) for the progress bar and the checkpoint's record; ``max_iters``
+    overrides ``cfg.train.max_iters``. With
     ``resume=True`` the run continues from ``out_dir/last.pt`` with the configuration, basis,
     optimiser, scheduler, RNG and iteration stored there (never refitted).
     ``on_log(record)``: called (main process only) with each record just appended to
