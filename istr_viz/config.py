@@ -217,15 +217,14 @@ PRESETS: dict[str, Config] = {
         # benchmarks/results_log.md, session 3 ablations)
         # The training-only semantic head (dense per-pixel class supervision on the FPN) and a 3x
         # lr for the backbone: each gained at 12 minutes in side-by-side screens; at 30 minutes
-        # 25.4 / 18.1 box / mask AP (r15). Weight 3 measured no better than 1 on top of the lr;
-        # kept because the 20- and 30-minute results were measured with it (all in
-        # benchmarks/results_log.md, session 6)
+        # 25.8 / 18.4 box / mask AP against 23.7 / 16.5 without them (r17, r19). The weight is 1:
+        # 3 measured no better on top of the lr in a side-by-side pair at 12 minutes (all in
+        # benchmarks/results_log.md, sessions 6-7)
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
                           num_queries=24, num_stages=3, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
                           zero_box_deltas=True, dn_groups=1, proposal_init="grid",
                           aux_semantic=True),
-        loss=LossConfig(semantic_weight=3.0),
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images
