@@ -318,14 +318,14 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     from tqdm.auto import tqdm
 
     from istr_viz.data.check import fit_warnings
+    from istr_viz.data.coco import load_annotations
+    from istr_viz.evaluate import evaluate_model
 
     if max_iters is not None and max_minutes is not None:
         raise ConfigError("give max_iters or max_minutes, not both")
     if resume and max_minutes is not None:
         raise ConfigError("a resumed run keeps its stored budget: give max_iters to change it, "
                           "not max_minutes")
-    from istr_viz.data.coco import load_annotations
-    from istr_viz.evaluate import evaluate_model
 
     info, device = setup_distributed(device)
     out_dir = Path(out_dir)
