@@ -500,6 +500,14 @@ class MaskBasis(nn.Module):
         _, components, scale = self._linear_params(k, device or self.mean.device, dtype)
         return components * scale[:, None] if self.whiten else components
 
+    def code_scale(self) -> Tensor:
+        """(dim,) float32: what each code component is multiplied by to give its coefficient in
+        the space the basis was fitted in (the floored sqrt of the explained variance for
+        whitened codes, 1 otherwise)."""
+        if not self.whiten:
+            return torch.ones(self.dim, device=self.mean.device)
+        return self._linear_params(self.dim, self.mean.device, torch.float32)[2]
+
     def linear_offset(self) -> Tensor:
         """(P,) what :meth:`decode_linear` adds to the weighted rows: the mean."""
         return self.mean

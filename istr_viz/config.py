@@ -44,6 +44,11 @@ class ModelConfig:
     # (or background), supervised by LossConfig.semantic_weight; gives the from-scratch backbone
     # dense gradients. Inference never runs it: predictions are ISTR's.
     aux_semantic: bool = False
+    # Training-only aid (FCOS-like, not in ISTR): a 1x1 conv on every FPN level predicts, at each
+    # pixel inside an instance, the distances to that instance's box sides (a GIoU loss weighted
+    # by LossConfig.dense_box_weight): dense localisation gradients for the backbone, as an RPN
+    # gives Mask R-CNN. Inference never runs it.
+    aux_dense_box: bool = False
     # Training-only aid (DN-DETR, not in ISTR): dn_groups noised copies of every GT box join the
     # queries and learn to reconstruct their instance without matching (istr_viz.model.denoising).
     dn_groups: int = 0
@@ -84,10 +89,17 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     embed_target_noise: bool = True  # loss-side GT codes use the basis' fresh logit noise (v1)
+    # Per-component weights of the embedding MSE: "uniform" (v1: every whitened component counts
+    # the same) or "variance" (component j weighted by its explained variance / the mean one, so
+    # the MSE of whitened codes becomes the squared error in the basis' own (logit) space, led by
+    # the components that carry the mask; predicting the mean code still scores 1). Codes that
+    # are not whitened (basis.recipe "binary", the DCT codec) are in that space already: no change
+    embed_weighting: str = "uniform"
     # Frame of the loss-side GT mask crops: "gt" = the GT boxes (v1); "pred" = the detached
     # predicted boxes, the frame the mask is pasted into at test time (v2). Matching uses "gt".
     mask_target_boxes: str = "gt"
     semantic_weight: float = 1.0  # cross-entropy of the auxiliary semantic head (model.aux_semantic)
+    dense_box_weight: float = 1.0  # GIoU loss of the auxiliary dense box head (model.aux_dense_box)
     # Training-only aid (not in ISTR): the first ``o2m_stages`` stages match every GT instance to
     # up to ``o2m_k`` queries (the GT repeated k times in the Hungarian problem), giving k times
     # the positives early on; later stages stay one-to-one, so inference needs no NMS. 1 = off.
@@ -95,6 +107,9 @@ class LossConfig:
     o2m_stages: int = 0
 
     def __post_init__(self) -> None:
+        if self.embed_weighting not in ("uniform", "variance"):
+            raise ConfigError(f"loss.embed_weighting must be 'uniform' or 'variance', got "
+                              f"{self.embed_weighting!r}", entry="loss.embed_weighting")
         if self.o2m_k < 1 or self.o2m_stages < 0:
             raise ConfigError(f"loss.o2m_k must be >= 1 and loss.o2m_stages >= 0, got "
                               f"{self.o2m_k} and {self.o2m_stages}")
@@ -219,7 +234,8 @@ PRESETS: dict[str, Config] = {
         # lr for the backbone: each gained at 12 minutes in side-by-side screens; at 30 minutes
         # 25.8 / 18.4 box / mask AP against 23.7 / 16.5 without them (r17, r19). The weight is 1:
         # 3 measured no better on top of the lr in a side-by-side pair at 12 minutes (all in
-        # benchmarks/results_log.md, sessions 6-7)
+        # benchmarks/results_log.md, sessions 6-7). The embedding MSE weights each component by
+        # its variance (loss.embed_weighting): 3.4 against 2.7 mask AP at 12 minutes (session 8)
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
                           num_queries=24, num_stages=3, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
@@ -231,6 +247,7 @@ PRESETS: dict[str, Config] = {
         # wider than 5:3 (a 224 cap shrank 360 x 200 images to 224 x 124)
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=373,
                         test_min_size=192, test_max_size=373, num_workers=0),
+        loss=LossConfig(embed_weighting="variance"),
         # one thread: on 2 cores, 2 OpenMP threads were no faster (benchmarks/bench_model.py)
         train=TrainConfig(batch_size=4, lr=2e-4, backbone_lr_mult=3.0, max_iters=1500,
                           warmup_iters=100,

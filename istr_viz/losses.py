@@ -76,36 +76,66 @@ def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def mask_losses(pred_embed: Tensor, gt_embed: Tensor, pred_masks: Tensor, gt_crops: Tensor,
-                num_instances: float) -> dict[str, Tensor]:
+                num_instances: float, embed_weights: Tensor | None = None) -> dict[str, Tensor]:
     """Embedding MSE (/ M) and dice over N matched pairs: embeds (N, M), decoded masks and GT
-    crops (N, S, S). Returns {"mask_embed", "mask_dice"}, each a sum / ``num_instances``."""
+    crops (N, S, S); ``embed_weights`` (M,) weights each component's squared error (default 1).
+    Returns {"mask_embed", "mask_dice"}, each a sum / ``num_instances``."""
     if pred_embed.shape[0] == 0:
         zero = pred_embed.sum() * 0
         return {"mask_embed": zero, "mask_dice": zero}
     M = pred_embed.shape[-1]
-    mse = F.mse_loss(pred_embed.float(), gt_embed.float(), reduction="sum") / M
+    squared = (pred_embed.float() - gt_embed.float()) ** 2  # (N, M)
+    if embed_weights is not None:
+        squared = squared * embed_weights.to(squared.device, squared.dtype)
+    mse = squared.sum() / M
     dice = dice_loss(pred_masks, gt_crops).sum()
     return {"mask_embed": mse / num_instances, "mask_dice": dice / num_instances}
+
+
+def _cell_centres(height: int, width: int, stride: int, image_hw: tuple[int, int]
+                  ) -> tuple[Tensor, Tensor]:
+    """Row and column pixel indices (h,), (w,) of a level's cell centres, clamped to the image."""
+    H, W = image_hw
+    rows = (torch.arange(height) * stride + stride // 2).clamp(max=max(H - 1, 0))
+    cols = (torch.arange(width) * stride + stride // 2).clamp(max=max(W - 1, 0))
+    return rows, cols
+
+
+def instance_index_map(target: Mapping[str, Tensor], height: int, width: int, stride: int
+                       ) -> Tensor:
+    """The (h, w) long map of which instance each cell of an FPN level shows, -1 for none.
+
+    Each cell takes the pixel at its centre in the (padded) image and the last instance whose
+    mask covers it (later annotations are drawn on top). Padding cells are -1.
+    """
+    H, W = (int(v) for v in target["size"])
+    rows, cols = _cell_centres(height, width, stride, (H, W))
+    out = torch.full((height, width), -1, dtype=torch.long)
+    masks = target["masks"].cpu()
+    if masks.shape[0]:
+        sampled = masks[:, rows][:, :, cols].bool()  # (G, h, w)
+        for g in range(sampled.shape[0]):
+            out[sampled[g]] = g
+    inside_r = (torch.arange(height) * stride) < H
+    inside_c = (torch.arange(width) * stride) < W
+    out[~(inside_r[:, None] & inside_c[None, :])] = -1
+    return out
 
 
 def semantic_target_map(target: Mapping[str, Tensor], height: int, width: int, stride: int,
                         num_classes: int, ignore_index: int = -100) -> Tensor:
     """The (h, w) long class map of one image at one FPN level for the auxiliary semantic head.
 
-    Each cell takes the pixel at its centre in the (padded) image: the class of the last instance
-    covering it (later annotations are drawn on top), ``num_classes`` for background, and
-    ``ignore_index`` on crowd regions and padding. ``height``, ``width``: the level's map size.
+    Each cell takes the class of the instance at its centre (:func:`instance_index_map`),
+    ``num_classes`` for background, and ``ignore_index`` on crowd regions and padding.
+    ``height``, ``width``: the level's map size.
     """
     H, W = (int(v) for v in target["size"])
-    rows = (torch.arange(height) * stride + stride // 2).clamp(max=max(H - 1, 0))
-    cols = (torch.arange(width) * stride + stride // 2).clamp(max=max(W - 1, 0))
+    rows, cols = _cell_centres(height, width, stride, (H, W))
+    index = instance_index_map(target, height, width, stride)
+    labels = target["labels"].cpu().long()
     out = torch.full((height, width), num_classes, dtype=torch.long)
-    masks = target["masks"].cpu()
-    if masks.shape[0]:
-        sampled = masks[:, rows][:, :, cols].bool()  # (G, h, w)
-        labels = target["labels"].cpu().long()
-        for g in range(sampled.shape[0]):
-            out[sampled[g]] = labels[g]
+    out[index >= 0] = labels[index[index >= 0]]
     crowd = target.get("crowd_mask")
     if crowd is not None and crowd.numel():
         out[crowd.cpu()[rows][:, cols].bool()] = ignore_index
@@ -113,6 +143,45 @@ def semantic_target_map(target: Mapping[str, Tensor], height: int, width: int, s
     inside_c = (torch.arange(width) * stride) < W
     out[~(inside_r[:, None] & inside_c[None, :])] = ignore_index
     return out
+
+
+def dense_box_loss(logits: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]],
+                   strides: Sequence[int]) -> Tensor:
+    """Mean over FPN levels (those with instance cells) of the mean 1 - GIoU between the box
+    each instance cell predicts and its instance's GT box (FCOS-style, training only). Cells
+    outside every instance (background, crowd regions, padding) give no loss.
+
+    Args:
+        logits: one (B, 4, h_l, w_l) map per level: log distances, in strides, from the cell
+            centre to the left, top, right and bottom box sides.
+        targets: the batch's dataset target dicts (``masks``, ``boxes_xyxy``, ``size``).
+        strides: each level's stride in pixels.
+    """
+    per_level = []
+    for level_logits, stride in zip(logits, strides):
+        h, w = level_logits.shape[-2:]
+        device = level_logits.device
+        preds, gts = [], []
+        for b, t in enumerate(targets):
+            index = instance_index_map(t, h, w, stride).to(device)
+            cells = torch.nonzero(index >= 0)  # (P, 2) row, col
+            if cells.shape[0] == 0:
+                continue
+            ltrb = level_logits[b, :, cells[:, 0], cells[:, 1]].float().t()  # (P, 4)
+            ltrb = ltrb.clamp(max=10).exp() * stride
+            # the pixel each cell was labelled from (instance_index_map), so it is inside its box
+            rows, cols = _cell_centres(h, w, stride, (int(t["size"][0]), int(t["size"][1])))
+            cx = cols.to(device, torch.float32)[cells[:, 1]]
+            cy = rows.to(device, torch.float32)[cells[:, 0]]
+            preds.append(torch.stack([cx - ltrb[:, 0], cy - ltrb[:, 1],
+                                      cx + ltrb[:, 2], cy + ltrb[:, 3]], 1))
+            gts.append(t["boxes_xyxy"].to(device).float()[index[cells[:, 0], cells[:, 1]]])
+        if preds:
+            per_level.append(generalized_box_iou_loss(torch.cat(preds), torch.cat(gts),
+                                                      reduction="mean"))
+    if not per_level:
+        return logits[0].sum() * 0
+    return torch.stack(per_level).mean()
 
 
 def semantic_loss(logits: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]],
@@ -168,12 +237,27 @@ def fold_repeated_match(match: Match, num_gt: int) -> Match:
 
 class CriterionResult(NamedTuple):
     """``total`` = sum of ``losses`` (already weighted), keys ``"stage{k}/loss_*"`` with k from 1;
-    ``matches[k][b]`` the ``Match`` of stage k + 1, image b; with the auxiliary semantic head
-    also ``"aux/loss_semantic"``."""
+    ``matches[k][b]`` the ``Match`` of stage k + 1, image b; with the auxiliary semantic and
+    dense box heads also ``"aux/loss_semantic"`` and ``"aux/loss_dense_box"``."""
 
     total: Tensor
     losses: dict[str, Tensor]
     matches: list[list[Match]]
+
+
+def embedding_weights(basis: MaskCodec, weighting: str) -> Tensor | None:
+    """(M,) weights of the embedding MSE's components, or None for equal weights.
+
+    ``"variance"`` on a whitened basis: the squared whitening scale (the explained variance,
+    floored as :meth:`MaskBasis.code_scale` floors it) over its mean, so that the weighted MSE
+    is the squared error in the space the basis was fitted in (PCA is orthonormal there), scaled
+    so that predicting the mean code still costs 1 per component on average. Codes that are not
+    whitened (the ``"binary"`` recipe, the DCT codec) already live in that space: equal weights.
+    """
+    if weighting == "uniform" or not getattr(basis, "whiten", False):
+        return None
+    variance = basis.code_scale().float().cpu() ** 2
+    return variance / variance.mean()
 
 
 class SetCriterion:
@@ -191,6 +275,7 @@ class SetCriterion:
         self.cfg = loss_cfg
         self.basis = basis
         self.cost_weights = loss_cfg.cost_weights()
+        self.embed_weights = embedding_weights(basis, loss_cfg.embed_weighting)
 
     def __call__(self, output: ISTROutput, targets: Sequence[Mapping[str, Tensor]],
                  num_instances: float | None = None, num_processes: int = 1) -> CriterionResult:
@@ -202,8 +287,8 @@ class SetCriterion:
             num_instances: the normaliser of the set losses; default the batch's GT count. Under
                 DDP the engine passes the count summed over processes, so that each process
                 holds its share of one global sum. Clamped to >= 1.
-            num_processes: the semantic loss, a mean over this process's pixels, is divided by
-                it, so that it too is a share: summed over processes it is the mean of their
+            num_processes: the semantic and dense box losses, means over this process's pixels,
+                are divided by it, so that it too is a share: summed over processes it is the mean of their
                 pixel means (the global pixel mean when the processes' images have as many
                 valid pixels, as plain DDP averaging would give).
         """
@@ -233,6 +318,9 @@ class SetCriterion:
             if output.semantic_logits is not None and self.cfg.semantic_weight > 0:
                 losses["aux/loss_semantic"] = self.cfg.semantic_weight * semantic_loss(
                     output.semantic_logits, targets, output.semantic_strides) / num_processes
+            if output.dense_box_logits is not None and self.cfg.dense_box_weight > 0:
+                losses["aux/loss_dense_box"] = self.cfg.dense_box_weight * dense_box_loss(
+                    output.dense_box_logits, targets, output.semantic_strides) / num_processes
         return CriterionResult(torch.stack(list(losses.values())).sum(), losses, matches)
 
     def match(self, stage: StageOutput, targets: Sequence[MatchTarget],
@@ -271,7 +359,8 @@ class SetCriterion:
         pred_embed = stage.mask_embed[batch_idx, query_idx].float()  # (N, M)
         gt_crops, gt_embed = self.mask_targets(targets, gt_idx, pred_boxes.detach(), batch_idx)
         pred_masks = self.basis.decode(pred_embed)  # (N, S, S) probabilities, fp32
-        masks = mask_losses(pred_embed, gt_embed, pred_masks, gt_crops, num_instances)
+        masks = mask_losses(pred_embed, gt_embed, pred_masks, gt_crops, num_instances,
+                            self.embed_weights)
 
         loss_class = focal_class_loss(stage.logits, target_classes, num_instances,
                                       cfg.focal_alpha, cfg.focal_gamma, query_mask)

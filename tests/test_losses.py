@@ -12,8 +12,8 @@ from istr_viz.basis import MaskBasis
 from istr_viz.config import LossConfig
 from istr_viz.data.instance_masks import synthetic_instance_masks
 from istr_viz.errors import ConfigError
-from istr_viz.losses import (LOSS_TERMS, SetCriterion, box_losses, dice_loss, focal_class_loss,
-                             mask_losses)
+from istr_viz.losses import (LOSS_TERMS, SetCriterion, box_losses, dice_loss, embedding_weights,
+                             focal_class_loss, mask_losses)
 from istr_viz.matcher import hungarian_match, prepare_target
 from istr_viz.model import ISTR, build_backbone
 from istr_viz.model.outputs import ISTROutput, StageOutput
@@ -209,6 +209,61 @@ def test_one_to_many_never_asks_for_more_queries_than_there_are(basis):
     assert sorted(result.matches[0][0].gt_idx.tolist()) == [0, 1, 2, 3, 4]
 
 
+def test_variance_weighted_embedding_loss_is_the_error_in_the_fitted_space(basis):
+    """On a whitened basis, "variance" weighting turns the MSE of whitened codes into the mean
+    squared error of what they decode to in the fitted (logit) space, over the mean variance."""
+    weights = embedding_weights(basis, "variance")
+    assert weights.shape == (M,) and torch.isclose(weights.mean(), torch.tensor(1.0))
+    assert weights[0] > weights[-1]  # leading components weigh more
+    assert embedding_weights(basis, "uniform") is None
+    g = torch.Generator().manual_seed(3)
+    pred, gt = torch.randn(5, M, generator=g), torch.randn(5, M, generator=g)
+    crops = torch.zeros(5, 4, 4)
+    out = mask_losses(pred, gt, crops, crops, num_instances=5.0, embed_weights=weights)
+    in_fitted_space = ((basis.decode_linear(pred) - basis.decode_linear(gt)) ** 2).sum()
+    mean_variance = (basis.code_scale() ** 2).mean()
+    assert torch.isclose(out["mask_embed"], in_fitted_space / M / mean_variance / 5, rtol=1e-4)
+    # predicting the mean code (all zeros) for encoded masks scores about 1, weighted or not
+    codes = basis.encode(synthetic_instance_masks(300, S, seed=5), noise=False)
+    zeros, none = torch.zeros_like(codes), torch.zeros(len(codes), 4, 4)
+    for w in (weights, None):
+        score = mask_losses(zeros, codes, none, none, len(codes), w)["mask_embed"]
+        assert 0.7 < score < 1.3
+    # the criterion picks the weights from its config
+    cfg = dataclasses.replace(LossConfig(), embed_weighting="variance")
+    assert torch.equal(SetCriterion(cfg, basis).embed_weights, weights)
+    assert SetCriterion(LossConfig(), basis).embed_weights is None
+    with pytest.raises(ConfigError, match="embed_weighting"):
+        LossConfig(embed_weighting="whitened")
+
+
+def test_variance_weights_follow_the_whitening_floor():
+    """A basis fitted with as many components as masks has components the data never varied
+    along: encode floors their scale, and so must the weights (else they would be ~0 there)."""
+    masks = synthetic_instance_masks(8, S, seed=4)
+    basis = MaskBasis.fit(masks, dim=8, seed=0)
+    weights = embedding_weights(basis, "variance")
+    scale = basis.code_scale()
+    variance = basis.explained_variance.float()
+    assert variance[-1] < 1e-9 * variance[0]  # the floor binds on the last component
+    assert torch.isclose(scale[-1], scale[0] * 1e-3)
+    assert torch.allclose(weights, scale ** 2 / (scale ** 2).mean())
+    assert weights[-1] > 1e-7 * weights[0]  # not the raw (vanishing) variance
+    binary = MaskBasis.fit(masks, dim=4, seed=0, recipe="binary")
+    assert embedding_weights(binary, "variance") is None  # not whitened: already that space
+
+
+def test_configs_saved_before_the_new_loss_options_load_with_the_old_behaviour():
+    from istr_viz.config import Config, get_preset
+
+    saved = get_preset("shapes-cpu").to_dict()
+    for key in ("embed_weighting", "dense_box_weight"):
+        del saved["loss"][key]
+    del saved["model"]["aux_dense_box"]
+    cfg = Config.from_dict(saved)
+    assert cfg.loss.embed_weighting == "uniform" and not cfg.model.aux_dense_box
+
+
 def test_one_to_many_settings_are_checked():
     with pytest.raises(ConfigError):
         LossConfig(o2m_k=0)
@@ -248,3 +303,48 @@ def test_semantic_head_trains_only_and_adds_a_loss(basis):
     assert model.semantic_head.weight.grad.abs().sum() > 0
     model.eval()
     assert model(images, sizes).semantic_logits is None  # inference is ISTR's
+
+
+def test_instance_index_map_puts_later_instances_on_top_and_pads_with_minus_one():
+    from istr_viz.losses import instance_index_map
+
+    target = _target([[0, 0, 16, 16], [8, 8, 24, 24]], [2, 1], size=(32, 24))
+    index = instance_index_map(target, height=10, width=8, stride=4)
+    assert index[0, 0] == 0 and index[3, 3] == 1 and index[0, 5] == -1
+    assert (index[8:] == -1).all()
+
+
+def test_dense_box_loss_is_zero_for_exact_distances_and_trains_the_head(basis):
+    from istr_viz.config import ModelConfig
+    from istr_viz.losses import dense_box_loss, instance_index_map
+    from istr_viz.model import build_model
+
+    stride, h, w = 4, 8, 8
+    target = _target([[4, 8, 20, 28]], [0], size=(32, 32))
+    index = instance_index_map(target, h, w, stride)
+    centres = torch.arange(h, dtype=torch.float32) * stride + stride // 2  # the labelled pixels
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    x0, y0, x1, y1 = target["boxes_xyxy"][0]
+    exact = torch.stack([cx - x0, cy - y0, x1 - cx, y1 - cy]).clamp(min=1e-3) / stride
+    logits = exact.log()[None]  # (1, 4, h, w): right inside the box, anything outside it
+    assert (index >= 0).sum() > 0
+    assert dense_box_loss([logits], [target], [stride]) < 1e-4
+    assert dense_box_loss([logits + 0.5], [target], [stride]) > 0.05  # boxes too large
+    empty = _target([], [], size=(32, 32))
+    zero = dense_box_loss([logits.requires_grad_(True)], [empty], [stride])
+    assert zero == 0 and zero.requires_grad
+
+    cfg = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=4,
+                      num_stages=1, hidden_dim=16, dim_dynamic=4, dim_feedforward=32, num_heads=2,
+                      aux_dense_box=True)
+    model = build_model(cfg, C, basis)
+    images, sizes = torch.rand(2, 3, 64, 64), torch.tensor([[64, 64], [48, 64]])
+    out = model(images, sizes)
+    assert [t.shape[1] for t in out.dense_box_logits] == [4] * 4 and out.semantic_logits is None
+    targets = [_target([[5, 5, 20, 30]], [0], size=(64, 64)), _target([[0, 0, 30, 30]], [1])]
+    result = SetCriterion(LossConfig(dense_box_weight=2.0), basis)(out, targets)
+    assert result.losses["aux/loss_dense_box"] > 0
+    result.total.backward()
+    assert model.dense_box_head.weight.grad.abs().sum() > 0
+    model.eval()
+    assert model(images, sizes).dense_box_logits is None  # inference is ISTR's

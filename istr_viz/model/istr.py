@@ -95,6 +95,7 @@ class ISTR(nn.Module):
         proposal_init: "image" (official) or "grid" (:func:`grid_proposals`).
         proposal_box_cells: the grid boxes' sides in grid cells (:func:`grid_proposals`).
         aux_semantic: add the training-only semantic head (``ModelConfig.aux_semantic``).
+        aux_dense_box: add the training-only dense box head (``ModelConfig.aux_dense_box``).
         dn_groups, dn_box_noise, dn_label_noise: training-only query denoising
             (``istr_viz.model.denoising``); 0 groups = off.
     """
@@ -107,7 +108,7 @@ class ISTR(nn.Module):
                  pooler_resolution: int = 7, canonical_box_size: float = 224.0,
                  prior_prob: float = 0.01, zero_box_deltas: bool = False,
                  proposal_init: str = "image", proposal_box_cells: tuple[float, ...] = (2.0,),
-                 aux_semantic: bool = False,
+                 aux_semantic: bool = False, aux_dense_box: bool = False,
                  dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2):
         super().__init__()
         if backbone.out_channels != hidden_dim:
@@ -134,6 +135,11 @@ class ISTR(nn.Module):
             stage.reset_parameters(prior_prob, zero_box_deltas)
         # one 1x1 conv shared by all FPN levels: C classes + background
         self.semantic_head = nn.Conv2d(hidden_dim, num_classes + 1, 1) if aux_semantic else None
+        # one 1x1 conv shared by all FPN levels: log distances (in strides) to the 4 box sides
+        self.dense_box_head = nn.Conv2d(hidden_dim, 4, 1) if aux_dense_box else None
+        if self.dense_box_head is not None:
+            nn.init.normal_(self.dense_box_head.weight, std=0.01)
+            nn.init.constant_(self.dense_box_head.bias, math.log(2.0))  # 2 strides to each side
         self.dn_groups, self.dn_box_noise, self.dn_label_noise = dn_groups, dn_box_noise, dn_label_noise
         self.label_embed = nn.Embedding(num_classes, hidden_dim) if dn_groups > 0 else None
 
@@ -180,6 +186,9 @@ class ISTR(nn.Module):
                          query_features_init=queries)
         if self.semantic_head is not None and self.training:
             out.semantic_logits = [self.semantic_head(f) for f in features]
+        if self.dense_box_head is not None and self.training:
+            out.dense_box_logits = [self.dense_box_head(f) for f in features]
+        if self.training and (self.semantic_head is not None or self.dense_box_head is not None):
             out.semantic_strides = tuple(self.backbone.strides)
         Q, attn_mask = self.num_queries, None
         dn = None
@@ -224,5 +233,6 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob,
                 zero_box_deltas=cfg.zero_box_deltas, proposal_init=cfg.proposal_init,
                 proposal_box_cells=cfg.proposal_box_cells, aux_semantic=cfg.aux_semantic,
+                aux_dense_box=cfg.aux_dense_box,
                 dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
                 dn_label_noise=cfg.dn_label_noise)

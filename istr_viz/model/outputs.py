@@ -94,7 +94,11 @@ class ISTROutput:
         semantic_logits: training only, with ``ModelConfig.aux_semantic``: one (B, C + 1, h_l, w_l)
             map per FPN level (last channel = background) from the auxiliary semantic head;
             ``None`` in eval mode or without the head.
-        semantic_strides: the stride in pixels of each ``semantic_logits`` map.
+        dense_box_logits: training only, with ``ModelConfig.aux_dense_box``: one (B, 4, h_l, w_l)
+            map per FPN level of log distances, in strides, from each pixel to the left, top,
+            right and bottom sides of its instance's box; ``None`` otherwise.
+        semantic_strides: the stride in pixels of each ``semantic_logits`` (and
+            ``dense_box_logits``) map.
         dn_stages: training only, with ``ModelConfig.dn_groups``: per stage, the (B, N, ...)
             outputs of the N denoising queries (``istr_viz.model.denoising``); else None.
         dn_gt_index: (B, N) long, the GT instance each denoising query reconstructs, -1 = padding.
@@ -105,6 +109,7 @@ class ISTROutput:
     image_sizes: Tensor
     query_features_init: Tensor
     semantic_logits: list[Tensor] | None = None
+    dense_box_logits: list[Tensor] | None = None
     semantic_strides: tuple[int, ...] = ()
     dn_stages: list[StageOutput] | None = None
     dn_gt_index: Tensor | None = None
