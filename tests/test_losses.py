@@ -224,7 +224,7 @@ def test_variance_weighted_embedding_loss_is_the_error_in_the_fitted_space(basis
     mean_variance = (basis.code_scale() ** 2).mean()
     assert torch.isclose(out["mask_embed"], in_fitted_space / M / mean_variance / 5, rtol=1e-4)
     # predicting the mean code (all zeros) for encoded masks scores about 1, weighted or not
-    codes = basis.encode(synthetic_instance_masks(300, S, seed=5), noise=False)
+    codes = basis.encode(torch.from_numpy(synthetic_instance_masks(300, S, seed=5)), noise=False)
     zeros, none = torch.zeros_like(codes), torch.zeros(len(codes), 4, 4)
     for w in (weights, None):
         score = mask_losses(zeros, codes, none, none, len(codes), w)["mask_embed"]
