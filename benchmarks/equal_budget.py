@@ -10,7 +10,7 @@ of training. Both clocks count everything a step costs (data loading included) a
 evaluations out. Jobs run ``--jobs`` at a time (one per core, one thread each; with 2 each job
 has the other core busy, the same for both models). For each model the learning rate with the
 best final mask AP is kept (the same rule for both; chosen on the val set that is reported; a run
-that trained more than 5% past the budget is not eligible).
+that trained more than 5% past the budget, and a last step beyond it, is not eligible).
 Then the two kept models are timed back to back, image by image, at the test size, one image at
 a time, one thread, bf16 autocast where the CPU has it, each with the post-processing its AP was
 scored with (Mask R-CNN's own; ISTR's top 100 with each query's mask pasted once), masks pasted
@@ -206,9 +206,16 @@ def _records(out: Path) -> tuple[list[dict], list[dict]]:
     return istr, peers
 
 
+_SLACK_MINUTES = 0.05  # 3 s: one slow step or a scheduling hiccup at the end of a run
+
+
 def _over_budget(record: dict) -> bool:
-    """Trained more than 5% past the budget (a forecast that the machine's load outran)."""
-    return record["minutes"] > 1.05 * record["budget_minutes"]
+    """Trained more than 5% past the budget (a forecast that the machine's load outran), beyond
+    what a clock-kept run may take past it: it stops at the first step boundary after its
+    minutes, so its last step (at least a mean one, or a few seconds of a slow one) is allowed;
+    in a budget of seconds, as in the tests, that alone can be 5%."""
+    step = record["minutes"] / max(int(record.get("iterations", 1)), 1)
+    return record["minutes"] > 1.05 * record["budget_minutes"] + max(step, _SLACK_MINUTES)
 
 
 def _best(records: list[dict]) -> dict | None:

@@ -285,18 +285,23 @@ def test_semantic_target_map_classes_background_crowd_and_padding():
     assert (cells[8:] == -100).all()  # rows beyond the 32 px image: padding
 
 
-def test_semantic_head_trains_only_and_adds_a_loss(basis):
+def _tiny_model_batch(basis: MaskBasis, **aux: bool):
+    """A one-stage GroupNorm ISTR with the given training-only heads, two images and targets."""
     from istr_viz.config import ModelConfig
     from istr_viz.model import build_model
 
     cfg = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=4,
                       num_stages=1, hidden_dim=16, dim_dynamic=4, dim_feedforward=32, num_heads=2,
-                      aux_semantic=True)
-    model = build_model(cfg, C, basis)
+                      **aux)
     images, sizes = torch.rand(2, 3, 64, 64), torch.tensor([[64, 64], [48, 64]])
+    targets = [_target([[5, 5, 20, 30]], [0], size=(64, 64)), _target([[0, 0, 30, 30]], [1])]
+    return build_model(cfg, C, basis), images, sizes, targets
+
+
+def test_semantic_head_trains_only_and_adds_a_loss(basis):
+    model, images, sizes, targets = _tiny_model_batch(basis, aux_semantic=True)
     out = model(images, sizes)
     assert [t.shape[1] for t in out.semantic_logits] == [C + 1] * 4
-    targets = [_target([[5, 5, 20, 30]], [0], size=(64, 64)), _target([[0, 0, 30, 30]], [1])]
     result = SetCriterion(LossConfig(), basis)(out, targets)
     assert "aux/loss_semantic" in result.losses and result.losses["aux/loss_semantic"] > 0
     result.total.backward()
@@ -315,9 +320,7 @@ def test_instance_index_map_puts_later_instances_on_top_and_pads_with_minus_one(
 
 
 def test_dense_box_loss_is_zero_for_exact_distances_and_trains_the_head(basis):
-    from istr_viz.config import ModelConfig
     from istr_viz.losses import dense_box_loss, instance_index_map
-    from istr_viz.model import build_model
 
     stride, h, w = 4, 8, 8
     target = _target([[4, 8, 20, 28]], [0], size=(32, 32))
@@ -334,14 +337,9 @@ def test_dense_box_loss_is_zero_for_exact_distances_and_trains_the_head(basis):
     zero = dense_box_loss([logits.requires_grad_(True)], [empty], [stride])
     assert zero == 0 and zero.requires_grad
 
-    cfg = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=4,
-                      num_stages=1, hidden_dim=16, dim_dynamic=4, dim_feedforward=32, num_heads=2,
-                      aux_dense_box=True)
-    model = build_model(cfg, C, basis)
-    images, sizes = torch.rand(2, 3, 64, 64), torch.tensor([[64, 64], [48, 64]])
+    model, images, sizes, targets = _tiny_model_batch(basis, aux_dense_box=True)
     out = model(images, sizes)
     assert [t.shape[1] for t in out.dense_box_logits] == [4] * 4 and out.semantic_logits is None
-    targets = [_target([[5, 5, 20, 30]], [0], size=(64, 64)), _target([[0, 0, 30, 30]], [1])]
     result = SetCriterion(LossConfig(dense_box_weight=2.0), basis)(out, targets)
     assert result.losses["aux/loss_dense_box"] > 0
     result.total.backward()
