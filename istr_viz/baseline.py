@@ -1,12 +1,12 @@
 """The peer a user would pick instead of ISTR: torchvision's Mask R-CNN on ISTR's own backbone.
 
 Used by ``benchmarks/equal_budget.py`` to compare the two at the same wall-clock training budget.
-The peer gets what ISTR gets: the same ResNet + FPN (GroupNorm, all layers trainable, from
-scratch), the same pixels (istr_viz's transforms do the scale jitter and the flip; torchvision's
-own resize is switched off), bf16 autocast where the CPU has it, the same threads and batch size,
-and the CPU training kernels: its RoI pooling's backward goes through the same sparse-matrix
-RoIAlign (``TrainingRoIAlign``), its SGD is the fused one as ISTR's AdamW is, and the shared
-ResNet body max-pools channels-last.
+The peer gets what ISTR gets: the same ResNet + FPN (the preset's norm, BatchNorm or GroupNorm,
+all layers trainable, from scratch), the same pixels (istr_viz's transforms do the scale jitter
+and the flip; torchvision's own resize is switched off), bf16 autocast where the CPU has it, the
+same threads and batch size, and the CPU training kernels: its RoI pooling's backward goes through
+the same sparse-matrix RoIAlign (``TrainingRoIAlign``), its SGD is the fused one as ISTR's AdamW
+is, and the shared ResNet body max-pools channels-last.
 Its anchors are scaled to the small images (16-256 px instead of 32-512 px), and its heads are
 sized for a CPU (``PeerHeads``: fewer proposals and sampled RoIs, heads as wide as the FPN) so that
 it gets through as many images per minute as it can; ``PeerHeads.torchvision_defaults()`` gives

@@ -87,16 +87,20 @@ def _load_problem(err: Exception) -> str:
     return first[:160]
 
 
+_FLOAT32_STATS = (".running_mean", ".running_var")  # BatchNorm buffers kept in float32 on export
+
+
 def export_for_inference(ckpt: dict, half: bool = True, card: dict | None = None) -> dict:
     """An inference-only copy of a training checkpoint, for shipping: the training state (optimiser,
     raw weights, RNG) is dropped, floating-point weights become float16 when ``half`` (the basis
-    buffers stay float32; :func:`istr_viz.predictor.load_model` brings the rest back to float32),
+    buffers and BatchNorm's running statistics stay float32: a running variance can exceed
+    float16's range; :func:`istr_viz.predictor.load_model` brings the rest back to float32),
     and ``card`` (data, command, time, hardware: anything JSON-like) is stored beside the metrics.
     """
     weights = {}
     for name, value in ckpt["model"].items():
         if half and torch.is_tensor(value) and value.is_floating_point() \
-                and not name.startswith("basis."):
+                and not name.startswith("basis.") and not name.endswith(_FLOAT32_STATS):
             value = value.half()
         weights[name] = value
     keep = {k: v for k, v in ckpt.items() if k not in ("train_state", "model", "format_version")}

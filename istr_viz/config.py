@@ -224,7 +224,7 @@ PRESETS: dict[str, Config] = {
     "coco-r50": Config(),
     # Small enough to train a useful model on 2 CPU cores in under 30 minutes (see benchmarks/).
     "shapes-cpu": Config(
-        # narrow ResNet-18 with GroupNorm (trains from scratch); 24 queries (at most 8 objects per
+        # narrow ResNet-18 with BatchNorm (trains from scratch); 24 queries (at most 8 objects per
         # image) and 3 stages: 2.4x the iterations of 40 x 6 in the same minutes, and lower losses
         # at equal time (benchmarks/results_log.md, r6 / r8); identity-initialised box deltas
         # (ModelConfig.zero_box_deltas); one group of denoising queries in training; proposal boxes
@@ -235,8 +235,11 @@ PRESETS: dict[str, Config] = {
         # 25.8 / 18.4 box / mask AP against 23.7 / 16.5 without them (r17, r19). The weight is 1:
         # 3 measured no better on top of the lr in a side-by-side pair at 12 minutes (all in
         # benchmarks/results_log.md, sessions 6-7). The embedding MSE weights each component by
-        # its variance (loss.embed_weighting): 3.4 against 2.7 mask AP at 12 minutes (session 8)
-        model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="gn",
+        # its variance (loss.embed_weighting): 3.4 against 2.7 mask AP at 12 minutes (session 8).
+        # BatchNorm rather than GroupNorm in the ResNet (the FPN then has no norm): 33.4 against
+        # 28.4 mask AP at 30 minutes (r23, r22, session 9; one process, batch 4; under DDP each
+        # process normalises over its share of the batch). The EMA averages BN's running stats.
+        model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="bn",
                           num_queries=24, num_stages=3, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
                           zero_box_deltas=True, dn_groups=1, proposal_init="grid",

@@ -348,7 +348,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     if ckpt is None and init_from is None and cfg.model.norm == "frozen_bn" \
             and not cfg.model.pretrained_path:
         raise ConfigError("model.norm=frozen_bn needs ImageNet weights: give "
-                          "--set model.pretrained_path=FILE, or --set model.norm=gn to train from scratch")
+                          "--set model.pretrained_path=FILE, or --set model.norm=bn (or gn) to train "
+                          "from scratch")
     if tc.threads > 0 and device.type == "cpu":
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # the same initial weights in every process
@@ -379,6 +380,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         reinitialised = _init_from(model, source, keep_class_head=same)
         if info.is_main and progress:
             print(f"initialised from {init_from}; re-initialised: {', '.join(reinitialised) or 'none'}")
+        source_norm = source.get("config", {}).get("model", {}).get("norm", cfg.model.norm)
+        if info.is_main and source_norm != cfg.model.norm:
+            print(f"note: {init_from} was trained with model.norm={source_norm}, this run uses "
+                  f"{cfg.model.norm}: only the norms' scales and shifts that fit are copied "
+                  f"(--set model.norm={source_norm} fine-tunes it as it was trained)",
+                  file=sys.stderr)
     criterion = SetCriterion(cfg.loss, basis)
     params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel: one pass over all parameters (shapes-cpu, 10 M parameters, one core:

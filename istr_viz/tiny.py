@@ -18,6 +18,8 @@ from istr_viz.config import Config, DataConfig, ModelConfig, TrainConfig, get_pr
 from istr_viz.data.layout import DatasetPaths, split_paths
 
 # About half a million weights: 8 queries, 3 stages, a 32-wide head on an 8-channel ResNet-18.
+# GroupNorm, unlike the preset's BatchNorm: a run of a few iterations at batch 2 would evaluate
+# with barely started running statistics, so outputs would say little about the weights.
 TINY_MODEL = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=8,
                          num_stages=3, hidden_dim=32, dim_dynamic=8, dim_feedforward=64,
                          num_heads=2, canonical_box_size=32.0, zero_box_deltas=True)

@@ -36,14 +36,17 @@ def _tiny_shapes(tmp_path, num_train: int, num_val: int):
     return cfg, train, val
 
 
-def test_peer_uses_istrs_backbone_and_keeps_the_pixels_it_is_given():
-    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_peer_uses_istrs_backbone_and_keeps_the_pixels_it_is_given(norm):
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY + [f"model.norm={norm}"])
     model = build_mask_rcnn(cfg, num_classes=3)
     body = model.backbone.body
-    reference = ResNetBody("resnet18", 8, "gn")
+    reference = ResNetBody("resnet18", 8, norm)
     assert {k: v.shape for k, v in body.state_dict().items()} == \
         {k: v.shape for k, v in reference.state_dict().items()}
-    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.backbone.fpn.modules())
+    fpn_norms = {type(m) for m in model.backbone.fpn.modules()
+                 if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))}
+    assert fpn_norms == ({torch.nn.GroupNorm} if norm == "gn" else set())  # as ISTR's FPN
     assert all(p.requires_grad for p in model.parameters())  # nothing frozen: from scratch
     assert model.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background
     assert model.rpn.anchor_generator.sizes == ANCHOR_SIZES

@@ -265,6 +265,29 @@ def test_a_saved_checkpoint_gets_the_permissions_of_any_new_file(model, basis, t
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
 
 
+def test_export_keeps_batchnorm_statistics_in_float32(basis, tmp_path):
+    """A from-scratch BatchNorm's running variance can pass float16's 65504: it must survive."""
+    from istr_viz.checkpoint import export_for_inference
+
+    torch.manual_seed(0)
+    bn_tiny = dataclasses.replace(TINY, norm="bn")
+    bn_model = build_model(bn_tiny, len(CLASS_NAMES), basis).eval()
+    with torch.no_grad():
+        bn_model.backbone.body.bn1.running_var.fill_(1e5)  # inf in float16
+        bn_model.backbone.body.bn1.running_mean.fill_(0.3)
+    cfg = dataclasses.replace(tiny_config(), model=bn_tiny).to_dict()
+    exported = export_for_inference(payload(bn_model, basis, config=cfg))
+    loaded, _ = load_model(save_checkpoint(tmp_path / "bn.pt", **exported), device="cpu")
+    a, b = _run(bn_model), _run(loaded)
+    torch.testing.assert_close(b.stages[0].logits, a.stages[0].logits, atol=3e-2, rtol=0)
+    shipped = exported["model"]
+    assert shipped["backbone.body.bn1.running_var"].dtype == torch.float32
+    assert torch.isfinite(shipped["backbone.body.bn1.running_var"]).all()
+    assert shipped["backbone.body.bn1.weight"].dtype == torch.float16  # weights are still halved
+    stats = [k for k in shipped if k.endswith((".running_mean", ".running_var"))]
+    assert stats and all(shipped[k].dtype == torch.float32 for k in stats)
+
+
 def test_export_ships_half_weights_a_card_and_no_training_state(model, basis, tmp_path):
     import subprocess
     import sys

@@ -97,8 +97,10 @@ def test_sigkill_mid_run_resumes_to_the_same_losses(shapes, tmp_path):
 def test_two_process_gloo_equals_one_process_with_double_batch(shapes, tmp_path):
     root, basis = shapes
     # no random target noise, and no denoising queries (their noise and padding depend on how
-    # the batch is split over processes)
-    no_noise = ["--set", "loss.embed_target_noise=false", "--set", "model.dn_groups=0"]
+    # the batch is split over processes); GroupNorm, since BatchNorm (the preset's) normalises
+    # over each process's share of the batch, which is by design not the whole batch's
+    no_noise = ["--set", "loss.embed_target_noise=false", "--set", "model.dn_groups=0",
+                "--set", "model.norm=gn"]
     single = tmp_path / "single"
     subprocess.run(_train_cmd(root, basis, single, *no_noise, max_iters=4), check=True,
                    env=_env(), capture_output=True)
@@ -159,6 +161,25 @@ def test_init_from_with_the_same_classes_keeps_the_class_head(shapes, tmp_path):
     a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in "ab")
     head = next(k for k in a if k.endswith("class_logits.weight"))
     torch.testing.assert_close(a[head], b[head], atol=1e-6, rtol=0)
+
+
+def test_init_from_a_checkpoint_with_another_norm_says_so(shapes, tmp_path, capsys):
+    """The shipped model is GroupNorm, the preset BatchNorm: fine-tuning one with the other warns."""
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    basis = MaskBasis.load(basis_path)
+    gn = apply_overrides(get_preset("shapes-cpu"), [*TINY, "model.norm=gn"])
+    train(gn, split_paths(root, "train"), tmp_path / "gn", basis=basis, max_iters=1,
+          device="cpu", progress=False)
+    capsys.readouterr()
+    for norm, noted in (("bn", True), ("gn", False)):
+        cfg = apply_overrides(gn, [f"model.norm={norm}"])
+        train(cfg, split_paths(root, "train"), tmp_path / norm, init_from=tmp_path / "gn" / "last.pt",
+              max_iters=1, device="cpu", progress=False)
+        err = capsys.readouterr().err
+        assert ("was trained with model.norm=gn, this run uses bn" in err) is noted, err
+        assert ("--set model.norm=gn" in err) is noted
 
 
 def test_init_from_other_classes_of_the_same_count_starts_every_per_class_layer_afresh(shapes):
@@ -327,6 +348,28 @@ def test_ema_decay_ramps_up_from_a_copy():
     ramped.update_parameters(model)  # decay 0.9 * (1 - exp(-1 / 10)) after one update
     d = 0.9 * (1 - math.exp(-0.1))
     assert torch.allclose(ramped.module.weight, torch.full((1, 2), d * 3.0 + (1 - d) * 5.0))
+
+
+def test_ema_averages_batchnorm_statistics_and_copies_its_counter():
+    """shapes-cpu uses BatchNorm: the averaged model must evaluate with averaged running stats."""
+    from istr_viz.engine import build_ema
+
+    model = torch.nn.BatchNorm1d(3)
+    ema = build_ema(model, decay=0.9, ramp=0)
+    model.train()
+    model(torch.full((4, 3), 2.0) + torch.arange(4.0)[:, None])  # batch mean 3.5, var 5/3
+    ema.update_parameters(model)  # the first update copies
+    first_mean, first_var = model.running_mean.clone(), model.running_var.clone()
+    model(torch.full((4, 3), 10.0) + 3 * torch.arange(4.0)[:, None])  # batch mean 14.5, var 15
+    ema.update_parameters(model)
+    mean = 0.9 * first_mean + 0.1 * model.running_mean
+    var = 0.9 * first_var + 0.1 * model.running_var
+    assert torch.allclose(ema.module.running_mean, mean)
+    assert torch.allclose(ema.module.running_var, var)
+    assert int(ema.module.num_batches_tracked) == int(model.num_batches_tracked) == 2
+    x = torch.randn(5, 3)
+    assert not ema.module.training  # evaluation normalises with the averaged statistics
+    torch.testing.assert_close(ema.module(x), (x - mean) / torch.sqrt(var + model.eps))
 
 
 def test_eval_points_split_the_budget_evenly():

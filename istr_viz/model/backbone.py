@@ -177,7 +177,8 @@ def build_backbone(name: str = "resnet50", out_channels: int = 256, norm: str = 
         name: one of ``RESNET_LAYOUTS`` (resnet18, resnet34, resnet50, resnet101).
         out_channels: FPN width.
         norm: ResNet norm. ``"frozen_bn"`` needs pretrained statistics (it is the identity
-            otherwise); use ``"gn"`` from scratch (GroupNorm is then also used in the FPN).
+            otherwise); from scratch use ``"bn"`` (the FPN then has no norm, as torchvision's) or
+            ``"gn"`` (GroupNorm is then also used in the FPN).
         base_channels: stem width; 64 is torchvision's ResNet, e.g. 16 gives a narrow CPU model.
         pretrained_path: local torchvision ImageNet weights (``torch.load(weights_only=True)``);
             never downloaded. Requires ``base_channels == 64``.
