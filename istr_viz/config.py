@@ -172,6 +172,10 @@ class TrainConfig:
     # checkpoint's "model" hold the averaged weights (the raw ones travel for resuming).
     ema_decay: float = 0.0
     ema_ramp: int = 100
+    # Under CUDA DDP, BatchNorm layers (model.norm="bn") become SyncBatchNorm, normalising over
+    # the whole batch rather than each process's share; False keeps per-process statistics. The
+    # CPU (gloo) path always keeps them: torch's SyncBatchNorm runs on GPUs only.
+    sync_bn: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_iters < 1:

@@ -71,6 +71,18 @@ def setup_distributed(device: torch.device | None = None) -> tuple[DistInfo, tor
     return DistInfo(rank, world, local_rank), dev
 
 
+def sync_batchnorm_for_ddp(model: nn.Module, device: torch.device, world_size: int,
+                           enabled: bool = True) -> nn.Module:
+    """The model with its BatchNorm layers as ``nn.SyncBatchNorm`` under multi-process CUDA.
+
+    Unchanged on one process, on the CPU (torch's SyncBatchNorm trains on GPUs only) and with
+    ``enabled=False``. The state dict keeps its keys, so checkpoints load into a plain model.
+    """
+    if not enabled or world_size <= 1 or device.type != "cuda":
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _all_reduce_sum(value: float, info: DistInfo, device: torch.device) -> float:
     if info.world_size == 1:
         return value
@@ -425,6 +437,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     if per_process_batch * info.world_size != tc.batch_size:
         raise ConfigError(f"train.batch_size {tc.batch_size} does not split over "
                           f"{info.world_size} processes")
+    model = sync_batchnorm_for_ddp(model, device, info.world_size, tc.sync_bn)
     ddp_model = model
     if info.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(

@@ -182,6 +182,45 @@ def test_init_from_a_checkpoint_with_another_norm_says_so(shapes, tmp_path, caps
         assert ("--set model.norm=gn" in err) is noted
 
 
+def test_batchnorm_becomes_syncbatchnorm_under_cuda_ddp_only(shapes):
+    """Several CUDA processes sync BatchNorm over the whole batch; one process, the CPU (gloo),
+    GroupNorm and ``train.sync_bn=false`` keep the model as it is. The conversion keeps the
+    parameter objects (the optimiser built before it stays valid) and the state-dict keys (a
+    checkpoint loads into a plain model)."""
+    from istr_viz.engine import sync_batchnorm_for_ddp
+    from istr_viz.model.istr import build_model
+
+    _, basis_path = shapes
+    basis = MaskBasis.load(basis_path)
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY)
+    assert cfg.model.norm == "bn" and cfg.train.sync_bn
+
+    def kinds(model):
+        return {type(m).__name__ for m in model.modules()} & {"BatchNorm2d", "SyncBatchNorm"}
+
+    cuda = torch.device("cuda")  # only the device's type is read: no GPU is needed
+    for device, world, enabled in ((torch.device("cpu"), 2, True), (cuda, 1, True),
+                                   (cuda, 2, False)):
+        model = build_model(cfg.model, 6, basis)
+        assert kinds(sync_batchnorm_for_ddp(model, device, world, enabled)) == {"BatchNorm2d"}
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 6, basis)
+    params = {name: id(p) for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    synced = sync_batchnorm_for_ddp(model, cuda, 2)
+    assert kinds(synced) == {"SyncBatchNorm"}
+    assert {name: id(p) for name, p in synced.named_parameters()} == params
+    assert list(synced.state_dict()) == keys
+    plain = build_model(cfg.model, 6, basis)
+    plain.load_state_dict(synced.state_dict(), strict=True)
+    for (name, a), b in zip(plain.state_dict().items(), synced.state_dict().values()):
+        assert not torch.is_tensor(a) or torch.equal(a, b), name
+
+    gn = build_model(apply_overrides(cfg, ["model.norm=gn"]).model, 6, basis)
+    assert kinds(sync_batchnorm_for_ddp(gn, cuda, 2)) == set()
+
+
 def test_init_from_other_classes_of_the_same_count_starts_every_per_class_layer_afresh(shapes):
     """Classes are matched by name and id, not count: with other classes, the class logits, the
     semantic head and the denoising label embedding are not copied even when their shapes fit."""
