@@ -174,7 +174,7 @@ class TrainConfig:
     ema_ramp: int = 100
     # Under CUDA DDP, BatchNorm layers (model.norm="bn") become SyncBatchNorm, normalising over
     # the whole batch rather than each process's share; False keeps per-process statistics. The
-    # CPU (gloo) path always keeps them: torch's SyncBatchNorm runs on GPUs only.
+    # CPU (gloo) path always keeps them: torch's SyncBatchNorm trains on GPUs only.
     sync_bn: bool = True
 
     def __post_init__(self) -> None:

@@ -221,6 +221,27 @@ def test_batchnorm_becomes_syncbatchnorm_under_cuda_ddp_only(shapes):
     assert kinds(sync_batchnorm_for_ddp(gn, cuda, 2)) == set()
 
 
+def test_train_hands_the_model_and_the_sync_bn_flag_to_the_conversion(shapes, tmp_path, monkeypatch):
+    """``train`` routes its model through ``sync_batchnorm_for_ddp`` with the run's world size and
+    ``train.sync_bn`` (default on, ``false`` off)."""
+    from istr_viz import engine
+
+    root, basis_path = shapes
+    basis = MaskBasis.load(basis_path)
+    calls = []
+
+    def spy(model, device, world_size, enabled=True):
+        calls.append((device.type, world_size, enabled))
+        return model
+
+    monkeypatch.setattr(engine, "sync_batchnorm_for_ddp", spy)
+    for flag in ("true", "false"):
+        cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, f"train.sync_bn={flag}"])
+        engine.train(cfg, split_paths(root, "train"), tmp_path / flag, basis=basis, max_iters=1,
+                     device="cpu", progress=False)
+    assert calls == [("cpu", 1, True), ("cpu", 1, False)]
+
+
 def test_init_from_other_classes_of_the_same_count_starts_every_per_class_layer_afresh(shapes):
     """Classes are matched by name and id, not count: with other classes, the class logits, the
     semantic head and the denoising label embedding are not copied even when their shapes fit."""
