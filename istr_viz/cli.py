@@ -172,15 +172,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
         source = Config.from_dict(load_checkpoint(args.init_from)["config"])
         cfg = replace(cfg, model=source.model, basis=source.basis)
     cfg = apply_overrides(cfg, args.set or [])
+    if args.processes != 1:
+        return _launch_train(args, cfg)
     basis = MaskBasis.load(args.basis) if args.basis else None
     result = train(cfg, train_paths, args.out, val_data=val_paths, basis=basis,
                    init_from=args.init_from, resume=args.resume, max_iters=args.max_iters,
                    max_minutes=args.max_minutes, device=args.device)
+    if os.environ.get("RANK", "0") != "0":  # under DDP, rank 0 reports
+        return 0
     print(f"trained {result.iterations} iterations in {result.minutes:.1f} min; "
           f"checkpoint {result.last_checkpoint}")
     if result.metrics:
         print(format_stage_table(result.metrics))
     return 0
+
+
+def _launch_train(args: argparse.Namespace, cfg) -> int:
+    """``train --processes N``: the checks a child would fail on, then N local DDP processes."""
+    import torch
+
+    from istr_viz.launch import launch_local, strip_processes_flag
+
+    n = args.processes
+    if n < 1:
+        raise DataError(f"--processes must be at least 1, got {n}")
+    if cfg.train.batch_size % n:
+        raise DataError(f"train.batch_size={cfg.train.batch_size} does not split evenly over "
+                        f"--processes {n}")
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if on_gpu and n > torch.cuda.device_count():
+        raise DataError(f"--processes {n} needs {n} GPUs; {torch.cuda.device_count()} visible")
+    if not on_gpu and n > (os.cpu_count() or 1):
+        print(f"warning: --processes {n} on {os.cpu_count()} CPU cores: they will share cores",
+              file=sys.stderr)
+    return launch_local(strip_processes_flag(args.argv), n)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -319,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (last.pt, best.pt, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="train in N local DDP processes (CPU: one per core; GPU: one per GPU), "
+                        "as torchrun --standalone --nproc_per_node=N does")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="COCO box and mask AP of a checkpoint, for every stage")
@@ -352,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; return the exit status (0 ok, 2 bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except IstrVizError as err:

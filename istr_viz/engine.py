@@ -260,11 +260,18 @@ def _check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
 
 def _global_terms(loss: torch.Tensor, terms: dict[str, torch.Tensor], info: DistInfo) -> dict:
     """The loss and its terms summed over processes (each process holds its share of the global
-    sums, since the loss is normalised by the global instance count)."""
-    values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+    sums, since the loss is normalised by the global instance count). A term that some process
+    lacks (the denoising terms of a share of the batch without instances) counts 0 there."""
+    names = ["loss", *terms]
+    own = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
+    if info.world_size > 1:
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, names)  # the same union, in the same order, everywhere
+        names = list(dict.fromkeys(n for rank_names in gathered for n in rank_names))
+    zero = loss.new_zeros((), dtype=torch.float32)
+    values = torch.stack([own.get(n, zero) for n in names])
     if info.world_size > 1:
         dist.all_reduce(values)
-    names = ["loss", *terms]
     return {k: round(v, 6) for k, v in zip(names, values.tolist())}
 
 
@@ -440,8 +447,12 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     model = sync_batchnorm_for_ddp(model, device, info.world_size, tc.sync_bn)
     ddp_model = model
     if info.world_size > 1:
+        # a process whose share of the batch holds no instance (negative images) leaves the
+        # denoising label embedding without a gradient (the training-only dense heads too):
+        # without the search DDP's reductions fall out of step and the run fails or hangs
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
     amp_dtype = autocast_dtype(device, tc.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if ckpt is not None and ckpt["train_state"].get("grad_scaler"):

@@ -105,11 +105,11 @@ def test_two_process_gloo_equals_one_process_with_double_batch(shapes, tmp_path)
     subprocess.run(_train_cmd(root, basis, single, *no_noise, max_iters=4), check=True,
                    env=_env(), capture_output=True)
     ddp = tmp_path / "ddp"
-    cmd = _train_cmd(root, basis, ddp, *no_noise, max_iters=4)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "istr_viz", *cmd[3:]]
-    proc = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
+    # `train --processes 2` starts the two gloo processes itself, as torchrun --standalone does
+    cmd = _train_cmd(root, basis, ddp, *no_noise, "--processes", "2", max_iters=4)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 4 iterations") == 1, proc.stdout  # rank 0 reports
     a = load_checkpoint(single / "last.pt")["model"]
     b = load_checkpoint(ddp / "last.pt")["model"]
     assert load_checkpoint(ddp / "last.pt")["train_state"]["world_size"] == 2
@@ -120,6 +120,67 @@ def test_two_process_gloo_equals_one_process_with_double_batch(shapes, tmp_path)
     boxes = next(k for k in a if "proposal_boxes" in k)
     init = grid_proposals(a[boxes].shape[0])  # the shapes-cpu preset's start
     assert (a[boxes] - init).abs().max() > 1e-4
+
+
+def test_two_processes_train_when_a_share_of_the_batch_has_no_instances(shapes, tmp_path):
+    """Half the training images are negatives and each process gets one image an iteration: a
+    process without instances leaves the denoising label embedding unused and has no denoising
+    loss terms, which must not throw the two processes' reductions out of step."""
+    root, basis = shapes
+    paths = split_paths(root, "train")
+    negatives = tmp_path / "negatives.json"
+    data = json.loads(paths.ann_file.read_text())
+    empty = {image["id"] for image in data["images"][::2]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in empty]
+    negatives.write_text(json.dumps(data))
+    out = tmp_path / "ddp"
+    cmd = _train_cmd(root, basis, out, "--set", "train.batch_size=2", "--processes", "2",
+                     max_iters=6)
+    cmd[cmd.index("--train-ann") + 1] = str(negatives)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["train_state"]["iteration"] == 6
+    logged = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(logged) == 6 and all("stage1/dn_loss_class" in r for r in logged)
+
+
+def test_processes_passes_a_child_failure_on_as_one_error_line(shapes, tmp_path):
+    """An error only the children meet (nothing to resume in --out) exits 2 with the children's
+    one-line message, not a launcher traceback."""
+    root, basis = shapes
+    cmd = _train_cmd(root, basis, tmp_path / "empty", "--resume", "--processes", "2")
+    cmd = [c for c in cmd if c not in ("--basis", str(basis))]  # --resume takes no --basis
+    cmd = cmd[:cmd.index("--set")]  # nor --set
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "nothing to resume" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--processes", "0"], "--processes must be at least 1"),
+    (["--processes", "3"], "does not split evenly over --processes 3"),
+])
+def test_processes_refuses_bad_counts_before_starting_anything(shapes, tmp_path, capsys, argv,
+                                                              message):
+    from istr_viz.cli import main
+
+    root, basis = shapes
+    cmd = _train_cmd(root, basis, tmp_path / "out", *argv)[3:]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_strip_processes_flag_and_threads_per_process():
+    from istr_viz.launch import strip_processes_flag, threads_per_process
+
+    argv = ["train", "--processes", "2", "--out", "r", "--processes=4", "--set", "a=1"]
+    assert strip_processes_flag(argv) == ["train", "--out", "r", "--set", "a=1"]
+    assert threads_per_process(2, cores=2) == 1
+    assert threads_per_process(2, cores=16) == 8
+    assert threads_per_process(4, cores=2) == 1
 
 
 def test_init_from_trains_on_a_data_set_with_other_classes(shapes, tmp_path, capsys):
