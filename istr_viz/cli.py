@@ -196,7 +196,8 @@ def _launch_train(args: argparse.Namespace, cfg) -> int:
     n = args.processes
     if n < 1:
         raise DataError(f"--processes must be at least 1, got {n}")
-    if cfg.train.batch_size % n:
+    # (a resumed run keeps its stored batch size, which the children check)
+    if not args.resume and cfg.train.batch_size % n:
         raise DataError(f"train.batch_size={cfg.train.batch_size} does not split evenly over "
                         f"--processes {n}")
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

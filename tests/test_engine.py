@@ -123,14 +123,18 @@ def test_two_process_gloo_equals_one_process_with_double_batch(shapes, tmp_path)
 
 
 def test_two_processes_train_when_a_share_of_the_batch_has_no_instances(shapes, tmp_path):
-    """Half the training images are negatives and each process gets one image an iteration: a
+    """Each process gets one image an iteration, and every image process 1 gets is a negative: a
     process without instances leaves the denoising label embedding unused and has no denoising
     loss terms, which must not throw the two processes' reductions out of step."""
     root, basis = shapes
     paths = split_paths(root, "train")
     negatives = tmp_path / "negatives.json"
     data = json.loads(paths.ann_file.read_text())
-    empty = {image["id"] for image in data["images"][::2]}
+    ids = load_annotations(paths.ann_file).image_ids  # the data set's index order
+    seed = int(next(t for t in TINY if t.startswith("train.seed=")).split("=")[1])
+    ranks = [IterationBatchSampler(len(ids), 1, seed, 0, 6, rank, 2) for rank in (0, 1)]
+    empty = {ids[i] for it in range(6) for i, _ in ranks[1].batch_for(it)}
+    assert not empty & {ids[i] for it in range(6) for i, _ in ranks[0].batch_for(it)}
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in empty]
     negatives.write_text(json.dumps(data))
     out = tmp_path / "ddp"
@@ -148,9 +152,10 @@ def test_processes_passes_a_child_failure_on_as_one_error_line(shapes, tmp_path)
     """An error only the children meet (nothing to resume in --out) exits 2 with the children's
     one-line message, not a launcher traceback."""
     root, basis = shapes
-    cmd = _train_cmd(root, basis, tmp_path / "empty", "--resume", "--processes", "2")
-    cmd = [c for c in cmd if c not in ("--basis", str(basis))]  # --resume takes no --basis
-    cmd = cmd[:cmd.index("--set")]  # nor --set
+    paths = split_paths(root, "train")
+    cmd = [sys.executable, "-m", "istr_viz", "train", "--train-ann", str(paths.ann_file),
+           "--train-images", str(paths.images_dir), "--out", str(tmp_path / "empty"),
+           "--device", "cpu", "--resume", "--processes", "2"]  # (--resume takes no --set)
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "nothing to resume" in proc.stderr
@@ -173,11 +178,17 @@ def test_processes_refuses_bad_counts_before_starting_anything(shapes, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_strip_processes_flag_and_threads_per_process():
-    from istr_viz.launch import strip_processes_flag, threads_per_process
+def test_launch_helpers_strip_the_flag_split_the_cores_and_pick_the_exit_status():
+    from istr_viz.launch import _exit_status, strip_processes_flag, threads_per_process
 
-    argv = ["train", "--processes", "2", "--out", "r", "--processes=4", "--set", "a=1"]
-    assert strip_processes_flag(argv) == ["train", "--out", "r", "--set", "a=1"]
+    # one child's bad input (2) wins over the SIGTERM the launcher then kills the other with
+    assert _exit_status([-15, 2]) == 2 and _exit_status([2, -15]) == 2
+    assert _exit_status([-2, -15]) == 130 and _exit_status([None]) == 1
+
+    argv = ["train", "--processes", "2", "--out", "r", "--processes=4", "--set", "a=1",
+            "--proc", "3", "--pro=2", "--preset", "shapes-cpu"]  # argparse takes abbreviations
+    assert strip_processes_flag(argv) == ["train", "--out", "r", "--set", "a=1", "--preset",
+                                          "shapes-cpu"]
     assert threads_per_process(2, cores=2) == 1
     assert threads_per_process(2, cores=16) == 8
     assert threads_per_process(4, cores=2) == 1
