@@ -1,6 +1,7 @@
 """Where does the time go? Forward and forward+backward per image, split by part.
 
     python benchmarks/bench_model.py [--config shapes-cpu|coco-r50|both] [--threads 2] [--repeats 5]
+        [--set model.fpn_output_conv=separable ...]
 
 Times (median over repeats, milliseconds per image) the backbone+FPN, the RoI pooling, the
 refinement stages (without pooling), the Hungarian matching and the loss, for forward only and
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from istr_viz.basis import MaskBasis
-from istr_viz.config import get_preset
+from istr_viz.config import apply_overrides, get_preset
 from istr_viz.data.instance_masks import synthetic_instance_masks
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
@@ -75,9 +76,10 @@ def _targets(batch: int, size: int, num_classes: int, gen: torch.Generator) -> l
     return targets
 
 
-def bench(preset: str, threads: int, repeats: int, batch: int, amp: bool) -> dict:
+def bench(preset: str, threads: int, repeats: int, batch: int, amp: bool,
+          overrides: list[str] = ()) -> dict:
     torch.set_num_threads(threads)
-    cfg = get_preset(preset)
+    cfg = apply_overrides(get_preset(preset), list(overrides))
     size = cfg.data.test_min_size
     basis = MaskBasis.fit(synthetic_instance_masks(4000, cfg.basis.mask_size), dim=cfg.basis.dim)
     num_classes = 6 if preset == "shapes-cpu" else 80
@@ -120,7 +122,7 @@ def bench(preset: str, threads: int, repeats: int, batch: int, amp: bool) -> dic
         with torch.no_grad():
             rows["forward_only"].append(step(False))
         rows["train_step"].append(step(True))
-    report = {"preset": preset, "image_size": size, "batch": batch, "threads": threads,
+    report = {"preset": preset, "overrides": list(overrides), "image_size": size, "batch": batch, "threads": threads,
               "autocast": str(dtype), "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6}
     for kind, runs in rows.items():
         keys = runs[0].keys()
@@ -135,14 +137,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--no-amp", action="store_true", help="plain fp32 even where bf16 is fast")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a field of the preset, as train --set does")
     args = parser.parse_args()
     presets = ["shapes-cpu", "coco-r50"] if args.config == "both" else [args.config]
     reports = []
     for preset in presets:
         rep = bench(preset, args.threads, args.repeats if preset == "shapes-cpu" else 2, args.batch,
-                    not args.no_amp)
+                    not args.no_amp, args.set)
         reports.append(rep)
-        print(f"\n{preset}: {rep['image_size']} px, batch {rep['batch']}, {rep['threads']} threads, "
+        print(f"\n{preset} {' '.join(args.set)}: {rep['image_size']} px, batch {rep['batch']}, {rep['threads']} threads, "
               f"autocast {rep['autocast']}, {rep['parameters_M']:.1f} M parameters (ms per image)")
         for kind in ("forward_only", "train_step"):
             print(f"  {kind:<13}" + "  ".join(f"{k} {v}" for k, v in rep[kind].items()))

@@ -36,7 +36,8 @@ from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setu
 
 from istr_viz.config import Config
 from istr_viz.data.coco import CocoDataset
-from istr_viz.model.backbone import IMAGENET_MEAN, IMAGENET_STD, ResNetBody, norm_layer_for
+from istr_viz.model.backbone import (IMAGENET_MEAN, IMAGENET_STD, ResNetBody, norm_layer_for,
+                                     separable_output_convs)
 from istr_viz.model.roi_align import sparse_roi_align
 from istr_viz.postprocess import mask_to_rle, rescale_boxes
 from istr_viz.runtime import autocast_dtype
@@ -100,10 +101,12 @@ def build_mask_rcnn(cfg: Config, num_classes: int, heads: PeerHeads = PeerHeads(
     ``cfg.model`` gives ISTR (ResNet depth, stem width, norm, FPN width = ``hidden_dim``), with
     RPN and RoI heads of the sizes in ``heads``."""
     m = cfg.model
-    body = ResNetBody(m.backbone, m.backbone_base_channels, m.norm)
+    body = ResNetBody(m.backbone, m.backbone_base_channels, m.norm, m.zero_init_residual)
     fpn_norm = norm_layer_for(m.norm) if m.norm == "gn" else None
     backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
                                body.out_channels, m.hidden_dim, norm_layer=fpn_norm)
+    if m.fpn_output_conv == "separable":  # the same FPN as ISTR's
+        separable_output_convs(backbone.fpn)
     anchors = AnchorGenerator(ANCHOR_SIZES, ((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
     width = heads.mask_head_width or m.hidden_dim
     model = MaskRCNN(

@@ -19,6 +19,11 @@ class ModelConfig:
     backbone_base_channels: int = 64  # ResNet stem width: 64 = torchvision, less = narrow CPU model
     norm: str = "frozen_bn"  # "frozen_bn" (pretrained), "gn" (from scratch), "bn"
     pretrained_path: str | None = None  # local torchvision ImageNet state dict; never downloaded
+    # "3x3": the FPN's output convs as in the FPN paper; "separable": depthwise 3x3 + pointwise
+    # 1x1 (not in ISTR; ~1/9 of the multiply-adds, for CPUs: istr_viz.model.backbone.build_fpn)
+    fpn_output_conv: str = "3x3"
+    # residual blocks start as the identity (the last norm's scale at 0; for training from scratch)
+    zero_init_residual: bool = False
     num_queries: int = 300
     num_stages: int = 6
     hidden_dim: int = 256  # also the FPN width
@@ -74,6 +79,9 @@ class ModelConfig:
                               f"got {self.proposal_box_cells}")
         if self.norm not in ("frozen_bn", "gn", "bn"):
             raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
+        if self.fpn_output_conv not in ("3x3", "separable"):
+            raise ConfigError(f"model.fpn_output_conv must be 3x3 or separable, got "
+                              f"{self.fpn_output_conv!r}", entry="model.fpn_output_conv")
 
 
 @dataclass(frozen=True)
@@ -243,7 +251,11 @@ PRESETS: dict[str, Config] = {
         # BatchNorm rather than GroupNorm in the ResNet (the FPN then has no norm): 33.4 against
         # 28.4 mask AP at 30 minutes (r23, r22, session 9; one process, batch 4; under DDP each
         # process normalises over its share of the batch). The EMA averages BN's running stats.
+        # Depthwise-separable FPN output convs: the 3x3 ones cost as much as the whole ResNet;
+        # 26% more iterations and 10.6 against 6.4 mask AP at 30 minutes on an fp32-only CPU
+        # (c12_sep, c12_base, session 12).
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="bn",
+                          fpn_output_conv="separable",
                           num_queries=24, num_stages=3, hidden_dim=128, dim_dynamic=32,
                           dim_feedforward=512, num_heads=4, canonical_box_size=56.0,
                           zero_box_deltas=True, dn_groups=1, proposal_init="grid",

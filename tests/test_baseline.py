@@ -16,6 +16,9 @@ from istr_viz.data.coco import CocoDataset
 from istr_viz.data.shapes import make_shapes
 from istr_viz.data.transforms import build_transform
 from istr_viz.engine import transform_configs
+from istr_viz.basis import MaskBasis
+from istr_viz.data.instance_masks import synthetic_instance_masks
+from istr_viz.model import build_model
 from istr_viz.model.backbone import ChannelsLastMaxPool2d, ResNetBody
 
 TINY = ["model.backbone_base_channels=8", "model.hidden_dim=32", "data.train_min_sizes=64",
@@ -52,6 +55,18 @@ def test_peer_uses_istrs_backbone_and_keeps_the_pixels_it_is_given(norm):
     assert model.rpn.anchor_generator.sizes == ANCHOR_SIZES
     images, _ = model.transform([torch.rand(3, 48, 80)])
     assert images.image_sizes == [(48, 80)]  # no second resize
+
+
+def test_peer_gets_istrs_fpn_output_convs_and_block_init():
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY + ["model.fpn_output_conv=separable",
+                                                            "model.zero_init_residual=true"])
+    peer = build_mask_rcnn(cfg, num_classes=3)
+    istr = build_model(cfg.model, 3, MaskBasis.fit(synthetic_instance_masks(50, 28, seed=0),
+                                                   dim=8, seed=0))
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(peer.backbone.fpn.layer_blocks) == shapes(istr.backbone.fpn.layer_blocks)
+    assert peer.backbone.fpn.layer_blocks[0][0][0].groups == cfg.model.hidden_dim  # depthwise
+    assert float(peer.backbone.body.layer2[1].bn2.weight.abs().sum()) == 0.0
 
 
 def test_peer_heads_take_the_sizes_given():

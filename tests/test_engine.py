@@ -385,6 +385,14 @@ def test_unknown_set_key_lists_the_valid_ones(capsys):
     assert "Traceback" not in err
 
 
+def test_a_bad_fpn_output_conv_is_refused_by_the_cli_in_one_line(capsys):
+    from istr_viz.cli import main
+
+    assert main(["train", "--out", "/tmp/never", "--set", "model.fpn_output_conv=5x5"]) == 2
+    err = capsys.readouterr().err
+    assert "model.fpn_output_conv must be 3x3 or separable" in err and "Traceback" not in err
+
+
 def test_preset_overrides_in_a_notebook_style():
     cfg = apply_overrides(get_preset("shapes-cpu"), ["model.num_stages=4", "train.lr=1e-4"])
     assert cfg.model.num_stages == 4 and cfg.train.lr == 1e-4

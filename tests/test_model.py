@@ -207,6 +207,46 @@ def test_backbone_levels_and_strides():
     assert backbone.strides == (4, 8, 16, 32)
 
 
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_separable_fpn_keeps_the_levels_and_cuts_the_output_convs(norm):
+    torch.manual_seed(0)
+    plain = build_backbone("resnet18", out_channels=16, norm=norm, base_channels=8)
+    torch.manual_seed(0)
+    light = build_backbone("resnet18", out_channels=16, norm=norm, base_channels=8,
+                           fpn_output_conv="separable")
+    x = torch.rand(2, 3, 64, 96)
+    plain_feats, light_feats = plain(x), light(x)
+    assert [f.shape for f in light_feats] == [f.shape for f in plain_feats]
+    for block in light.fpn.layer_blocks:
+        depthwise, pointwise = block[0]
+        assert (depthwise.kernel_size, depthwise.groups) == ((3, 3), 16)
+        assert pointwise.kernel_size == (1, 1)
+        assert (len(block) == 2) == (norm == "gn")  # the FPN's norm, if any, stays after it
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(light.fpn.layer_blocks) < count(plain.fpn.layer_blocks) / 4
+    sum(f.square().mean() for f in light_feats).backward()  # every new weight learns
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in light.fpn.layer_blocks.parameters())
+    with pytest.raises(ConfigError, match="separable"):
+        build_backbone("resnet18", out_channels=16, base_channels=8, fpn_output_conv="5x5")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_zero_init_residual_starts_every_block_as_the_identity(name):
+    backbone = build_backbone(name, out_channels=16, norm="bn", base_channels=8,
+                              zero_init_residual=True)
+    body = backbone.body.eval()
+    blocks = [b for layer in (body.layer1, body.layer2, body.layer3, body.layer4) for b in layer]
+    x = torch.rand(2, blocks[1].conv1.in_channels, 12, 12)
+    assert torch.equal(blocks[1](x), torch.relu(x))  # no downsample: relu(x + 0)
+    first = blocks[0]
+    y = torch.rand(2, first.conv1.in_channels, 12, 12)
+    shortcut = first.downsample(y) if first.downsample is not None else y
+    assert torch.allclose(first(y), torch.relu(shortcut))
+    default = build_backbone(name, out_channels=16, norm="bn", base_channels=8)
+    assert all(b.bn2.weight.abs().sum() > 0 for layer in (default.body.layer1,) for b in layer)
+
+
 def test_group_norm_fits_narrow_widths():
     assert [group_norm(c).num_groups for c in (256, 64, 16, 24, 8, 6)] == [32, 16, 4, 4, 2, 1]
 

@@ -223,7 +223,9 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
     """Build an ISTR from a ``ModelConfig``: every part is constructed here, top to bottom."""
     backbone = build_backbone(cfg.backbone, out_channels=cfg.hidden_dim, norm=cfg.norm,
                               base_channels=cfg.backbone_base_channels,
-                              pretrained_path=cfg.pretrained_path)
+                              pretrained_path=cfg.pretrained_path,
+                              fpn_output_conv=cfg.fpn_output_conv,
+                              zero_init_residual=cfg.zero_init_residual)
     return ISTR(num_classes, basis, backbone, num_queries=cfg.num_queries,
                 num_stages=cfg.num_stages, hidden_dim=cfg.hidden_dim,
                 dim_dynamic=cfg.dim_dynamic, dim_feedforward=cfg.dim_feedforward,
