@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from istr_viz.errors import ConfigError
 
+FPN_OUTPUT_CONVS = ("3x3", "separable")  # ModelConfig.fpn_output_conv
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -79,9 +81,12 @@ class ModelConfig:
                               f"got {self.proposal_box_cells}")
         if self.norm not in ("frozen_bn", "gn", "bn"):
             raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
-        if self.fpn_output_conv not in ("3x3", "separable"):
-            raise ConfigError(f"model.fpn_output_conv must be 3x3 or separable, got "
-                              f"{self.fpn_output_conv!r}", entry="model.fpn_output_conv")
+        if self.fpn_output_conv not in FPN_OUTPUT_CONVS:
+            raise ConfigError(f"model.fpn_output_conv must be {' or '.join(FPN_OUTPUT_CONVS)}, "
+                              f"got {self.fpn_output_conv!r}")
+        if self.zero_init_residual and (self.norm == "frozen_bn" or self.pretrained_path):
+            raise ConfigError("model.zero_init_residual is for training from scratch: frozen "
+                              "norms would keep the zeroed scales, ImageNet weights overwrite them")
 
 
 @dataclass(frozen=True)

@@ -405,6 +405,11 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                   f"{cfg.model.norm}: only the norms' scales and shifts that fit are copied "
                   f"(--set model.norm={source_norm} fine-tunes it as it was trained)",
                   file=sys.stderr)
+        source_fpn = source.get("config", {}).get("model", {}).get("fpn_output_conv", "3x3")
+        if info.is_main and source_fpn != cfg.model.fpn_output_conv:
+            print(f"note: {init_from} has FPN output convs {source_fpn}, this run "
+                  f"{cfg.model.fpn_output_conv}: those convs start afresh (--set "
+                  f"model.fpn_output_conv={source_fpn} keeps them)", file=sys.stderr)
     criterion = SetCriterion(cfg.loss, basis)
     params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel: one pass over all parameters (shapes-cpu, 10 M parameters, one core:

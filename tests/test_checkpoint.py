@@ -93,6 +93,34 @@ def test_a_saved_model_loads_back_to_identical_outputs(model, saved):
     assert predictor.checkpoint_path == saved
 
 
+def test_a_checkpoint_from_before_the_fpn_option_loads_with_the_3x3_fpn(basis, tmp_path):
+    """Checkpoints written before model.fpn_output_conv and model.zero_init_residual existed
+    (the shipped one among them) have neither key: they must build the FPN they were trained
+    with (3x3) and load strictly, while the shapes-cpu preset now builds the separable one."""
+    assert get_preset("shapes-cpu").model.fpn_output_conv == "separable"
+    assert get_preset("coco-r50").model.fpn_output_conv == "3x3"  # the paper's recipe
+    torch.manual_seed(0)
+    old = build_model(TINY, len(CLASS_NAMES), basis).eval()
+    config = tiny_config().to_dict()
+    for key in ("fpn_output_conv", "zero_init_residual"):
+        del config["model"][key]
+    path = save_checkpoint(tmp_path / "old.pt", **{**payload(old, basis), "config": config})
+    loaded, _ = load_model(path)
+    assert isinstance(loaded.backbone.fpn.layer_blocks[0][0], torch.nn.Conv2d)
+    assert loaded.backbone.fpn.layer_blocks[0][0].kernel_size == (3, 3)
+    images = torch.rand(1, 3, 64, 64)
+    sizes = torch.tensor([[64, 64]])
+    with torch.no_grad():
+        assert torch.equal(loaded(images, sizes).stages[-1].logits,
+                           old(images, sizes).stages[-1].logits)
+    separable = dataclasses.replace(TINY, fpn_output_conv="separable")
+    config["model"]["fpn_output_conv"] = "separable"  # the 3x3 weights do not fit that FPN
+    wrong = save_checkpoint(tmp_path / "wrong.pt", **{**payload(old, basis), "config": config})
+    with pytest.raises(CheckpointError, match="wrong.pt"):
+        load_model(wrong)
+    assert build_model(separable, len(CLASS_NAMES), basis).backbone.fpn.layer_blocks[0][0][0].groups == 32
+
+
 def test_load_checkpoint_returns_the_payload(saved, basis):
     ckpt = load_checkpoint(saved)
     assert ckpt["format_version"] == FORMAT_VERSION

@@ -393,6 +393,16 @@ def test_a_bad_fpn_output_conv_is_refused_by_the_cli_in_one_line(capsys):
     assert "model.fpn_output_conv must be 3x3 or separable" in err and "Traceback" not in err
 
 
+def test_zero_init_residual_is_refused_with_frozen_or_pretrained_norms():
+    from istr_viz.errors import ConfigError
+
+    for extra in (["model.norm=frozen_bn"], ["model.pretrained_path=r18.pth"]):
+        with pytest.raises(ConfigError, match="zero_init_residual is for training from scratch"):
+            apply_overrides(get_preset("shapes-cpu"), ["model.zero_init_residual=true"] + extra)
+    assert apply_overrides(get_preset("shapes-cpu"),
+                           ["model.zero_init_residual=true"]).model.zero_init_residual
+
+
 def test_preset_overrides_in_a_notebook_style():
     cfg = apply_overrides(get_preset("shapes-cpu"), ["model.num_stages=4", "train.lr=1e-4"])
     assert cfg.model.num_stages == 4 and cfg.train.lr == 1e-4

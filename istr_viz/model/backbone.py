@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 
+from istr_viz.config import FPN_OUTPUT_CONVS
 from istr_viz.errors import CheckpointError, ConfigError
 
 RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
@@ -77,8 +78,9 @@ class ResNetBody(nn.Module):
     """ResNet without pooling and classifier; ``forward`` returns [C2, C3, C4, C5].
 
     ``zero_init_residual``: start the last norm's scale of every residual block at zero, so each
-    block begins as the identity (Goyal et al. 2017, torchvision's ``zero_init_residual``); not
-    with ImageNet weights, which overwrite it.
+    residual branch starts at zero and a block passes on its shortcut (the identity, or the
+    projection of the first block of a stage): Goyal et al. 2017, torchvision's
+    ``zero_init_residual``. For training from scratch (ImageNet weights overwrite it).
     """
 
     def __init__(self, name: str, base_channels: int = 64, norm: str = "frozen_bn",
@@ -186,9 +188,6 @@ def separable_output_convs(fpn: FeaturePyramidNetwork) -> FeaturePyramidNetwork:
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
     return fpn
-
-
-FPN_OUTPUT_CONVS = ("3x3", "separable")
 
 
 def load_pretrained(body: ResNetBody, path: str | Path) -> None:
