@@ -24,7 +24,7 @@ class ModelConfig:
     # "3x3": the FPN's output convs as in the FPN paper; "separable": depthwise 3x3 + pointwise
     # 1x1 (not in ISTR; ~1/9 of the multiply-adds, for CPUs: istr_viz.model.backbone.build_fpn)
     fpn_output_conv: str = "3x3"
-    # residual blocks start as the identity (the last norm's scale at 0; for training from scratch)
+    # every residual branch starts at zero (its last norm scale at 0): training from scratch only
     zero_init_residual: bool = False
     num_queries: int = 300
     num_stages: int = 6
