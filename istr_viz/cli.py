@@ -219,11 +219,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ann = load_annotations(paths.ann_file)
     _check_classes_fit(args.checkpoint, predictor, ann)
     metrics = evaluate_model(model, paths, predictor.config, device=predictor.device,
-                             results_out=args.results_out, category_ids=predictor.category_ids)
+                             results_out=args.results_out, category_ids=predictor.category_ids,
+                             ceilings=args.ceilings)
     print(format_stage_table(metrics))
     for c in metrics["per_category"]:
         print(f"  {c['id']:>6} {c['name']:<20} box AP {100 * c['bbox_AP']:5.1f}  "
               f"mask AP {100 * c['segm_AP']:5.1f}")
+    if args.ceilings:
+        from istr_viz.ceilings import format_ceilings
+
+        print(format_ceilings(metrics["ceilings"], model.basis.mask_size, model.basis.dim))
     _write_json(args.json_out, metrics)
     return 0
 
@@ -357,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="or a data set root (its val/ split)")
     p.add_argument("--json-out", help="write the metrics as JSON")
     p.add_argument("--results-out", help="write the final stage's COCO results (boxes + RLE masks)")
+    p.add_argument("--ceilings", action="store_true",
+                   help="also report what caps the mask AP: the same detections with perfect "
+                        "mask codes, and ground truth through the S x S crop and the basis")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_evaluate, split="val")
 

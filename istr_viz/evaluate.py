@@ -219,13 +219,14 @@ def eval_dataset(data, cfg, category_ids: list[int] | None = None):
 
 def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
                    batch_size: int = 4, progress: bool = True, results_out=None,
-                   category_ids: list[int] | None = None) -> dict:
+                   category_ids: list[int] | None = None, ceilings: bool = False) -> dict:
     """Per-stage COCO AP of ``model`` on the data set ``data`` (a ``DatasetPaths``).
 
     The ground truth is the validated annotation file (crowd regions included, as COCOeval expects).
     ``category_ids``: the model's class index -> category id (its checkpoint's ``category_ids``);
     they must be the data set's, else a :class:`DataError` is raised. ``results_out``: also write
-    the final stage's COCO results list there (JSON).
+    the final stage's COCO results list there (JSON). ``ceilings``: also report what caps the
+    final stage's mask AP (``metrics["ceilings"]``, see :func:`istr_viz.ceilings.mask_ap_ceilings`).
     """
     import json
     from pathlib import Path
@@ -236,6 +237,12 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
                                     progress=progress, category_ids=category_ids)
     names = dict(zip(ann.label_to_cat_id, ann.class_names))
     metrics = evaluate_results(ann.coco, results, names)
+    if ceilings:
+        from istr_viz.ceilings import mask_ap_ceilings
+
+        metrics["ceilings"] = mask_ap_ceilings(
+            ann.coco, results.per_stage[-1] if results.per_stage else [], model.basis,
+            results.image_ids)
     if results_out is not None:
         Path(results_out).parent.mkdir(parents=True, exist_ok=True)
         Path(results_out).write_text(json.dumps(results.per_stage[-1] if results.per_stage else []))

@@ -181,6 +181,13 @@ def test_evaluate_and_predict_write_their_files(tiny_run, tmp_path, capsys):
     assert [s["stage"] for s in metrics["per_stage"]] == [1, 2]
     assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75"}
     assert isinstance(json.loads((tmp_path / "r.json").read_text()), list)
+    assert "ceilings" not in metrics
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(root), "--ceilings",
+                 "--json-out", str(tmp_path / "c.json")]) == 0
+    assert "mask AP ceilings (S = " in capsys.readouterr().out
+    ceilings = json.loads((tmp_path / "c.json").read_text())["ceilings"]
+    assert ceilings["crop"]["AP"] >= ceilings["basis"]["AP"] > 0.3  # ground truth through the basis
     image = root / "val" / "images" / "000001.png"
     assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "p"),
                  "--score-threshold", "0"]) == 0
