@@ -156,11 +156,11 @@ def mask_ap_ceilings(gt: COCO, results: list[dict], basis,
 
 
 CEILING_ROWS = (
-    ("model", "the model (its masks)"),
-    ("ideal_masks", "its boxes and scores, perfect codes"),
-    ("ideal_masks_gt_frame", "... perfect codes of the ground-truth box's crop"),
-    ("basis", "ground-truth boxes, perfect codes"),
-    ("crop", "ground-truth boxes, S x S crops, no basis"),
+    ("model", "the model"),
+    ("ideal_masks", "its boxes, perfect codes (crop of its box)"),
+    ("ideal_masks_gt_frame", "its boxes, perfect codes (crop of the GT box)"),
+    ("basis", "GT boxes, perfect codes"),
+    ("crop", "GT boxes, S x S crops, no basis"),
 )
 
 

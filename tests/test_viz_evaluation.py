@@ -20,6 +20,7 @@ from istr_viz.evaluate import coco_eval, ground_truth_as_results
 from istr_viz.viz.evaluation import (
     ImageErrors,
     image_errors,
+    plot_mask_ap_ceilings,
     plot_pr_by_stage,
     plot_pr_curves,
     plot_prediction_gallery,
@@ -238,6 +239,28 @@ def test_stage_ap_plots_each_key_against_the_stage():
     assert _has_color(image, lines[0].get_color())  # the AP line is really drawn
     with pytest.raises(ValueError, match="no stages"):
         plot_stage_ap({"per_stage": []})
+
+
+def test_mask_ap_ceilings_plot_draws_a_bar_per_row_and_key(gt):
+    from istr_viz.basis import MaskBasis
+    from istr_viz.ceilings import CEILING_ROWS, mask_ap_ceilings
+
+    rng = np.random.default_rng(0)
+    basis = MaskBasis.fit(rng.random((200, 16, 16)) > 0.5, dim=8, seed=0)
+    ceilings = mask_ap_ceilings(gt, degraded_results(gt), basis)
+    fig = plot_mask_ap_ceilings(ceilings)
+    (ax,) = panels(fig)
+    heights = sorted((p.get_y(), p.get_width()) for p in ax.patches)  # bottom row first
+    widths = [w for _, w in heights]
+    expected = [100 * ceilings[row][key] for row, _ in reversed(CEILING_ROWS)
+                for key in ("AP", "AP75")]
+    np.testing.assert_allclose(widths, expected)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [label for _, label in
+                                                            reversed(CEILING_ROWS)]
+    (box_line,) = ax.get_lines()
+    assert box_line.get_xdata()[0] == pytest.approx(100 * ceilings["model_box"]["AP"])
+    with pytest.raises(ValueError, match="basis"):
+        plot_mask_ap_ceilings({"model": ceilings["model"]})
 
 
 def test_pr_curves_draw_one_line_per_category_and_the_mean(gt):

@@ -20,6 +20,8 @@ Figures:
 - :func:`plot_pr_by_stage`: one line per stage (mean over categories) at one IoU threshold.
 - :func:`plot_prediction_gallery`: a panel per image, detections over the image with the ground
   truth dashed (the worst images, for example).
+- :func:`plot_mask_ap_ceilings`: the model's mask AP beside what caps it
+  (:func:`istr_viz.ceilings.mask_ap_ceilings`), a bar per row.
 """
 
 from __future__ import annotations
@@ -223,6 +225,36 @@ def plot_stage_ap(metrics: dict, keys: Sequence[str] = AP_KEYS,
     return fig
 
 
+def plot_mask_ap_ceilings(ceilings: dict, keys: Sequence[str] = ("AP", "AP75"),
+                          panel_size: tuple[float, float] = (6.4, 2.6)) -> Figure:
+    """The model's mask AP and its ceilings as horizontal bars (percent), a group per row of
+    :data:`istr_viz.ceilings.CEILING_ROWS`, a bar per key of ``keys``; the model's box AP is the
+    dashed line. ``ceilings``: the dict of :func:`istr_viz.ceilings.mask_ap_ceilings`."""
+    from istr_viz.ceilings import CEILING_ROWS
+
+    missing = [key for key, _ in CEILING_ROWS if key not in ceilings]
+    if missing:
+        raise ValueError(f"ceilings lack {missing}: pass the dict of mask_ap_ceilings")
+    fig, axes = new_figure(1, 1, panel_size)
+    ax = axes.flat[0]
+    rows = list(reversed(CEILING_ROWS))  # the model on top
+    height = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        y = np.arange(len(rows)) + (i - (len(keys) - 1) / 2) * height
+        values = [100 * ceilings[row][key] for row, _ in rows]
+        bars = ax.barh(y, values, height=height, label=f"mask {key}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    if "model_box" in ceilings:
+        ax.axvline(100 * ceilings["model_box"]["AP"], color="0.3", linestyle="--", linewidth=1,
+                   label="the model's box AP")
+    ax.set_yticks(np.arange(len(rows)), [label for _, label in rows], fontsize=8)
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("percent")
+    ax.set_title("what caps the mask AP", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(keys) + 1)
+    return fig
+
+
 def _category_names(curves: PRCurves, class_names: dict[int, str] | Sequence[str] | None
                     ) -> list[str]:
     if class_names is None:
@@ -315,6 +347,6 @@ def plot_prediction_gallery(predictions: Sequence, titles: Sequence[str] | None 
 
 
 __all__ = [
-    "ImageErrors", "PRCurves", "image_errors", "plot_pr_by_stage", "plot_pr_curves",
-    "plot_prediction_gallery", "plot_stage_ap", "pr_curves", "worst_images",
+    "ImageErrors", "PRCurves", "image_errors", "plot_mask_ap_ceilings", "plot_pr_by_stage",
+    "plot_pr_curves", "plot_prediction_gallery", "plot_stage_ap", "pr_curves", "worst_images",
 ]
