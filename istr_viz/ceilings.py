@@ -8,14 +8,20 @@ as M basis coefficients and pasted back into the box. Each of these steps loses 
 - ``basis``: the same crops encoded to M coefficients (the noise-free code) and decoded. This is
   the AP of perfect codes in perfect boxes, the ceiling of the basis.
 - ``ideal_masks``: a model's own detections (scores, classes, boxes) with each mask replaced by the
-  basis's version of the ground truth it overlaps most. This is the mask AP of the model if its mask
-  head were perfect. Its gap to the model's mask AP is the mask head's share; its gap to ``basis``
-  is that of the boxes and scores. The instance is cropped to the detection's own box; in the
-  ``ideal_masks_gt_frame`` variant it is cropped to its own box and pasted into the detection's,
-  which is what a perfect head trained on ground-truth-box crops (``loss.mask_target_boxes="gt"``)
-  would draw.
+  basis's version of the ground truth it overlaps most, cropped to the detection's own box: what a
+  perfect head trained on ``loss.mask_target_boxes="pred"`` (ISTR v2) would draw. A loose box
+  costs such a head nothing (the instance is clipped to the box, never drawn too large), so a
+  real head, which must find the object inside an inaccurate box, stays further below it.
+- ``ideal_masks_gt_frame``: the instance cropped to its own box and pasted into the detection's,
+  what a perfect head trained on ``loss.mask_target_boxes="gt"`` (ISTR v1, the default) would
+  draw: every box error moves the mask with it.
 
-Every number uses the same COCOeval as :mod:`istr_viz.evaluate`.
+The gap from the model to the ceiling of its training target is its mask head's share; the gap
+from there to ``basis`` is that of the boxes and scores. The detection-based rows are not strict
+upper bounds: each detection takes its instance on its own, so two may take the same one (which
+cannot raise the AP: COCOeval matches one-to-one), and a detection on a crowd region that also
+overlaps an instance of its class is redrawn as that instance. Every number uses the same
+COCOeval as :mod:`istr_viz.evaluate`.
 """
 
 from __future__ import annotations
@@ -23,22 +29,24 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 from torchvision.ops import box_convert, box_iou
 
-from istr_viz.evaluate import coco_eval
+from istr_viz.data.coco import ann_boxes_xyxy, stack_ann_masks
+from istr_viz.evaluate import coco_eval, coco_result
 from istr_viz.matcher import crop_gt_masks
+from istr_viz.model.istr import MaskCodec
 from istr_viz.postprocess import mask_to_rle, paste_masks
 
 
 @dataclass
 class ImageTruth:
-    """One image's non-crowd ground truth at its original size.
+    """One image's non-crowd ground truth at its original size, as training reads it.
 
-    masks (G, H, W) bool, boxes_xyxy (G, 4) float pixels, category_ids (G,) long.
+    masks (G, H, W) bool, boxes_xyxy (G, 4) float pixels clipped to the image, category_ids (G,)
+    long (the data set's own ids).
     """
 
     masks: Tensor
@@ -48,26 +56,26 @@ class ImageTruth:
     @classmethod
     def load(cls, gt: COCO, image_id: int) -> "ImageTruth":
         info = gt.imgs[image_id]
-        anns = gt.loadAnns(gt.getAnnIds(imgIds=[image_id], iscrowd=False))
         h, w = int(info["height"]), int(info["width"])
-        if not anns:
-            return cls(torch.zeros((0, h, w), dtype=torch.bool), torch.zeros((0, 4)),
-                       torch.zeros(0, dtype=torch.long))
-        masks = torch.from_numpy(np.stack([gt.annToMask(a) for a in anns])).bool()
-        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32),
-                            "xywh", "xyxy")
-        cats = torch.tensor([a["category_id"] for a in anns], dtype=torch.long)
-        return cls(masks, boxes, cats)
+        anns = [a for a in gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        return cls(stack_ann_masks(gt, anns, h, w), ann_boxes_xyxy(anns, h, w),
+                   torch.tensor([a["category_id"] for a in anns], dtype=torch.long))
+
+
+def load_truths(gt: COCO, image_ids: list[int]) -> dict[int, ImageTruth]:
+    """:class:`ImageTruth` of each image, to read the masks once for several ceilings."""
+    return {image_id: ImageTruth.load(gt, image_id) for image_id in image_ids}
 
 
 def masks_through_crop(full_masks: Tensor, boxes_xyxy: Tensor, mask_size: int,
-                       basis=None, paste_boxes_xyxy: Tensor | None = None) -> Tensor:
+                       basis: MaskCodec | None = None,
+                       paste_boxes_xyxy: Tensor | None = None) -> Tensor:
     """Crop each full mask to a box at S x S, optionally through the basis, and paste it back.
 
     full_masks (N, H, W) bool, boxes_xyxy (N, 4) pixels of the same image, one box per mask.
-    ``basis``: a :class:`~istr_viz.basis.MaskBasis` whose noise-free code of the crop is decoded
-    (None: the crop itself). ``paste_boxes_xyxy`` (N, 4): paste into these boxes instead (default:
-    the crop boxes). Returns (N, H, W) bool, thresholded at 0.5 as the model's masks are.
+    ``basis``: its noise-free code of each crop is decoded (None: the crop itself).
+    ``paste_boxes_xyxy`` (N, 4): paste into these boxes instead (default: the crop boxes).
+    Returns (N, H, W) bool, thresholded at 0.5 as the model's masks are.
     """
     n, h, w = full_masks.shape
     if n == 0:
@@ -78,33 +86,34 @@ def masks_through_crop(full_masks: Tensor, boxes_xyxy: Tensor, mask_size: int,
     return paste_masks(probs.float(), paste, h, w)
 
 
-def _result(image_id: int, category_id: int, box_xyxy: Tensor, score: float, mask: Tensor) -> dict:
-    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
-    return {"image_id": image_id, "category_id": category_id, "score": score,
-            "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": mask_to_rle(mask.numpy())}
-
-
-def ground_truth_through_masks(gt: COCO, mask_size: int, basis=None,
-                               image_ids: list[int] | None = None) -> list[dict]:
+def ground_truth_through_masks(gt: COCO, mask_size: int, basis: MaskCodec | None = None,
+                               image_ids: list[int] | None = None,
+                               truths: dict[int, ImageTruth] | None = None) -> list[dict]:
     """The non-crowd ground truth as COCO results (score 1), each mask through
-    :func:`masks_through_crop` in its own box: the ``crop`` (basis None) or ``basis`` ceiling."""
+    :func:`masks_through_crop` in its own box: the ``crop`` (basis None) or ``basis`` ceiling.
+    ``truths``: already loaded images (:func:`load_truths`)."""
+    ids = image_ids if image_ids is not None else sorted(gt.getImgIds())
+    truths = truths if truths is not None else load_truths(gt, ids)
     results = []
-    for image_id in image_ids if image_ids is not None else sorted(gt.getImgIds()):
-        truth = ImageTruth.load(gt, image_id)
+    for image_id in ids:
+        truth = truths[image_id]
         masks = masks_through_crop(truth.masks, truth.boxes_xyxy, mask_size, basis)
         for box, cat, mask in zip(truth.boxes_xyxy, truth.category_ids.tolist(), masks):
-            results.append(_result(image_id, cat, box, 1.0, mask))
+            results.append(coco_result(image_id, cat, 1.0, box.tolist(),
+                                       mask_to_rle(mask.numpy())))
     return results
 
 
-def with_ideal_masks(gt: COCO, results: list[dict], basis, frame: str = "pred") -> list[dict]:
+def with_ideal_masks(gt: COCO, results: list[dict], basis: MaskCodec, frame: str = "pred",
+                     truths: dict[int, ImageTruth] | None = None) -> list[dict]:
     """``results`` (COCO results with boxes) with every mask replaced by the basis's version of
     the ground truth it should have been: the same-category non-crowd instance with the highest box
     IoU. ``frame="pred"`` crops that instance to the detection's own box (the target of
     ``loss.mask_target_boxes="pred"``); ``"gt"`` crops it to its own box (the default target) and
     pastes the crop into the detection's box, as a perfect head trained on that target would.
     A detection that overlaps no such instance keeps its mask (it is a false positive either way).
-    Scores, classes and boxes are unchanged."""
+    Scores, classes and boxes are unchanged; so is ``results``. ``truths``: already loaded images.
+    """
     if frame not in ("pred", "gt"):
         raise ValueError(f"frame must be 'pred' or 'gt', got {frame!r}")
     by_image: dict[int, list[int]] = defaultdict(list)
@@ -112,7 +121,8 @@ def with_ideal_masks(gt: COCO, results: list[dict], basis, frame: str = "pred") 
         by_image[int(r["image_id"])].append(i)
     out = [dict(r) for r in results]
     for image_id, indices in by_image.items():
-        truth = ImageTruth.load(gt, image_id)
+        truth = truths[image_id] if truths is not None and image_id in truths else \
+            ImageTruth.load(gt, image_id)
         if truth.masks.shape[0] == 0:
             continue
         boxes = box_convert(torch.tensor([results[i]["bbox"] for i in indices],
@@ -120,7 +130,7 @@ def with_ideal_masks(gt: COCO, results: list[dict], basis, frame: str = "pred") 
         cats = torch.tensor([results[i]["category_id"] for i in indices], dtype=torch.long)
         iou = box_iou(boxes, truth.boxes_xyxy)  # (D, G)
         iou[cats[:, None] != truth.category_ids[None, :]] = 0.0
-        best_iou, owner = iou.max(dim=1)
+        best_iou, owner = iou.max(dim=1)  # (D,) each detection's instance
         hit = (best_iou > 0).nonzero().flatten()
         if hit.numel() == 0:
             continue
@@ -133,26 +143,27 @@ def with_ideal_masks(gt: COCO, results: list[dict], basis, frame: str = "pred") 
     return out
 
 
-def mask_ap_ceilings(gt: COCO, results: list[dict], basis,
+def mask_ap_ceilings(gt: COCO, results: list[dict], basis: MaskCodec,
                      image_ids: list[int] | None = None) -> dict:
-    """Mask AP of a model's ``results`` (one stage's COCO results) beside its three ceilings.
+    """Mask AP of a model's ``results`` (one stage's COCO results) beside its four ceilings.
 
     Returns ``{"model": {...}, "ideal_masks": {...}, "ideal_masks_gt_frame": {...},
-    "basis": {...}, "crop": {...}}`` (see :func:`with_ideal_masks` for the two frames), each a
-    COCOeval mask summary (AP, AP50, AP75, APs, APm, APl; 0..1), plus ``"model_box"``, the box
-    summary of the same results. ``image_ids``: the images the results cover (default: all).
+    "basis": {...}, "crop": {...}}`` (see the module's docstring), each a COCOeval mask summary
+    (AP, AP50, AP75, APs, APm, APl; 0..1), plus ``"model_box"``, the box summary of the same
+    results. ``image_ids``: the images the results cover (default: all of ``gt``'s).
     """
     ids = sorted(image_ids) if image_ids is not None else sorted(gt.getImgIds())
-    truth_crop = ground_truth_through_masks(gt, basis.mask_size, None, ids)
-    truth_basis = ground_truth_through_masks(gt, basis.mask_size, basis, ids)
+    truths = load_truths(gt, ids)
+    size = basis.mask_size
+    rows = {
+        "ideal_masks": with_ideal_masks(gt, results, basis, "pred", truths),
+        "ideal_masks_gt_frame": with_ideal_masks(gt, results, basis, "gt", truths),
+        "basis": ground_truth_through_masks(gt, size, basis, ids, truths),
+        "crop": ground_truth_through_masks(gt, size, None, ids, truths),
+    }
     return {"model_box": coco_eval(gt, results, "bbox", ids)[0],
             "model": coco_eval(gt, results, "segm", ids)[0],
-            "ideal_masks": coco_eval(gt, with_ideal_masks(gt, results, basis, "pred"), "segm",
-                                     ids)[0],
-            "ideal_masks_gt_frame": coco_eval(gt, with_ideal_masks(gt, results, basis, "gt"),
-                                              "segm", ids)[0],
-            "basis": coco_eval(gt, truth_basis, "segm", ids)[0],
-            "crop": coco_eval(gt, truth_crop, "segm", ids)[0]}
+            **{key: coco_eval(gt, rows[key], "segm", ids)[0] for key in rows}}
 
 
 CEILING_ROWS = (
@@ -173,4 +184,3 @@ def format_ceilings(ceilings: dict, mask_size: int, dim: int) -> str:
         lines.append(f"{label:<48} {100 * s['AP']:5.1f} {100 * s['AP50']:5.1f} "
                      f"{100 * s['AP75']:5.1f}")
     return "\n".join(lines)
-

@@ -110,6 +110,14 @@ def format_stage_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def coco_result(image_id: int, category_id: int, score: float, box_xyxy, rle: dict) -> dict:
+    """One COCO result: ``box_xyxy`` (4,) pixels becomes COCO's xywh ``bbox``; ``rle`` a
+    compressed RLE with str counts (:func:`istr_viz.postprocess.mask_to_rle`)."""
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    return {"image_id": image_id, "category_id": category_id, "score": float(score),
+            "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": dict(rle)}
+
+
 def ground_truth_as_results(gt: COCO, image_ids: list[int] | None = None) -> list[dict]:
     """The non-crowd ground truth written as COCO results (score 1): a test oracle with AP = 1."""
     results = []
@@ -123,7 +131,7 @@ def ground_truth_as_results(gt: COCO, image_ids: list[int] | None = None) -> lis
     return results
 
 
-__all__ = ["StageResults", "coco_eval", "evaluate_results", "format_stage_table",
+__all__ = ["StageResults", "coco_eval", "coco_result", "evaluate_results", "format_stage_table",
            "ground_truth_as_results"]
 
 
@@ -172,13 +180,9 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
                     masks = paste_masks(mask_probs[queries], boxes[queries], h0, w0).numpy()
                     rles = [mask_to_rle(m) for m in masks]
                     for j in range(len(det)):
-                        x0, y0, x1, y1 = det.boxes_xyxy[j].tolist()
-                        per_stage[k].append({
-                            "image_id": image_id,
-                            "category_id": label_to_cat[int(det.labels[j])],
-                            "score": float(det.scores[j]),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0],
-                            "segmentation": dict(rles[int(owner[j])])})
+                        per_stage[k].append(coco_result(
+                            image_id, label_to_cat[int(det.labels[j])], det.scores[j],
+                            det.boxes_xyxy[j].tolist(), rles[int(owner[j])]))
     model.train(was_training)
     return StageResults(per_stage or [], image_ids)
 

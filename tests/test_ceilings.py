@@ -13,8 +13,8 @@ from pycocotools.coco import COCO
 
 import coco_factory as cf
 from istr_viz.basis import MaskBasis
-from istr_viz.ceilings import (format_ceilings, ground_truth_through_masks, mask_ap_ceilings,
-                               masks_through_crop, with_ideal_masks)
+from istr_viz.ceilings import (ImageTruth, format_ceilings, ground_truth_through_masks,
+                               mask_ap_ceilings, masks_through_crop, with_ideal_masks)
 from istr_viz.data.coco import load_annotations
 from istr_viz.evaluate import coco_eval, ground_truth_as_results
 
@@ -45,10 +45,12 @@ def _segm_ap(gt: COCO, results: list[dict]) -> float:
     return coco_eval(gt, results, "segm")[0]["AP"]
 
 
-def _rectangle_gt(size: int = 96) -> COCO:
-    """Two images of box-filling rectangles: the S x S crop of each is all foreground."""
+def _rectangle_gt(size: int = 96, images=((1, [(10, 12, 40, 50), (50, 20, 90, 44)]),
+                                          (2, [(3, 60, 31, 93)]))) -> COCO:
+    """Images of box-filling rectangles (x0, y0, x1, y1) of one class: the S x S crop of each is
+    all foreground."""
     dataset = {"images": [], "annotations": [], "categories": [{"id": 5, "name": "box"}]}
-    for image_id, rects in ((1, [(10, 12, 40, 50), (50, 20, 90, 44)]), (2, [(3, 60, 31, 93)])):
+    for image_id, rects in images:
         dataset["images"].append({"id": image_id, "width": size, "height": size,
                                   "file_name": f"{image_id}.png"})
         for x0, y0, x1, y1 in rects:
@@ -62,6 +64,35 @@ def _rectangle_gt(size: int = 96) -> COCO:
     gt.dataset = dataset
     gt.createIndex()
     return gt
+
+
+def test_image_truth_leaves_out_crowd_regions_and_clips_boxes(quirky_gt):
+    truth = ImageTruth.load(quirky_gt, 1001)  # a square, a two-part triangle, a circle, a crowd
+    anns = quirky_gt.imgToAnns[1001]
+    assert sum(a["iscrowd"] for a in anns) == 1
+    assert truth.masks.shape == (len(anns) - 1, 160, 240) and truth.masks.dtype == torch.bool
+    assert sorted(truth.category_ids.tolist()) == sorted(a["category_id"] for a in anns
+                                                         if not a["iscrowd"])
+    assert truth.masks.flatten(1).any(dim=1).all()
+    spill = _rectangle_gt(images=((1, [(60, 70, 96, 96)]),))
+    spill.anns[1]["bbox"] = [60.0, 70.0, 50.0, 40.0]  # a box drawn past the image's corner
+    assert ImageTruth.load(spill, 1).boxes_xyxy.tolist() == [[60.0, 70.0, 96.0, 96.0]]
+
+
+def test_each_detection_takes_the_instance_it_overlaps_most():
+    """Two overlapping rectangles of one class: a detection on each gets that one's mask."""
+    gt = _rectangle_gt(images=((1, [(10, 10, 50, 50), (30, 30, 80, 80)]),))
+    basis = MaskBasis.fit(_random_masks(300, 28, seed=6), dim=40, seed=0)
+    truth = ImageTruth.load(gt, 1)
+    detections = [{"image_id": 1, "category_id": 5, "score": 0.9, "bbox": [28.0, 28.0, 52.0, 52.0],
+                   "segmentation": cf.compressed_rle(np.zeros((96, 96), dtype=bool))},
+                  {"image_id": 1, "category_id": 5, "score": 0.8, "bbox": [9.0, 9.0, 42.0, 42.0],
+                   "segmentation": cf.compressed_rle(np.zeros((96, 96), dtype=bool))}]
+    out = with_ideal_masks(gt, detections, basis)
+    for result, instance in zip(out, (1, 0)):
+        drawn = torch.from_numpy(mask_utils.decode(result["segmentation"])).bool()
+        ious = [(drawn & m).sum() / (drawn | m).sum() for m in truth.masks]
+        assert int(np.argmax(ious)) == instance and ious[instance] > 0.9
 
 
 def test_the_crop_of_a_box_filling_rectangle_pastes_back_exactly():

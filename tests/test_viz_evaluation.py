@@ -259,7 +259,7 @@ def test_mask_ap_ceilings_plot_draws_a_bar_per_row_and_key(gt):
                                                             reversed(CEILING_ROWS)]
     (box_line,) = ax.get_lines()
     assert box_line.get_xdata()[0] == pytest.approx(100 * ceilings["model_box"]["AP"])
-    with pytest.raises(ValueError, match="basis"):
+    with pytest.raises(ValueError, match="ceilings lack"):
         plot_mask_ap_ceilings({"model": ceilings["model"]})
 
 

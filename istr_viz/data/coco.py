@@ -215,32 +215,32 @@ class CocoDataset(Dataset):
         info = ann.image_info(image_id)
         h0, w0 = info["height"], info["width"]
         instances, crowds = ann.instance_anns(image_id), ann.crowd_anns(image_id)
-        masks = _stack_masks(ann, instances, h0, w0)
+        masks = stack_ann_masks(ann.coco, instances, h0, w0)
         return {
             "image_id": image_id,
             "orig_size": torch.tensor([h0, w0], dtype=torch.int64),
             "size": torch.tensor([h0, w0], dtype=torch.int64),
-            "boxes_xyxy": _boxes_xyxy(instances, h0, w0),
+            "boxes_xyxy": ann_boxes_xyxy(instances, h0, w0),
             "labels": torch.tensor([ann.cat_id_to_label[a["category_id"]] for a in instances],
                                    dtype=torch.int64),
             "masks": masks,
             "ann_ids": torch.tensor([a["id"] for a in instances], dtype=torch.int64),
             "area": torch.tensor([float(a["area"]) for a in instances], dtype=torch.float32),
-            "crowd_boxes_xyxy": _boxes_xyxy(crowds, h0, w0),
-            "crowd_mask": _stack_masks(ann, crowds, h0, w0).any(dim=0),
+            "crowd_boxes_xyxy": ann_boxes_xyxy(crowds, h0, w0),
+            "crowd_mask": stack_ann_masks(ann.coco, crowds, h0, w0).any(dim=0),
             "flipped": False,
             "scale": torch.ones(2, dtype=torch.float32),
         }
 
 
-def _stack_masks(ann: CocoAnnotations, anns: list[dict], h: int, w: int) -> Tensor:
-    """(N, H, W) bool masks of ``anns`` (N may be 0)."""
+def stack_ann_masks(coco: COCO, anns: list[dict], h: int, w: int) -> Tensor:
+    """(N, H, W) bool masks of ``anns`` of one H x W image of ``coco`` (N may be 0)."""
     if not anns:
         return torch.zeros((0, h, w), dtype=torch.bool)
-    return torch.from_numpy(np.stack([ann.ann_to_mask(a) for a in anns]).astype(bool))
+    return torch.from_numpy(np.stack([coco.annToMask(a) for a in anns]).astype(bool))
 
 
-def _boxes_xyxy(anns: list[dict], h: int, w: int) -> Tensor:
+def ann_boxes_xyxy(anns: list[dict], h: int, w: int) -> Tensor:
     """(N, 4) float32 xyxy pixel boxes of ``anns`` (COCO xywh), clipped to the image."""
     xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
     return clip_boxes_to_image(box_convert(xywh, "xywh", "xyxy"), (h, w))
