@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from istr_viz.errors import ConfigError
 
 FPN_OUTPUT_CONVS = ("3x3", "separable")  # ModelConfig.fpn_output_conv
+MASK_HEADS = ("query", "roi")  # ModelConfig.mask_head
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class ModelConfig:
     dn_groups: int = 0
     dn_box_noise: float = 0.4  # corners move by up to this x half the box side
     dn_label_noise: float = 0.2  # probability that a denoising query's label embedding is flipped
+    # Where each stage reads the mask embedding: "query" (v1: from the query, whose RoI was pooled
+    # at the stage's input box) or "roi" (not in v1: the query also meets a RoI pooled at the
+    # stage's own output box, the frame the mask is pasted into; istr_viz.model.stage). Pair "roi"
+    # with loss.mask_target_boxes="pred".
+    mask_head: str = "query"
 
     def __post_init__(self) -> None:
         for name in ("num_queries", "num_stages", "hidden_dim", "dim_dynamic", "dim_feedforward",
@@ -79,6 +85,10 @@ class ModelConfig:
         if not 1 <= len(self.proposal_box_cells) <= 2 or min(self.proposal_box_cells) <= 0:
             raise ConfigError("model.proposal_box_cells must be one or two positive cell counts, "
                               f"got {self.proposal_box_cells}")
+        if self.mask_head not in MASK_HEADS:
+            raise ConfigError(f"model.mask_head must be {' or '.join(MASK_HEADS)}, "
+                              f"got {self.mask_head!r}",
+                              entry="model.mask_head")
         if self.norm not in ("frozen_bn", "gn", "bn"):
             raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
         if self.fpn_output_conv not in FPN_OUTPUT_CONVS:

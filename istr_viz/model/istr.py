@@ -98,6 +98,7 @@ class ISTR(nn.Module):
         aux_dense_box: add the training-only dense box head (``ModelConfig.aux_dense_box``).
         dn_groups, dn_box_noise, dn_label_noise: training-only query denoising
             (``istr_viz.model.denoising``); 0 groups = off.
+        mask_head: "query" (v1) or "roi": where the mask embedding is read (``RefinementStage``).
     """
 
     def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
@@ -109,7 +110,8 @@ class ISTR(nn.Module):
                  prior_prob: float = 0.01, zero_box_deltas: bool = False,
                  proposal_init: str = "image", proposal_box_cells: tuple[float, ...] = (2.0,),
                  aux_semantic: bool = False, aux_dense_box: bool = False,
-                 dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2):
+                 dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2,
+                 mask_head: str = "query"):
         super().__init__()
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
@@ -123,7 +125,7 @@ class ISTR(nn.Module):
         self.stages = nn.ModuleList(
             RefinementStage(num_classes, basis.dim, hidden_dim, dim_dynamic, dim_feedforward,
                             num_heads, num_cls_layers, num_reg_layers, num_mask_layers, dropout,
-                            pooler_resolution)
+                            pooler_resolution, mask_head=mask_head)
             for _ in range(num_stages))
         with torch.no_grad():
             if proposal_init == "grid":
@@ -200,8 +202,9 @@ class ISTR(nn.Module):
             queries = torch.cat([queries, image_feat[:, None] + self.label_embed(dn.labels)], dim=1)
             attn_mask = dn.attn_mask.repeat_interleave(self.stages[0].self_attn.num_heads, 0)
             out.dn_stages, out.dn_gt_index = [], dn.gt_index
+        roi = None  # features pooled at ``boxes``, when the previous stage has them
         for k, stage in enumerate(self.stages, start=1):
-            result = stage(features, boxes, queries, self.pooler, return_attention, attn_mask)
+            result = stage(features, boxes, queries, self.pooler, return_attention, attn_mask, roi)
             if not torch.isfinite(result.boxes_xyxy).all():  # the next stage could not pool them
                 raise NonFiniteError(f"stage{k} predicted non-finite boxes")
             parts = [(out.stages, slice(0, Q))]
@@ -215,7 +218,7 @@ class ISTR(nn.Module):
                     masks=self.decode_masks(result.mask_embed[:, part]),
                     attn=result.attn))
             boxes = result.boxes_xyxy.detach()  # features are not detached
-            queries = result.query_features
+            queries, roi = result.query_features, result.output_roi
         return out
 
 
@@ -237,4 +240,4 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 proposal_box_cells=cfg.proposal_box_cells, aux_semantic=cfg.aux_semantic,
                 aux_dense_box=cfg.aux_dense_box,
                 dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
-                dn_label_noise=cfg.dn_label_noise)
+                dn_label_noise=cfg.dn_label_noise, mask_head=cfg.mask_head)

@@ -3,6 +3,14 @@
 Per query: RoI pool at its current box -> self-attention among the image's queries -> dynamic
 instance interaction (``DynamicConv``) -> FFN -> three MLP branches predicting class logits, box
 deltas (applied to the stage's input boxes) and the mask embedding. ELU everywhere, post-norm.
+
+The mask embedding comes from the query's features, pooled at the stage's *input* box, yet the
+decoded mask is pasted into its *output* box (ISTR v1). With ``mask_head="roi"`` (not in v1; after
+v2, which pools the output box for its mask head) the stage also pools a P x P RoI at its own
+detached output box, encodes it (``RoIMaskEncoder``), adds it to the query's features and
+predicts the embedding from the sum: the mask head sees the frame its mask is drawn in. That RoI
+is the next stage's input RoI, so only the last stage pools once more. Pair it with
+``LossConfig.mask_target_boxes="pred"``, the targets cropped to that same box.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from istr_viz.boxes import DEFAULT_DELTA_WEIGHTS, DEFAULT_SCALE_CLAMP, apply_deltas
+from istr_viz.config import MASK_HEADS
 from istr_viz.model.activations import ELU
 from istr_viz.model.pooler import RoIPooler
 
@@ -49,6 +58,29 @@ class DynamicConv(nn.Module):
         return self.activation(self.norm3(self.out_layer(x.flatten(1))))  # (N, D)
 
 
+class RoIMaskEncoder(nn.Module):
+    """The RoI at a query's output box, as one vector for its mask branch (``mask_head="roi"``).
+
+    Per cell: Linear(D, E) -> LN -> ELU; then the P x P cells, flattened in order (so the layout
+    of the object inside the box survives), -> Linear(P*P*E, D) -> LN -> ELU. The same weights
+    for every query: about a quarter of ``DynamicConv``'s cost, which would make the query
+    generate them (+10% against +38% per training step of ``shapes-cpu``; results_log.md).
+    """
+
+    def __init__(self, hidden_dim: int, dim_reduced: int, pooler_resolution: int):
+        super().__init__()
+        self.reduce = nn.Linear(hidden_dim, dim_reduced)
+        self.norm1 = nn.LayerNorm(dim_reduced)
+        self.activation = ELU()
+        self.out_layer = nn.Linear(dim_reduced * pooler_resolution**2, hidden_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+
+    def forward(self, roi: Tensor) -> Tensor:
+        """roi (N, P*P, D) -> (N, D)."""
+        x = self.activation(self.norm1(self.reduce(roi)))  # (N, P*P, E)
+        return self.activation(self.norm2(self.out_layer(x.flatten(1))))
+
+
 class StageResult(NamedTuple):
     """What one stage returns (``ISTR`` decodes masks and assembles ``StageOutput``)."""
 
@@ -57,6 +89,9 @@ class StageResult(NamedTuple):
     boxes_xyxy: Tensor  # (B, Q, 4) pixels
     mask_embed: Tensor  # (B, Q, M)
     attn: Tensor | None  # (B, Q, Q) self-attention weights averaged over heads
+    # (B*Q, P*P, D) RoI features at the detached output boxes (mask_head="roi"), which are the
+    # next stage's input boxes: it takes them instead of pooling the same boxes again
+    output_roi: Tensor | None = None
 
 
 class RefinementStage(nn.Module):
@@ -67,8 +102,10 @@ class RefinementStage(nn.Module):
                  num_cls_layers: int = 3, num_reg_layers: int = 3, num_mask_layers: int = 3,
                  dropout: float = 0.0, pooler_resolution: int = 7,
                  delta_weights: tuple[float, float, float, float] = DEFAULT_DELTA_WEIGHTS,
-                 scale_clamp: float = DEFAULT_SCALE_CLAMP):
+                 scale_clamp: float = DEFAULT_SCALE_CLAMP, mask_head: str = "query"):
         super().__init__()
+        if mask_head not in MASK_HEADS:
+            raise ValueError(f"mask_head must be one of {MASK_HEADS}, got {mask_head!r}")
         D = hidden_dim
         self.self_attn = nn.MultiheadAttention(D, num_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(D)
@@ -81,6 +118,10 @@ class RefinementStage(nn.Module):
         self.cls_branch = mlp_branch(D, num_cls_layers)
         self.reg_branch = mlp_branch(D, num_reg_layers)
         self.mask_branch = mlp_branch(D, num_mask_layers)
+        # mask_head="roi": a RoI pooled at the output box joins the query before the mask branch
+        self.mask_roi_encoder = (RoIMaskEncoder(D, dim_dynamic, pooler_resolution)
+                                 if mask_head == "roi" else None)
+        self.mask_norm = nn.LayerNorm(D) if mask_head == "roi" else None
         self.class_logits = nn.Linear(D, num_classes)
         self.bbox_deltas = nn.Linear(D, 4)
         self.mask_embed = nn.Linear(D, mask_dim)
@@ -104,7 +145,7 @@ class RefinementStage(nn.Module):
 
     def forward(self, features: list[Tensor], boxes_xyxy: Tensor, query_features: Tensor,
                 pooler: RoIPooler, return_attention: bool = False,
-                attn_mask: Tensor | None = None) -> StageResult:
+                attn_mask: Tensor | None = None, roi: Tensor | None = None) -> StageResult:
         """
         Args:
             features: FPN maps [P2..P5], each (B, D, h_l, w_l).
@@ -114,10 +155,12 @@ class RefinementStage(nn.Module):
             return_attention: also return the (B, Q, Q) head-averaged self-attention weights.
             attn_mask: optional (B * num_heads, Q, Q) bool, True where a query may not attend
                 (the training-only denoising queries, ``istr_viz.model.denoising``).
+            roi: optional (B*Q, P*P, D) features already pooled at ``boxes_xyxy`` (the previous
+                stage's ``output_roi``); pooled here when None.
         """
         B, Q, D = query_features.shape
-        roi = pooler(features, boxes_xyxy)  # (B*Q, D, P, P)
-        roi = roi.flatten(2).transpose(1, 2)  # (B*Q, P*P, D)
+        if roi is None:
+            roi = pooler(features, boxes_xyxy).flatten(2).transpose(1, 2)  # (B*Q, P*P, D)
 
         attn_out, attn = self.self_attn(query_features, query_features, query_features,
                                         need_weights=return_attention, attn_mask=attn_mask,
@@ -132,5 +175,11 @@ class RefinementStage(nn.Module):
         deltas = self.bbox_deltas(self.reg_branch(x))  # (B, Q, 4)
         boxes = apply_deltas(deltas.reshape(B * Q, 4).float(), boxes_xyxy.reshape(B * Q, 4),
                              self.delta_weights, self.scale_clamp).view(B, Q, 4)
-        mask_embed = self.mask_embed(self.mask_branch(x))  # (B, Q, M)
-        return StageResult(x, logits, boxes, mask_embed, attn if return_attention else None)
+        mask_feat, out_roi = x, None
+        if self.mask_roi_encoder is not None:
+            out_roi = pooler(features, boxes.detach()).flatten(2).transpose(1, 2)  # (B*Q, P*P, D)
+            encoded = self.mask_roi_encoder(out_roi).view(B, Q, D)
+            mask_feat = self.mask_norm(x + self.dropout(encoded))
+        mask_embed = self.mask_embed(self.mask_branch(mask_feat))  # (B, Q, M)
+        return StageResult(x, logits, boxes, mask_embed, attn if return_attention else None,
+                           out_roi)
