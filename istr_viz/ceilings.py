@@ -13,7 +13,7 @@ as M basis coefficients and pasted back into the box. Each of these steps loses 
   costs such a head nothing (the instance is clipped to the box, never drawn too large), so a
   real head, which must find the object inside an inaccurate box, stays further below it.
 - ``ideal_masks_gt_frame``: the instance cropped to its own box and pasted into the detection's,
-  what a perfect head trained on ``loss.mask_target_boxes="gt"`` (ISTR v1, the default) would
+  what a perfect head trained on ``loss.mask_target_boxes="gt"`` (ISTR v1) would
   draw: every box error moves the mask with it.
 
 The gap from the model to the ceiling of its training target is its mask head's share; the gap
@@ -109,7 +109,7 @@ def with_ideal_masks(gt: COCO, results: list[dict], basis: MaskCodec, frame: str
     """``results`` (COCO results with boxes) with every mask replaced by the basis's version of
     the ground truth it should have been: the same-category non-crowd instance with the highest box
     IoU. ``frame="pred"`` crops that instance to the detection's own box (the target of
-    ``loss.mask_target_boxes="pred"``); ``"gt"`` crops it to its own box (the default target) and
+    ``loss.mask_target_boxes="pred"``); ``"gt"`` crops it to its own box (ISTR v1's target) and
     pastes the crop into the detection's box, as a perfect head trained on that target would.
     A detection that overlaps no such instance keeps its mask (it is a false positive either way).
     Scores, classes and boxes are unchanged; so is ``results``. ``truths``: already loaded images.

@@ -21,7 +21,7 @@ from istr_viz.losses import SetCriterion
 from istr_viz.model import (ISTR, ISTROutput, RoIPooler, StageOutput, assign_fpn_levels,
                             build_backbone, build_model)
 from istr_viz.model.backbone import group_norm
-from istr_viz.model.istr import global_image_feature, grid_proposals
+from istr_viz.model.istr import global_image_feature, grid_proposals, valid_mask
 from istr_viz.postprocess import paste_masks
 
 Q, K, D, C, M, S = 10, 2, 32, 3, 16, 28
@@ -151,6 +151,48 @@ def test_boxes_are_detached_between_stages(basis):
     model.zero_grad(set_to_none=True)
     model(*_images()).stages[0].boxes_xyxy.sum().backward()
     assert model.proposal_boxes.weight.grad.abs().sum() > 0  # learned proposals get gradients
+
+
+def test_roi_mask_head_reads_the_output_box_and_only_the_mask_branch_does(basis):
+    images, sizes = _images()
+    for mask_head in ("query", "roi"):
+        model = tiny_model(basis, mask_head=mask_head).eval()
+        stage = model.stages[0]
+        with torch.no_grad():
+            features = model.backbone(images, valid_mask(sizes, *images.shape[-2:]))
+            boxes, queries, _ = model.initial_queries(features, sizes)
+            roi = model.pooler(features, boxes).flatten(2).transpose(1, 2)  # input-box RoI, fixed
+            before = stage(features, boxes, queries, model.pooler, roi=roi)
+            # other features everywhere: only a RoI pooled from them now (the output box) changes
+            after = stage([f + torch.randn_like(f) for f in features], boxes, queries,
+                          model.pooler, roi=roi)
+        assert torch.equal(before.logits, after.logits)
+        assert torch.equal(before.boxes_xyxy, after.boxes_xyxy)
+        if mask_head == "query":
+            assert before.output_roi is None
+            assert torch.equal(before.mask_embed, after.mask_embed)
+        else:
+            expected = model.pooler(features, before.boxes_xyxy).flatten(2).transpose(1, 2)
+            assert torch.allclose(before.output_roi, expected)
+            assert not torch.allclose(before.mask_embed, after.mask_embed, atol=1e-4)
+
+
+def test_roi_mask_head_hands_its_roi_to_the_next_stage_unchanged(basis):
+    """The model's forward (each stage takes the previous one's output RoI) equals stages that
+    pool their own input boxes again."""
+    model = tiny_model(basis, mask_head="roi").eval()
+    images, sizes = _images()
+    with torch.no_grad():
+        out = model(images, sizes)
+        features = model.backbone(images, valid_mask(sizes, *images.shape[-2:]))
+        boxes, queries, _ = model.initial_queries(features, sizes)
+        for stage, expected in zip(model.stages, out.stages):
+            result = stage(features, boxes, queries, model.pooler)  # pools boxes itself
+            assert torch.allclose(result.mask_embed, expected.mask_embed, atol=1e-5)
+            assert torch.allclose(result.logits, expected.logits, atol=1e-5)
+            boxes, queries = result.boxes_xyxy, result.query_features
+    with pytest.raises(ConfigError, match="model.mask_head"):
+        ModelConfig(mask_head="box")
 
 
 def test_output_containers(model):
@@ -334,14 +376,17 @@ def _ap50_is_one(stage: StageOutput, b: int, target: dict) -> bool:
     return bool(hits[rows, cols].all())
 
 
-def test_overfits_two_images(basis):
+@pytest.mark.parametrize("mask_head", ["query", "roi"])
+def test_overfits_two_images(basis, mask_head):
     image1, target1 = _scene([("rect", 0, (4, 6, 28, 30)), ("ellipse", 1, (34, 10, 60, 40)),
                               ("ellipse", 2, (10, 38, 40, 60))])
     image2, target2 = _scene([("ellipse", 1, (6, 4, 30, 26)), ("rect", 2, (30, 30, 58, 58))])
     images, sizes = torch.stack([image1, image2]), torch.tensor([[64, 64], [64, 64]])
     targets = [target1, target2]
-    model = tiny_model(basis, seed=0)
-    criterion = SetCriterion(LossConfig(), basis)
+    model = tiny_model(basis, seed=0, mask_head=mask_head)
+    # the roi head pools the output box, so it learns the masks in that frame
+    criterion = SetCriterion(LossConfig(mask_target_boxes="gt" if mask_head == "query" else "pred"),
+                             basis)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [225], 0.1)
     first = None
