@@ -164,13 +164,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train_paths, val_paths = _train_paths(args)
     cfg = get_preset(args.preset)
     if args.init_from:  # the architecture and basis must be the source checkpoint's
-        from dataclasses import replace
-
         from istr_viz.checkpoint import load_checkpoint
-        from istr_viz.config import Config
+        from istr_viz.config import Config, with_architecture_of
 
-        source = Config.from_dict(load_checkpoint(args.init_from)["config"])
-        cfg = replace(cfg, model=source.model, basis=source.basis)
+        cfg = with_architecture_of(cfg, Config.from_dict(load_checkpoint(args.init_from)["config"]))
     cfg = apply_overrides(cfg, args.set or [])
     if args.processes != 1:
         return _launch_train(args, cfg)
@@ -342,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change one configuration field, e.g. --set model.num_stages=4 (repeatable)")
     p.add_argument("--basis", help="mask basis .npz (default: fitted on the training masks)")
-    p.add_argument("--init-from", help="start from another checkpoint's weights (class head re-initialised)")
+    p.add_argument("--init-from", help="start from another checkpoint's weights (class head "
+                   "re-initialised); its model, basis and mask-target frame replace the preset's")
     p.add_argument("--max-iters", type=int, help="iterations to train (default: the preset's)")
     p.add_argument("--max-minutes", type=float,
                    help="minutes of training (evaluations not counted): the run stops, and "

@@ -65,7 +65,7 @@ class ModelConfig:
     # Where each stage reads the mask embedding: "query" (v1: from the query, whose RoI was pooled
     # at the stage's input box) or "roi" (not in v1: the query also meets a RoI pooled at the
     # stage's own output box, the frame the mask is pasted into; istr_viz.model.stage). Pair "roi"
-    # with loss.mask_target_boxes="pred".
+    # with loss.mask_target_boxes="pred". The roi encoder's cells are dim_dynamic wide.
     mask_head: str = "query"
 
     def __post_init__(self) -> None:
@@ -299,6 +299,14 @@ def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+def with_architecture_of(cfg: Config, source: Config) -> Config:
+    """``cfg`` with the model and basis of ``source`` (a checkpoint to start from), and the frame
+    of its mask targets (``loss.mask_target_boxes``), which goes with its mask head: a ``query``
+    head trained on ``gt`` crops should not be fine-tuned toward ``pred`` ones."""
+    loss = replace(cfg.loss, mask_target_boxes=source.loss.mask_target_boxes)
+    return replace(cfg, model=source.model, basis=source.basis, loss=loss)
 
 
 def _coerce(text: str, current, annotation: str):

@@ -22,7 +22,8 @@ from istr_viz.data.layout import DatasetPaths, split_paths
 # with barely started running statistics, so outputs would say little about the weights.
 TINY_MODEL = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=8,
                          num_stages=3, hidden_dim=32, dim_dynamic=8, dim_feedforward=64,
-                         num_heads=2, canonical_box_size=32.0, zero_box_deltas=True)
+                         num_heads=2, canonical_box_size=32.0, zero_box_deltas=True,
+                         mask_head="roi")
 TINY_IMAGE_SIZE = 96  # side of the generated images
 TINY_INPUT = (64, 96)  # (min_size, max_size) the network sees
 

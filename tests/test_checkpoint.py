@@ -94,18 +94,23 @@ def test_a_saved_model_loads_back_to_identical_outputs(model, saved):
 
 
 def test_a_checkpoint_from_before_the_fpn_option_loads_with_the_3x3_fpn(basis, tmp_path):
-    """Checkpoints written before model.fpn_output_conv and model.zero_init_residual existed
-    (the shipped one among them) have neither key: they must build the FPN they were trained
-    with (3x3) and load strictly, while the shapes-cpu preset now builds the separable one."""
+    """Checkpoints written before model.fpn_output_conv, model.zero_init_residual and
+    model.mask_head existed (the shipped one among them) have none of the keys: they must build
+    the FPN (3x3) and mask head (query) they were trained with and load strictly, while the
+    shapes-cpu preset now builds the separable FPN and the roi mask head."""
     assert get_preset("shapes-cpu").model.fpn_output_conv == "separable"
+    assert get_preset("shapes-cpu").model.mask_head == "roi"
     assert get_preset("coco-r50").model.fpn_output_conv == "3x3"  # the paper's recipe
+    assert get_preset("coco-r50").model.mask_head == "query"
     torch.manual_seed(0)
-    old = build_model(TINY, len(CLASS_NAMES), basis).eval()
-    config = tiny_config().to_dict()
-    for key in ("fpn_output_conv", "zero_init_residual"):
+    old_model_cfg = dataclasses.replace(TINY, mask_head="query")
+    old = build_model(old_model_cfg, len(CLASS_NAMES), basis).eval()
+    config = dataclasses.replace(tiny_config(), model=old_model_cfg).to_dict()
+    for key in ("fpn_output_conv", "zero_init_residual", "mask_head"):
         del config["model"][key]
     path = save_checkpoint(tmp_path / "old.pt", **{**payload(old, basis), "config": config})
-    loaded, _ = load_model(path)
+    loaded, _ = load_model(path)  # strict: a roi head's extra weights would be missing
+    assert all(stage.mask_roi_encoder is None for stage in loaded.stages)
     assert isinstance(loaded.backbone.fpn.layer_blocks[0][0], torch.nn.Conv2d)
     assert loaded.backbone.fpn.layer_blocks[0][0].kernel_size == (3, 3)
     images = torch.rand(1, 3, 64, 64)

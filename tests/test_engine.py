@@ -221,6 +221,20 @@ def test_init_from_trains_on_a_data_set_with_other_classes(shapes, tmp_path, cap
     assert moved < 0.05 * src["model"][key].abs().max()
 
 
+def test_init_from_keeps_the_source_mask_head_and_its_target_frame():
+    """Fine-tuning the shipped checkpoint (ISTR v1's query head, trained on GT-box crops) with
+    today's preset must not train that head toward predicted-box crops."""
+    from istr_viz.config import Config, with_architecture_of
+
+    preset, source = get_preset("shapes-cpu"), Config()  # Config(): ISTR v1
+    assert (preset.model.mask_head, preset.loss.mask_target_boxes) == ("roi", "pred")
+    cfg = with_architecture_of(preset, source)
+    assert cfg.model == source.model and cfg.basis == source.basis
+    assert (cfg.model.mask_head, cfg.loss.mask_target_boxes) == ("query", "gt")
+    assert cfg.loss.embed_weighting == preset.loss.embed_weighting == "variance"
+    assert cfg.train == preset.train and cfg.data == preset.data
+
+
 def test_init_from_with_the_same_classes_keeps_the_class_head(shapes, tmp_path):
     from istr_viz.engine import train
 

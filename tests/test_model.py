@@ -16,7 +16,7 @@ from torchvision.ops import box_iou, masks_to_boxes, roi_align
 from istr_viz.basis import MaskBasis
 from istr_viz.config import LossConfig, ModelConfig
 from istr_viz.data.instance_masks import synthetic_instance_masks
-from istr_viz.errors import CheckpointError, ConfigError
+from istr_viz.errors import CheckpointError, ConfigError, NonFiniteError
 from istr_viz.losses import SetCriterion
 from istr_viz.model import (ISTR, ISTROutput, RoIPooler, StageOutput, assign_fpn_levels,
                             build_backbone, build_model)
@@ -154,45 +154,59 @@ def test_boxes_are_detached_between_stages(basis):
 
 
 def test_roi_mask_head_reads_the_output_box_and_only_the_mask_branch_does(basis):
-    images, sizes = _images()
-    for mask_head in ("query", "roi"):
-        model = tiny_model(basis, mask_head=mask_head).eval()
-        stage = model.stages[0]
-        with torch.no_grad():
-            features = model.backbone(images, valid_mask(sizes, *images.shape[-2:]))
-            boxes, queries, _ = model.initial_queries(features, sizes)
-            roi = model.pooler(features, boxes).flatten(2).transpose(1, 2)  # input-box RoI, fixed
-            before = stage(features, boxes, queries, model.pooler, roi=roi)
-            # other features everywhere: only a RoI pooled from them now (the output box) changes
-            after = stage([f + torch.randn_like(f) for f in features], boxes, queries,
-                          model.pooler, roi=roi)
-        assert torch.equal(before.logits, after.logits)
-        assert torch.equal(before.boxes_xyxy, after.boxes_xyxy)
-        if mask_head == "query":
-            assert before.output_roi is None
-            assert torch.equal(before.mask_embed, after.mask_embed)
-        else:
-            expected = model.pooler(features, before.boxes_xyxy).flatten(2).transpose(1, 2)
-            assert torch.allclose(before.output_roi, expected)
-            assert not torch.allclose(before.mask_embed, after.mask_embed, atol=1e-4)
-
-
-def test_roi_mask_head_hands_its_roi_to_the_next_stage_unchanged(basis):
-    """The model's forward (each stage takes the previous one's output RoI) equals stages that
-    pool their own input boxes again."""
     model = tiny_model(basis, mask_head="roi").eval()
     images, sizes = _images()
+    stage = model.stages[0]
+    with torch.no_grad():
+        features = model.backbone(images, valid_mask(sizes, *images.shape[-2:]))
+        boxes, queries, _ = model.initial_queries(features, sizes)
+        roi = model.pooler(features, boxes).flatten(2).transpose(1, 2)  # input-box RoI, fixed
+        before = stage(features, boxes, queries, model.pooler, roi=roi)
+        # other features everywhere: only what is pooled from them now (the output box) changes
+        after = stage([f + torch.randn_like(f) for f in features], boxes, queries, model.pooler,
+                      roi=roi)
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.boxes_xyxy, after.boxes_xyxy)
+    assert not torch.allclose(before.mask_embed, after.mask_embed, atol=1e-4)
+    expected = model.pooler(features, before.boxes_xyxy).flatten(2).transpose(1, 2)
+    assert torch.allclose(before.output_roi, expected)
+
+
+@pytest.mark.parametrize("mask_head, poolings", [("query", K), ("roi", K + 1)])
+def test_roi_mask_head_hands_its_roi_to_the_next_stage(basis, mask_head, poolings):
+    """Each stage takes the previous one's output RoI instead of pooling the same boxes again
+    (K + 1 poolings for K stages, not 2K), and gives what pooling them again would."""
+    model = tiny_model(basis, mask_head=mask_head).eval()
+    images, sizes = _images()
+    calls = []
+    model.pooler.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
         out = model(images, sizes)
+        assert len(calls) == poolings
         features = model.backbone(images, valid_mask(sizes, *images.shape[-2:]))
         boxes, queries, _ = model.initial_queries(features, sizes)
         for stage, expected in zip(model.stages, out.stages):
-            result = stage(features, boxes, queries, model.pooler)  # pools boxes itself
+            result = stage(features, boxes, queries, model.pooler)  # pools its boxes itself
+            assert (result.output_roi is None) == (mask_head == "query")
             assert torch.allclose(result.mask_embed, expected.mask_embed, atol=1e-5)
             assert torch.allclose(result.logits, expected.logits, atol=1e-5)
             boxes, queries = result.boxes_xyxy, result.query_features
-    with pytest.raises(ConfigError, match="model.mask_head"):
+
+
+def test_mask_head_names_are_checked(basis):
+    with pytest.raises(ConfigError, match="model.mask_head must be query or roi"):
         ModelConfig(mask_head="box")
+    with pytest.raises(ValueError, match="mask_head"):
+        tiny_model(basis, mask_head="box")
+
+
+@pytest.mark.parametrize("mask_head", ["query", "roi"])
+def test_non_finite_boxes_name_the_stage(basis, mask_head):
+    model = tiny_model(basis, mask_head=mask_head)
+    with torch.no_grad():
+        model.stages[1].bbox_deltas.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="^stage2 predicted non-finite boxes$"):
+        model(*_images())
 
 
 def test_output_containers(model):

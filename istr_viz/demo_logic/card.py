@@ -43,7 +43,8 @@ def model_card(served: ServedModel, data: DemoData) -> str:
         + ", ".join(f"{n} (id {i})" for n, i in zip(p.class_names, p.category_ids)),
         f"- **model**: {cfg.model.backbone} (width {cfg.model.backbone_base_channels}, "
         f"{cfg.model.norm}), {cfg.model.num_queries} queries, {cfg.model.num_stages} stages, "
-        f"hidden {cfg.model.hidden_dim}; {params / 1e6:.2f} M parameters",
+        f"hidden {cfg.model.hidden_dim}, mask head `{cfg.model.mask_head}`; "
+        f"{params / 1e6:.2f} M parameters",
         f"- **mask basis**: {p.model.basis.dim} components of {p.model.basis.mask_size} x "
         f"{p.model.basis.mask_size} masks, recipe `{p.model.basis.recipe}`",
         f"- **input size**: shorter side {cfg.data.test_min_size}, longer at most "

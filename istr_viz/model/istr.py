@@ -204,9 +204,11 @@ class ISTR(nn.Module):
             out.dn_stages, out.dn_gt_index = [], dn.gt_index
         roi = None  # features pooled at ``boxes``, when the previous stage has them
         for k, stage in enumerate(self.stages, start=1):
-            result = stage(features, boxes, queries, self.pooler, return_attention, attn_mask, roi)
-            if not torch.isfinite(result.boxes_xyxy).all():  # the next stage could not pool them
-                raise NonFiniteError(f"stage{k} predicted non-finite boxes")
+            try:
+                result = stage(features, boxes, queries, self.pooler, return_attention, attn_mask,
+                               roi)
+            except NonFiniteError as err:  # the stage's boxes: say which stage
+                raise NonFiniteError(f"stage{k} {err.reason}") from None
             parts = [(out.stages, slice(0, Q))]
             if dn is not None:
                 parts.append((out.dn_stages, slice(Q, None)))

@@ -10,7 +10,9 @@ v2, which pools the output box for its mask head) the stage also pools a P x P R
 detached output box, encodes it (``RoIMaskEncoder``), adds it to the query's features and
 predicts the embedding from the sum: the mask head sees the frame its mask is drawn in. That RoI
 is the next stage's input RoI, so only the last stage pools once more. Pair it with
-``LossConfig.mask_target_boxes="pred"``, the targets cropped to that same box.
+``LossConfig.mask_target_boxes="pred"``, the targets cropped to that same box. One difference
+remains: the RoI is pooled at the box as predicted, while the targets are cropped, and the masks
+pasted, at the box clipped to the image, so for a box over the border the cells do not line up.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from istr_viz.boxes import DEFAULT_DELTA_WEIGHTS, DEFAULT_SCALE_CLAMP, apply_deltas
 from istr_viz.config import MASK_HEADS
+from istr_viz.errors import NonFiniteError
 from istr_viz.model.activations import ELU
 from istr_viz.model.pooler import RoIPooler
 
@@ -59,12 +63,15 @@ class DynamicConv(nn.Module):
 
 
 class RoIMaskEncoder(nn.Module):
-    """The RoI at a query's output box, as one vector for its mask branch (``mask_head="roi"``).
+    """Encode the RoI pooled at a query's output box as one vector (``mask_head="roi"``).
 
-    Per cell: Linear(D, E) -> LN -> ELU; then the P x P cells, flattened in order (so the layout
-    of the object inside the box survives), -> Linear(P*P*E, D) -> LN -> ELU. The same weights
-    for every query: about a quarter of ``DynamicConv``'s cost, which would make the query
-    generate them (+10% against +38% per training step of ``shapes-cpu``; results_log.md).
+    Each of the P x P cells goes through Linear(D, E) -> LN -> ELU, with E = ``dim_dynamic``.
+    The cells are then flattened in order, which keeps where the object lies inside the box, and
+    go through Linear(P*P*E, D) -> LN -> ELU.
+
+    Every query uses the same weights. A ``DynamicConv`` would have each query generate its own,
+    at several times the cost. Measured on ``shapes-cpu``, the training step grows by 7-15% with
+    this encoder and by 35-55% with a ``DynamicConv`` (benchmarks/results_log.md, session 14).
     """
 
     def __init__(self, hidden_dim: int, dim_reduced: int, pooler_resolution: int):
@@ -175,6 +182,8 @@ class RefinementStage(nn.Module):
         deltas = self.bbox_deltas(self.reg_branch(x))  # (B, Q, 4)
         boxes = apply_deltas(deltas.reshape(B * Q, 4).float(), boxes_xyxy.reshape(B * Q, 4),
                              self.delta_weights, self.scale_clamp).view(B, Q, 4)
+        if not torch.isfinite(boxes).all():  # the next pooling (here or the next stage) can't
+            raise NonFiniteError("predicted non-finite boxes")
         mask_feat, out_roi = x, None
         if self.mask_roi_encoder is not None:
             out_roi = pooler(features, boxes.detach()).flatten(2).transpose(1, 2)  # (B*Q, P*P, D)
