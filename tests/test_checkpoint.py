@@ -95,9 +95,9 @@ def test_a_saved_model_loads_back_to_identical_outputs(model, saved):
 
 def test_a_checkpoint_from_before_the_fpn_option_loads_with_the_3x3_fpn(basis, tmp_path):
     """Checkpoints written before model.fpn_output_conv, model.zero_init_residual and
-    model.mask_head existed (the shipped one among them) have none of the keys: they must build
-    the FPN (3x3) and mask head (query) they were trained with and load strictly, while the
-    shapes-cpu preset now builds the separable FPN and the roi mask head."""
+    model.mask_head existed (ship3, shipped until session 15, among them) have none of the keys:
+    they must build the FPN (3x3) and mask head (query) they were trained with and load
+    strictly, while the shapes-cpu preset now builds the separable FPN and the roi mask head."""
     assert get_preset("shapes-cpu").model.fpn_output_conv == "separable"
     assert get_preset("shapes-cpu").model.mask_head == "roi"
     assert get_preset("coco-r50").model.fpn_output_conv == "3x3"  # the paper's recipe

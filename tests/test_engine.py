@@ -222,7 +222,7 @@ def test_init_from_trains_on_a_data_set_with_other_classes(shapes, tmp_path, cap
 
 
 def test_init_from_keeps_the_source_mask_head_and_its_target_frame():
-    """Fine-tuning the shipped checkpoint (ISTR v1's query head, trained on GT-box crops) with
+    """Fine-tuning an ISTR v1 checkpoint (query head, trained on GT-box crops; ship3 was one) with
     today's preset must not train that head toward predicted-box crops."""
     from istr_viz.config import Config, with_architecture_of
 
@@ -250,7 +250,8 @@ def test_init_from_with_the_same_classes_keeps_the_class_head(shapes, tmp_path):
 
 
 def test_init_from_a_checkpoint_with_another_norm_says_so(shapes, tmp_path, capsys):
-    """The shipped model is GroupNorm, the preset BatchNorm: fine-tuning one with the other warns."""
+    """A GroupNorm checkpoint (ship3, shipped until session 15) and the BatchNorm preset:
+    fine-tuning one with the other warns."""
     from istr_viz.engine import train
 
     root, basis_path = shapes
