@@ -4,14 +4,17 @@
         [--threads 1] [--compile] [--set KEY=VALUE ...]
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_step.py ...   # the DDP step
 
-Runs the steps of ``istr_viz.engine.train`` (data loading, forward under the preset's autocast,
-matching + loss, backward, gradient clipping, the fused AdamW step, the EMA update) on the
-built-in training set (or ``--data``) and prints the mean milliseconds of each part after
-``--warmup`` iterations (which include any compilation; their total is printed apart). Under
-``torchrun`` the model is wrapped in DDP (gloo) as ``train --processes N`` does, and the
-backward then includes the gradient all-reduce; a barrier after it shows how long the processes
-wait for each other. ``bench_model.py`` times the model alone on random boxes; this one is what
-a training run pays. Writes ``benchmarks/results/bench_step.json`` (process 0; ``--json-out``).
+Mirrors the step of ``istr_viz.engine.train`` (a copy of its loop, not the loop itself: data
+loading, forward under the preset's autocast, matching + loss, backward, gradient clipping, the
+fused AdamW step, the EMA update) on the built-in training set (or ``--data``) and prints the
+mean milliseconds of each part after ``--warmup`` iterations (which include any compilation;
+their total is printed apart). Under ``torchrun`` the model is wrapped in DDP (gloo) as ``train
+--processes N`` does: a barrier before the backward shows how long the processes wait for each
+other (unequal batches), the backward then includes the gradient all-reduce, and the engine's
+per-iteration collectives (the global instance count, the logged loss terms) are timed apart.
+The engine's own bookkeeping (progress bar, log line, finiteness checks) is left out.
+``bench_model.py`` times the model alone on random boxes; this one is what a training run pays.
+Writes ``benchmarks/results/bench_step.json`` (process 0), or ``--json-out``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from istr_viz.data.coco import CocoDataset, collate, load_annotations
 from istr_viz.data.instance_masks import instance_masks
 from istr_viz.data.layout import default_data_root, split_paths
 from istr_viz.data.transforms import build_transform
-from istr_viz.engine import (IterationBatchSampler, SeededDataset, build_ema, param_groups,
-                             transform_configs)
+from istr_viz.engine import (DistInfo, IterationBatchSampler, SeededDataset, _all_reduce_sum,
+                             _global_terms, build_ema, param_groups, transform_configs)
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
 from istr_viz.runtime import autocast_dtype
@@ -50,7 +53,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="data set root with train/ (default: the built-in shapes)")
     p.add_argument("--preset", default="shapes-cpu")
-    p.add_argument("--batch", type=int, default=2, help="images per process")
+    p.add_argument("--batch", type=int, default=2, help="images per process (the preset's "
+                   "train.batch_size is not read: 4 over 2 processes is 2 each)")
     p.add_argument("--iters", type=int, default=130)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
@@ -73,16 +77,17 @@ def main() -> None:
     paths = split_paths(root, "train")
     ann = load_annotations(paths.ann_file)
     basis = MaskBasis.fit(instance_masks(ann, cfg.basis.mask_size, progress=False),
-                          dim=cfg.basis.dim, recipe=cfg.basis.recipe, seed=0)
+                          dim=cfg.basis.dim, recipe=cfg.basis.recipe, seed=cfg.train.seed)
     train_tf, _ = transform_configs(cfg)
     dataset = CocoDataset(paths.ann_file, paths.images_dir,
                           transform=build_transform(train_tf, train=True), annotations=ann)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(ann.class_names), basis)
     criterion = SetCriterion(cfg.loss, basis)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.backbone_lr_mult),
-                                  lr=cfg.train.lr, fused=True)
+                                  lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=True)
     ema = build_ema(model, cfg.train.ema_decay, cfg.train.ema_ramp) \
         if cfg.train.ema_decay > 0 else None
     forward_model = model
@@ -116,25 +121,34 @@ def main() -> None:
         t = time.perf_counter()
         batch = next(batches)
         t = lap("data", t)
+        info = DistInfo(rank, world)
         n = float(sum(len(tg["labels"]) for tg in batch.targets))
+        if world > 1:
+            n = _all_reduce_sum(n, info, torch.device("cpu"))
+            t = lap("collectives: instance count", t)
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             output = forward_model(batch.images, batch.image_sizes, targets=batch.targets)
         t = lap("forward", t)
-        loss, _, _ = criterion(output.float(), batch.targets, num_instances=max(n, 1.0))
+        loss, terms, _ = criterion(output.float(), batch.targets, num_instances=max(n, 1.0),
+                                   num_processes=world)
         t = lap("matching+loss", t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t = lap("backward" + (" (+ all-reduce)" if world > 1 else ""), t)
         if world > 1:
             dist.barrier()
             t = lap("waiting for the other processes", t)
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad_norm)
-        t = lap("gradient clipping", t)
+        optimizer.zero_grad(set_to_none=True)
+        (loss * world).backward()
+        t = lap("backward" + (" (+ all-reduce)" if world > 1 else ""), t)
+        if cfg.train.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad_norm)
+            t = lap("gradient clipping", t)
         optimizer.step()
         t = lap("optimizer step", t)
         if ema is not None:
             ema.update_parameters(model)
-            lap("EMA update", t)
+            t = lap("EMA update", t)
+        if world > 1:  # the engine logs every iteration (train.log_every=1)
+            _global_terms(loss, terms, info)
+            lap("collectives: logged loss terms", t)
     parts = {k: round(1000 * statistics.mean(v[args.warmup:]), 1) for k, v in times.items()}
     report = {"preset": args.preset, "set": args.set, "compile": args.compile,
               "processes": world, "images_per_process": args.batch, "threads": args.threads,
