@@ -14,7 +14,8 @@ other (unequal batches), the backward then includes the gradient all-reduce, and
 per-iteration collectives (the global instance count, the logged loss terms) are timed apart.
 The engine's own bookkeeping (progress bar, log line, finiteness checks) is left out.
 ``bench_model.py`` times the model alone on random boxes; this one is what a training run pays.
-Writes ``benchmarks/results/bench_step.json`` (process 0), or ``--json-out``.
+Writes ``benchmarks/results/bench_step_1proc.json`` (``bench_step_ddp.json`` under ``torchrun``;
+process 0), or ``--json-out``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from istr_viz.runtime import autocast_dtype
 # data-dependent sparse matrices, stays eager)
 COMPILED_STAGE_PARTS = ("self_attn", "dynamic_conv", "ffn", "cls_branch", "reg_branch",
                         "mask_branch", "mask_roi_encoder")
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_step.json"
+RESULTS = Path(__file__).resolve().parent / "results"  # bench_step_1proc.json / _ddp.json
 
 
 def main() -> None:
@@ -61,12 +62,14 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and the stages' layers (an experiment)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json-out", type=Path, default=RESULTS)
+    p.add_argument("--json-out", type=Path, help="default: benchmarks/results/bench_step_1proc.json "
+                   "(bench_step_ddp.json under torchrun)")
     args = p.parse_args()
     if args.iters <= args.warmup:
         p.error("--iters must exceed --warmup")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    json_out = args.json_out or RESULTS / f"bench_step_{'ddp' if world > 1 else '1proc'}.json"
     rank = 0
     if world > 1:
         dist.init_process_group("gloo")
@@ -162,8 +165,8 @@ def main() -> None:
         for name, ms in parts.items():
             print(f"  {name:<34} {ms:7.1f} ms")
         print(f"  {'total':<34} {report['ms_per_iteration_total']:7.1f} ms an iteration")
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
     if world > 1:
         dist.destroy_process_group()
 
