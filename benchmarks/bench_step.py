@@ -115,6 +115,7 @@ def main() -> None:
         times.setdefault(name, []).append(now - since)
         return now
 
+    info = DistInfo(rank, world)
     model.train()
     t_begin = time.perf_counter()
     warmup_s = 0.0
@@ -124,7 +125,6 @@ def main() -> None:
         t = time.perf_counter()
         batch = next(batches)
         t = lap("data", t)
-        info = DistInfo(rank, world)
         n = float(sum(len(tg["labels"]) for tg in batch.targets))
         if world > 1:
             n = _all_reduce_sum(n, info, torch.device("cpu"))
