@@ -12,9 +12,10 @@ has the other core busy, the same for both models). For each model the learning 
 best final mask AP is kept (the same rule for both; chosen on the val set that is reported; a run
 that trained more than 5% past the budget, and a last step beyond it, is not eligible).
 Then the two kept models are timed back to back, image by image, at the test size, one image at
-a time, one thread, bf16 autocast where the CPU has it, each with the post-processing its AP was
-scored with (Mask R-CNN's own; ISTR's top 100 with each query's mask pasted once), masks pasted
-at the image size; ISTR's network alone is timed too. Writes
+a time, one thread, bf16 autocast where the CPU has it (both with their linear and conv weights
+stored in bf16 first: the same outputs without a cast per call), each with the post-processing
+its AP was scored with (Mask R-CNN's own; ISTR's top 100 with each query's mask pasted once),
+masks pasted at the image size; ISTR's network alone is timed too. Writes
 ``OUT/summary.json``, prints a table and saves ``OUT/ap_vs_minutes.png`` (AP against training
 minutes, every run).
 
@@ -70,11 +71,14 @@ def _coco_ap(val_paths, results: list[dict]) -> dict:
 
 
 def _peer_forward(model):
-    """One-image inference of a torchvision Mask R-CNN, as a user calls it."""
-    from istr_viz.runtime import autocast_dtype
+    """One-image inference of a torchvision Mask R-CNN, as a user calls it. Under bf16 autocast
+    its linear and conv weights are stored in bf16 first, as ISTR's are (same outputs)."""
+    from istr_viz.runtime import autocast_dtype, cast_weights_for_autocast
 
     model.eval()
     amp = autocast_dtype(torch.device("cpu"), True)
+    if amp is not None:
+        cast_weights_for_autocast(model, amp)
 
     def forward(image):
         with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
@@ -86,12 +90,15 @@ def _peer_forward(model):
 def _istr_forward(model, network_only: bool = False):
     """One-image ISTR inference as it is scored: the final stage's top 100 (query, class) pairs
     (no score floor, no NMS), each query's mask pasted once at the image size (its classes share
-    it), as ``evaluate`` does. ``network_only``: the forward pass alone."""
+    it), as ``evaluate`` does. ``network_only``: the forward pass alone. Under bf16 autocast the
+    linear and conv weights are stored in bf16 first (``cast_weights_for_autocast``)."""
     from istr_viz.postprocess import paste_masks, top_detections
-    from istr_viz.runtime import autocast_dtype
+    from istr_viz.runtime import autocast_dtype, cast_weights_for_autocast
 
     model.eval()
     amp = autocast_dtype(torch.device("cpu"), True)
+    if amp is not None:
+        cast_weights_for_autocast(model, amp)
 
     def forward(image):
         h, w = image.shape[-2:]

@@ -42,3 +42,23 @@ def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | 
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+LOW_PRECISION_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+
+
+def cast_weights_for_autocast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store the weights of ``model``'s linear and convolution layers in ``dtype``, in place.
+
+    For inference under ``torch.autocast(dtype=dtype)`` only: autocast casts those weights to
+    ``dtype`` at every call anyway, so the outputs are the same, without the casts. They are not
+    free: ISTR's dynamic convolutions generate their kernels with a (2 D E, D) linear layer, and
+    at ``shapes-cpu``'s test size the casts take a fifth of a bf16 forward pass on the CPU
+    (benchmarks/results_log.md, session 17). Norm layers keep fp32 parameters (autocast runs them
+    in fp32). Called outside autocast, the cast layers fail on fp32 inputs with a dtype error.
+    Returns ``model``.
+    """
+    for module in model.modules():
+        if isinstance(module, LOW_PRECISION_LAYERS):
+            module.to(dtype)
+    return model

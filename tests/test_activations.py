@@ -27,3 +27,11 @@ def test_module_has_no_parameters_and_matches_nn_elu():
     x = torch.linspace(-5, 5, 101)
     assert list(ELU().parameters()) == []
     assert torch.allclose(ELU()(x), torch.nn.ELU()(x), atol=1e-6)
+
+
+def test_inference_path_matches_torch_elu_and_keeps_no_graph():
+    x = torch.randn(24, 49, 32) * 3
+    with torch.no_grad():
+        out = elu(x.clone().requires_grad_())
+    assert not out.requires_grad
+    assert torch.allclose(out, F.elu(x), atol=1e-6)

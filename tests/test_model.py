@@ -425,3 +425,23 @@ def test_overfits_two_images(basis, mask_head):
         gt = target["masks"][match.gt_idx]
         mask_iou = (pasted & gt).flatten(1).sum(1) / (pasted | gt).flatten(1).sum(1)
         assert mask_iou.min() >= 0.8, mask_iou
+
+
+@pytest.mark.parametrize("mask_head", ["query", "roi"])
+def test_weights_cast_for_autocast_give_the_same_outputs(basis, mask_head):
+    from istr_viz.runtime import cast_weights_for_autocast
+
+    reference = tiny_model(basis, mask_head=mask_head).eval()
+    cast = cast_weights_for_autocast(tiny_model(basis, mask_head=mask_head).eval(), torch.bfloat16)
+    linear = cast.stages[0].dynamic_conv.dynamic_layer
+    assert linear.weight.dtype == torch.bfloat16
+    assert cast.stages[0].norm1.weight.dtype == torch.float32  # norms stay fp32
+    images, sizes = _images()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = reference(images, sizes), cast(images, sizes)
+    for sa, sb in zip(a.stages, b.stages):
+        assert torch.equal(sa.boxes_xyxy, sb.boxes_xyxy)
+        assert torch.equal(sa.logits, sb.logits) and torch.equal(sa.masks, sb.masks)
+    with pytest.raises(RuntimeError):  # without autocast the cast layers refuse fp32 inputs
+        with torch.no_grad():
+            cast(images, sizes)

@@ -31,8 +31,12 @@ class _ELUFunction(torch.autograd.Function):
 
 
 def elu(x: Tensor) -> Tensor:
-    """ELU (alpha 1) of any shape and floating dtype; see the module docstring."""
-    return _ELUFunction.apply(x) if x.device.type == "cpu" else F.elu(x)
+    """ELU (alpha 1) of any shape and floating dtype; see the module docstring. Without a
+    gradient to keep (inference), torch's own: for the small tensors of inference the custom
+    function's several ops cost more than ``expm1`` (``benchmarks/bench_kernels.py``)."""
+    if x.device.type != "cpu" or not (x.requires_grad and torch.is_grad_enabled()):
+        return F.elu(x)
+    return _ELUFunction.apply(x)
 
 
 class ELU(nn.Module):

@@ -203,10 +203,13 @@ class ISTR(nn.Module):
             attn_mask = dn.attn_mask.repeat_interleave(self.stages[0].self_attn.num_heads, 0)
             out.dn_stages, out.dn_gt_index = [], dn.gt_index
         roi = None  # features pooled at ``boxes``, when the previous stage has them
+        # the maps in the pooling kernel's dtype and layout, converted once rather than at each
+        # of the K (+ 1) poolings
+        pool_features = self.pooler.prepare(features)
         for k, stage in enumerate(self.stages, start=1):
             try:
-                result = stage(features, boxes, queries, self.pooler, return_attention, attn_mask,
-                               roi)
+                result = stage(pool_features, boxes, queries, self.pooler, return_attention,
+                               attn_mask, roi)
             except NonFiniteError as err:  # the stage's boxes: say which stage
                 raise NonFiniteError(f"stage{k} {err.reason}") from None
             parts = [(out.stages, slice(0, Q))]

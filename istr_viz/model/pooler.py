@@ -42,6 +42,20 @@ class RoIPooler(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.canonical_size = canonical_size
 
+    @staticmethod
+    def _sparse(feat: Tensor) -> bool:
+        """Whether pooling ``feat`` uses the sparse-matrix kernel (CPU training)."""
+        return feat.requires_grad and feat.device.type == "cpu"
+
+    def prepare(self, features: list[Tensor]) -> list[Tensor]:
+        """The maps as the kernels read them: float32 (pooling runs in fp32, as torchvision's
+        ``roi_align`` autocasts), channels-last for the sparse kernel (its (B*H*W, C) matrix is
+        then a view), NCHW for torchvision's (slower on channels-last maps). A forward pass that
+        pools the same maps several times converts them once here; ``forward`` takes raw maps
+        too, at the cost of a conversion per call."""
+        return [f.float().contiguous(memory_format=torch.channels_last) if self._sparse(f)
+                else f.float().contiguous() for f in features]
+
     def forward(self, features: list[Tensor], boxes_xyxy: Tensor) -> Tensor:
         """
         Args:
@@ -63,7 +77,7 @@ class RoIPooler(nn.Module):
             if idx.numel() == 0:
                 continue
             feat = feat.float()
-            if feat.requires_grad and feat.device.type == "cpu":
+            if self._sparse(feat):
                 pooled.append(sparse_roi_align(feat, rois[idx], self.output_size, 1.0 / stride,
                                                self.sampling_ratio))
             else:

@@ -157,6 +157,7 @@ def sparse_roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_s
     R, P = rois.shape[0], output_size
     matrix, transposed = roi_align_matrix(rois.detach(), B, H, W, P, spatial_scale,
                                           sampling_ratio, aligned)
-    flat = features.float().permute(0, 2, 3, 1).reshape(B * H * W, C)  # fp32, as under autocast
+    # fp32, as under autocast; a view for fp32 channels-last maps (RoIPooler.prepare)
+    flat = features.float().permute(0, 2, 3, 1).reshape(B * H * W, C)
     pooled = _MatrixRoIAlign.apply(flat, matrix, transposed)  # (R*P*P, C)
     return pooled.reshape(R, P, P, C).permute(0, 3, 1, 2)
