@@ -199,6 +199,11 @@ class TrainConfig:
     # the whole batch rather than each process's share; False keeps per-process statistics. The
     # CPU (gloo) path always keeps them: torch's SyncBatchNorm trains on GPUs only.
     sync_bn: bool = True
+    # Under several processes: 1 = DDP, the gradients all-reduced at every iteration; k > 1 =
+    # local SGD (not in ISTR): each process steps on its own share of the batch and the processes
+    # average their weights every k iterations (torch.distributed.algorithms.model_averaging), for
+    # the CPU, where the all-reduce of every gradient costs a fifth of an iteration
+    average_every: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_iters < 1:
@@ -206,8 +211,8 @@ class TrainConfig:
         if not self.lr > 0 or not self.backbone_lr_mult > 0:
             raise ConfigError(f"train.lr and train.backbone_lr_mult must be positive, got "
                               f"{self.lr} and {self.backbone_lr_mult}")
-        if self.log_every < 1:
-            raise ConfigError("train.log_every must be at least 1")
+        if self.log_every < 1 or self.average_every < 1:
+            raise ConfigError("train.log_every and train.average_every must be at least 1")
         if not 0.0 <= self.ema_decay < 1.0 or self.ema_ramp < 0:
             raise ConfigError(f"train.ema_decay must be in [0, 1) and train.ema_ramp >= 0, got "
                               f"{self.ema_decay} and {self.ema_ramp}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -451,7 +452,11 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                           f"{info.world_size} processes")
     model = sync_batchnorm_for_ddp(model, device, info.world_size, tc.sync_bn)
     ddp_model = model
-    if info.world_size > 1:
+    local_sgd = info.world_size > 1 and tc.average_every > 1
+    if local_sgd:  # no gradient all-reduce: every process starts from process 0's weights
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, 0)
+    elif info.world_size > 1:
         # a process whose share of the batch holds no instance (negative images) leaves the
         # denoising label embedding without a gradient (the training-only dense heads too):
         # without the search DDP's reductions fall out of step and the run fails or hangs
@@ -558,7 +563,11 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         sizes = batch.image_sizes.to(device)
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in batch.targets]
-        num_inst = _all_reduce_sum(float(sum(len(t["labels"]) for t in targets)), info, device)
+        num_inst = float(sum(len(t["labels"]) for t in targets))
+        # the losses are means over the batch's instances: over all processes' under DDP, over
+        # this process's under local SGD (its own estimate, with no collective to wait on)
+        num_inst = num_inst * info.world_size if local_sgd else \
+            _all_reduce_sum(num_inst, info, device)
         try:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
@@ -573,12 +582,16 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                                    "good checkpoint is kept (try a lower train.lr)") from None
         _check_finite(terms, iteration + 1)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss * info.world_size).backward()  # DDP averages; the loss is a global sum
+        # the loss is this process's share of a global sum: DDP averages the gradients, local SGD
+        # steps on this estimate of the whole batch's
+        scaler.scale(loss * info.world_size).backward()
         if tc.clip_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        if local_sgd and (iteration + 1) % tc.average_every == 0:
+            average_parameters(model.parameters(), dist.group.WORLD)
         if ema is not None:
             ema.update_parameters(model)
         iteration += 1

@@ -122,6 +122,29 @@ def test_two_process_gloo_equals_one_process_with_double_batch(shapes, tmp_path)
     assert (a[boxes] - init).abs().max() > 1e-4
 
 
+def test_local_sgd_averages_the_processes_weights_every_k_iterations(shapes, tmp_path):
+    """train.average_every=k: no gradient all-reduce, the weights averaged after every k-th step.
+    Two 4-iteration runs that differ only in k (4: averaged after the last step; 5: never) end in
+    different weights, and runs that never average are deterministic (so averaging is the
+    difference); a run's losses are logged once per process group, as under DDP."""
+    root, basis = shapes
+    models = {}
+    for k, name in ((4, "k4"), (5, "k5"), (6, "k6")):
+        out = tmp_path / name
+        cmd = _train_cmd(root, basis, out, "--set", f"train.average_every={k}",
+                         "--set", "train.log_every=2", "--processes", "2", max_iters=4)
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpt = load_checkpoint(out / "last.pt")
+        assert ckpt["train_state"]["world_size"] == 2 and ckpt["train_state"]["iteration"] == 4
+        models[name] = ckpt["model"]
+        assert [r["iter"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [2, 4]
+    floats = [n for n, v in models["k4"].items() if torch.is_tensor(v) and v.is_floating_point()]
+    assert all(torch.equal(models["k5"][n], models["k6"][n]) for n in floats)
+    moved = [n for n in floats if not torch.allclose(models["k4"][n], models["k5"][n], atol=1e-6)]
+    assert len(moved) > len(floats) // 2  # the average differs from process 0's own weights
+
+
 def test_two_processes_train_when_a_share_of_the_batch_has_no_instances(shapes, tmp_path):
     """Each process gets one image an iteration, and every image process 1 gets is a negative: a
     process without instances leaves the denoising label embedding unused and has no denoising
