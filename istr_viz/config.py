@@ -12,6 +12,7 @@ from istr_viz.errors import ConfigError
 
 FPN_OUTPUT_CONVS = ("3x3", "separable")  # ModelConfig.fpn_output_conv
 MASK_HEADS = ("query", "roi")  # ModelConfig.mask_head
+LR_DECAYS = ("step", "linear")  # TrainConfig.lr_decay
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,10 @@ class TrainConfig:
     warmup_factor: float = 0.01
     lr_steps: tuple[float, ...] = (210_000 / 270_000, 250_000 / 270_000)  # fractions of max_iters
     lr_gamma: float = 0.1
+    # "step" (ISTR): x lr_gamma at each of lr_steps; "linear" (not in ISTR): from the end of the
+    # warm-up down to 0 at the end of the budget (iterations or minutes), as "budgeted training"
+    # (Li et al., ICLR 2020) found best for a fixed budget
+    lr_decay: str = "step"
     clip_grad_norm: float = 1.0  # full-model L2 norm; 0 = off
     amp: bool = True  # autocast: bf16 (fp16 where bf16 is missing) on CUDA, bf16 on CPUs with it
     seed: int = 40244023
@@ -211,6 +216,9 @@ class TrainConfig:
         if not self.lr > 0 or not self.backbone_lr_mult > 0:
             raise ConfigError(f"train.lr and train.backbone_lr_mult must be positive, got "
                               f"{self.lr} and {self.backbone_lr_mult}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ConfigError(f"train.lr_decay must be {' or '.join(LR_DECAYS)}, got "
+                              f"{self.lr_decay!r}", entry="train.lr_decay")
         if self.log_every < 1 or self.average_every < 1:
             raise ConfigError("train.log_every and train.average_every must be at least 1")
         if not 0.0 <= self.ema_decay < 1.0 or self.ema_ramp < 0:

@@ -167,14 +167,25 @@ def transform_configs(cfg: Config) -> tuple[TransformConfig, TransformConfig]:
 
 
 def lr_factor(iteration: int, max_iters: int | None, warmup_iters: int, warmup_factor: float,
-              steps: tuple[float, ...], gamma: float, time_done: float = 0.0) -> float:
-    """Linear warm-up from ``warmup_factor``, then x ``gamma`` at each step (fractions of the
-    budget): a step is passed when ``iteration`` reaches that fraction of ``max_iters`` or
-    ``time_done`` (the fraction of a minutes budget used) reaches it, whichever comes first.
-    ``max_iters=None`` (a minutes budget): the steps follow the clock alone, so neither a forecast
-    that was too low nor iterations that slow down move them."""
-    factor = gamma ** sum(time_done >= s or (max_iters is not None and iteration >= round(s * max_iters))
-                          for s in steps)
+              steps: tuple[float, ...], gamma: float, time_done: float = 0.0,
+              decay: str = "step") -> float:
+    """Linear warm-up from ``warmup_factor``, then ``decay``:
+
+    - ``"step"``: x ``gamma`` at each step (fractions of the budget): a step is passed when
+      ``iteration`` reaches that fraction of ``max_iters`` or ``time_done`` (the fraction of a
+      minutes budget used) reaches it, whichever comes first;
+    - ``"linear"``: down from 1 to 0 at the end of the budget, over the fraction of it done (the
+      larger of ``iteration / max_iters`` and ``time_done``); ``steps`` and ``gamma`` unused.
+
+    ``max_iters=None`` (a minutes budget): the schedule follows the clock alone, so neither a
+    forecast that was too low nor iterations that slow down move it."""
+    if decay == "linear":
+        done = max(time_done, iteration / max_iters if max_iters else 0.0)
+        factor = max(0.0, 1.0 - done)
+    else:
+        factor = gamma ** sum(time_done >= s or
+                              (max_iters is not None and iteration >= round(s * max_iters))
+                              for s in steps)
     if iteration < warmup_iters:
         alpha = iteration / max(1, warmup_iters)
         factor *= warmup_factor * (1 - alpha) + alpha
@@ -261,8 +272,10 @@ def _check_finite(terms: dict[str, torch.Tensor], iteration: int) -> None:
 
 def _global_terms(loss: torch.Tensor, terms: dict[str, torch.Tensor], info: DistInfo) -> dict:
     """The loss and its terms summed over processes (each process holds its share of the global
-    sums, since the loss is normalised by the global instance count). A term that some process
-    lacks (the denoising terms of a share of the batch without instances) counts 0 there."""
+    sums, since the loss is normalised by the global instance count; under local SGD by its own
+    count times the number of processes, so that the sum is the mean of the processes' losses).
+    A term that some process lacks (the denoising terms of a share of the batch without
+    instances) counts 0 there."""
     names = ["loss", *terms]
     own = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
     if info.world_size > 1:
@@ -444,15 +457,16 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     def schedule(it: int) -> float:
         by_iters = None if budget.get("by_minutes") else budget["max_iters"]
         return lr_factor(it, by_iters, tc.warmup_iters, tc.warmup_factor, tc.lr_steps,
-                         tc.lr_gamma, budget.get("time_done", 0.0))
+                         tc.lr_gamma, budget.get("time_done", 0.0), tc.lr_decay)
 
     per_process_batch = tc.batch_size // info.world_size
     if per_process_batch * info.world_size != tc.batch_size:
         raise ConfigError(f"train.batch_size {tc.batch_size} does not split over "
                           f"{info.world_size} processes")
-    model = sync_batchnorm_for_ddp(model, device, info.world_size, tc.sync_bn)
-    ddp_model = model
     local_sgd = info.world_size > 1 and tc.average_every > 1
+    # (local SGD keeps per-process BatchNorm: SyncBatchNorm would be a collective every forward)
+    model = sync_batchnorm_for_ddp(model, device, info.world_size, tc.sync_bn and not local_sgd)
+    ddp_model = model
     if local_sgd:  # no gradient all-reduce: every process starts from process 0's weights
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, 0)
@@ -473,6 +487,20 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         ema.module.load_state_dict(ckpt["model"])  # "model" holds the average, see payload()
         ema.n_averaged.fill_(start_iter)
     eval_model = ema.module if ema is not None else model
+
+    def average_weights() -> None:
+        """Local SGD: every process takes the mean of the processes' weights and BatchNorm
+        statistics (and of their EMAs). Called by all processes at the same iterations: every
+        ``average_every``, and before anything is evaluated or saved, so that what process 0
+        evaluates and checkpoints is the average, not its own weights. (A resume restarts every
+        process from it, with process 0's optimizer state.)"""
+        if not local_sgd:
+            return
+        for module in (model, ema.module if ema is not None else None):
+            if module is not None:
+                tensors = [*module.parameters(),
+                           *(b for b in module.buffers() if b.is_floating_point())]
+                average_parameters(iter(tensors), dist.group.WORLD)
 
     def payload(iteration: int, metrics: dict | None = None,
                 train_s: float | None = None) -> dict:
@@ -566,7 +594,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         num_inst = float(sum(len(t["labels"]) for t in targets))
         # the losses are means over the batch's instances: over all processes' under DDP, over
         # this process's under local SGD (its own estimate, with no collective to wait on)
-        num_inst = num_inst * info.world_size if local_sgd else \
+        num_inst = max(num_inst, 1.0) * info.world_size if local_sgd else \
             _all_reduce_sum(num_inst, info, device)
         try:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -591,7 +619,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         scaler.step(optimizer)
         scaler.update()
         if local_sgd and (iteration + 1) % tc.average_every == 0:
-            average_parameters(model.parameters(), dist.group.WORLD)
+            average_weights()
         if ema is not None:
             ema.update_parameters(model)
         iteration += 1
@@ -637,10 +665,14 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             iteration in eval_points(budget["max_iters"], tc.eval_points)
         # an evaluation point is evaluated before the checkpoint of its iteration is written, so
         # that a run killed while evaluating evaluates it again when resumed
-        if measure_until is None and iteration < stop_at and (every or at_point):
+        evaluate_now = measure_until is None and iteration < stop_at and (every or at_point)
+        save_now = tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
+            and iteration < stop_at and measure_until is None  # budget fixed
+        if (evaluate_now or save_now) and iteration % tc.average_every:  # not averaged just now
+            average_weights()  # (the same condition in every process)
+        if evaluate_now:
             run_eval(iteration)
-        if info.is_main and tc.checkpoint_every and iteration % tc.checkpoint_every == 0 \
-                and iteration < stop_at and measure_until is None:  # budget fixed
+        if info.is_main and save_now:
             save_checkpoint(last_path, **payload(iteration))
     bar.close()
     if iteration == start_iter and ckpt is not None and ckpt.get("metrics"):
@@ -649,6 +681,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             dist.barrier()
         return TrainResult(out_dir, last_path, best_path if best_path.exists() else None,
                            iteration, 0.0, ckpt["metrics"])
+    if iteration > start_iter and iteration % tc.average_every:
+        average_weights()  # every process, before the final checkpoint and evaluation
     if info.is_main:  # saved before evaluating, so a failing evaluation loses nothing
         save_checkpoint(last_path, **payload(iteration))
     final_metrics = run_eval(iteration)

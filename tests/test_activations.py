@@ -29,9 +29,17 @@ def test_module_has_no_parameters_and_matches_nn_elu():
     assert torch.allclose(ELU()(x), torch.nn.ELU()(x), atol=1e-6)
 
 
-def test_inference_path_matches_torch_elu_and_keeps_no_graph():
+def test_inference_skips_the_autograd_function_and_training_uses_it(monkeypatch):
+    from istr_viz.model import activations
+
+    calls = []
+    real = activations._ELUFunction.apply
+    monkeypatch.setattr(activations._ELUFunction, "apply",
+                        lambda t: calls.append(t.shape) or real(t))
     x = torch.randn(24, 49, 32) * 3
     with torch.no_grad():
         out = elu(x.clone().requires_grad_())
-    assert not out.requires_grad
+    assert calls == [] and not out.requires_grad
     assert torch.allclose(out, F.elu(x), atol=1e-6)
+    elu(x.clone().requires_grad_()).sum().backward()
+    assert calls == [x.shape]

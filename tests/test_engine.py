@@ -23,6 +23,7 @@ from istr_viz.data.instance_masks import instance_masks
 from istr_viz.data.layout import split_paths
 from istr_viz.data.shapes import make_shapes
 from istr_viz.engine import IterationBatchSampler, lr_factor, read_metrics
+from istr_viz.errors import ConfigError
 from istr_viz.model.istr import grid_proposals
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,26 +124,30 @@ def test_two_process_gloo_equals_one_process_with_double_batch(shapes, tmp_path)
 
 
 def test_local_sgd_averages_the_processes_weights_every_k_iterations(shapes, tmp_path):
-    """train.average_every=k: no gradient all-reduce, the weights averaged after every k-th step.
-    Two 4-iteration runs that differ only in k (4: averaged after the last step; 5: never) end in
-    different weights, and runs that never average are deterministic (so averaging is the
-    difference); a run's losses are logged once per process group, as under DDP."""
+    """train.average_every=k: no gradient all-reduce, the weights averaged after every k-th step
+    and before the final checkpoint when the last step was not an average. 6-iteration runs:
+    k=7 (averaged before saving only) ends where k=6 (averaged after its 6th step) does (without
+    that last average it would hold process 0's own weights); k=2 (also averaged at 2 and 4)
+    ends elsewhere, so the averages inside the run take effect; losses are logged once per
+    process group, as under DDP."""
     root, basis = shapes
     models = {}
-    for k, name in ((4, "k4"), (5, "k5"), (6, "k6")):
-        out = tmp_path / name
+    for k in (2, 6, 7):
+        out = tmp_path / f"k{k}"
         cmd = _train_cmd(root, basis, out, "--set", f"train.average_every={k}",
-                         "--set", "train.log_every=2", "--processes", "2", max_iters=4)
+                         "--set", "train.log_every=3", "--set", "train.checkpoint_every=0",
+                         "--processes", "2", max_iters=6)
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         ckpt = load_checkpoint(out / "last.pt")
-        assert ckpt["train_state"]["world_size"] == 2 and ckpt["train_state"]["iteration"] == 4
-        models[name] = ckpt["model"]
-        assert [r["iter"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [2, 4]
-    floats = [n for n, v in models["k4"].items() if torch.is_tensor(v) and v.is_floating_point()]
-    assert all(torch.equal(models["k5"][n], models["k6"][n]) for n in floats)
-    moved = [n for n in floats if not torch.allclose(models["k4"][n], models["k5"][n], atol=1e-6)]
-    assert len(moved) > len(floats) // 2  # the average differs from process 0's own weights
+        assert ckpt["train_state"]["world_size"] == 2 and ckpt["train_state"]["iteration"] == 6
+        models[k] = ckpt["model"]
+        assert [r["iter"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [3, 6]
+    floats = [n for n, v in models[2].items() if torch.is_tensor(v) and v.is_floating_point()]
+    # (k=6 averages the EMA before its last update, k=7 after: equal up to rounding)
+    assert all(torch.allclose(models[6][n], models[7][n], atol=1e-6, rtol=1e-5) for n in floats)
+    moved = [n for n in floats if not torch.allclose(models[2][n], models[6][n], atol=1e-6)]
+    assert len(moved) > len(floats) // 2
 
 
 def test_two_processes_train_when_a_share_of_the_batch_has_no_instances(shapes, tmp_path):
@@ -404,6 +409,19 @@ def test_batches_are_a_function_of_seed_and_iteration():
         assert ranks[0].batch_for(it) + ranks[1].batch_for(it) == full.batch_for(it)
     epoch0 = [i for it in range(5) for i, _ in full.batch_for(it)]
     assert sorted(epoch0) == list(range(20))  # each epoch visits every image once
+
+
+def test_linear_decay_falls_to_zero_over_the_budget_by_iterations_or_minutes():
+    f = [lr_factor(i, 100, 10, 0.01, (0.5,), 0.1, decay="linear") for i in range(101)]
+    assert f[0] == pytest.approx(0.01)  # the warm-up still applies
+    assert f[20] == pytest.approx(0.8) and f[50] == pytest.approx(0.5) and f[100] == 0.0
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # no step: it only falls
+    # a minutes budget: the clock alone
+    assert lr_factor(10**6, None, 0, 1.0, (), 0.1, time_done=0.25, decay="linear") == 0.75
+    # whichever is further along
+    assert lr_factor(60, 100, 0, 1.0, (), 0.1, time_done=0.3, decay="linear") == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="train.lr_decay"):
+        apply_overrides(get_preset("shapes-cpu"), ["train.lr_decay=cosine"])
 
 
 def test_lr_schedule_warmup_and_steps():
