@@ -15,7 +15,9 @@ Then the two kept models are timed back to back, image by image, at the test siz
 a time, one thread, bf16 autocast where the CPU has it (both with their linear and conv weights
 stored in bf16 first: the same outputs without a cast per call), each with the post-processing
 its AP was scored with (Mask R-CNN's own; ISTR's top 100 with each query's mask pasted once),
-masks pasted at the image size; ISTR's network alone is timed too. Writes
+masks pasted at the image size; ISTR runs ``final_only`` (the earlier stages without the class and
+mask heads that only training and the per-stage views use: the same detections), as Mask R-CNN
+computes only what its detections need; ISTR's network alone is timed too. Writes
 ``OUT/summary.json``, prints a table and saves ``OUT/ap_vs_minutes.png`` (AP against training
 minutes, every run).
 
@@ -90,7 +92,7 @@ def _peer_forward(model):
 def _istr_forward(model, network_only: bool = False):
     """One-image ISTR inference as it is scored: the final stage's top 100 (query, class) pairs
     (no score floor, no NMS), each query's mask pasted once at the image size (its classes share
-    it), as ``evaluate`` does. ``network_only``: the forward pass alone. Under bf16 autocast the
+    it), as ``evaluate`` does; the forward pass ``final_only`` (the same final stage). ``network_only``: the forward pass alone. Under bf16 autocast the
     linear and conv weights are stored in bf16 first (``cast_weights_for_autocast``)."""
     from istr_viz.postprocess import paste_masks, top_detections
     from istr_viz.runtime import autocast_dtype, cast_weights_for_autocast
@@ -104,7 +106,7 @@ def _istr_forward(model, network_only: bool = False):
         h, w = image.shape[-2:]
         with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
                                              enabled=amp is not None):
-            out = model(image[None], torch.tensor([[h, w]]))
+            out = model(image[None], torch.tensor([[h, w]]), final_only=True)
         if network_only:
             return
         final = out.final

@@ -253,6 +253,10 @@ def test_pooler_equals_roi_align_at_each_boxs_level():
         expected = roi_align(feats[lvl - 2], roi, 7, 1 / 2**lvl, sampling_ratio=2, aligned=True)
         assert torch.allclose(pooled[row], expected[0])
     assert levels.tolist() == [2, 5, 3, 2]  # the boxes really span several levels
+    same_level = torch.stack([boxes[0, :1], boxes[1, 1:]])  # both on P2: one call, no reorder
+    rois = torch.tensor([[0.0, 0, 0, 10, 10], [1, 1, 2, 3, 4]])
+    assert torch.equal(pooler(feats, same_level)[1], roi_align(
+        feats[0], rois, 7, 1 / 4, sampling_ratio=2, aligned=True)[1])
 
 
 def test_backbone_levels_and_strides():
@@ -445,3 +449,26 @@ def test_weights_cast_for_autocast_give_the_same_outputs(basis, mask_head):
     with pytest.raises(RuntimeError):  # without autocast the cast layers refuse fp32 inputs
         with torch.no_grad():
             cast(images, sizes)
+
+
+@pytest.mark.parametrize("mask_head", ["query", "roi"])
+def test_final_only_gives_the_last_stage_without_the_earlier_heads(basis, mask_head):
+    """``final_only`` skips the class and mask heads of stages 1..K-1 (they never run) and
+    returns the last stage alone, equal to the last of all stages."""
+    model = tiny_model(basis, mask_head=mask_head).eval()
+    images, sizes = _images()
+    head_calls = []
+    for stage in model.stages:
+        stage.cls_branch.register_forward_hook(lambda *args: head_calls.append(1))
+        stage.mask_branch.register_forward_hook(lambda *args: head_calls.append(1))
+    with torch.no_grad():
+        full = model(images, sizes)
+        assert len(head_calls) == 2 * K
+        head_calls.clear()
+        fast = model(images, sizes, final_only=True)
+    assert len(head_calls) == 2  # the last stage's two heads only
+    assert fast.num_stages == 1
+    for name in ("logits", "boxes_xyxy", "boxes_cxcywh", "mask_embed", "masks"):
+        assert torch.equal(getattr(fast.final, name), getattr(full.final, name)), name
+    with pytest.raises(ValueError, match="inference"):
+        model.train()(images, sizes, final_only=True)

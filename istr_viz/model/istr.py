@@ -167,7 +167,8 @@ class ISTR(nn.Module):
         return self.basis.decode(mask_embed.reshape(B * Q, M)).view(B, Q, S, S)
 
     def forward(self, images: Tensor, image_sizes: Tensor, return_attention: bool = False,
-                targets: Sequence[Mapping[str, Tensor]] | None = None) -> ISTROutput:
+                targets: Sequence[Mapping[str, Tensor]] | None = None,
+                final_only: bool = False) -> ISTROutput:
         """Run the backbone and all K stages.
 
         Args:
@@ -177,10 +178,18 @@ class ISTR(nn.Module):
             return_attention: fill ``StageOutput.attn`` with (B, Q, Q) attention weights.
             targets: the batch's dataset target dicts; used only in training with
                 ``dn_groups`` > 0, to add the denoising queries (``ISTROutput.dn_stages``).
+            final_only: inference when only the detections matter: stages 1..K-1 refine the
+                boxes and queries without their class and mask heads, and ``stages`` holds
+                the last stage alone (``final``), the same values as with all stages. Not in
+                training (every stage is supervised).
 
         Returns:
-            ``ISTROutput`` with all stages, in train and eval mode alike (no loss inside).
+            ``ISTROutput`` with all stages (the last alone with ``final_only``), in train and
+            eval mode alike (no loss inside).
         """
+        if final_only and self.training:
+            raise ValueError("final_only is for inference: training supervises every stage "
+                             "(call model.eval() first)")
         image_sizes = image_sizes.to(images.device)
         features = self.backbone(images, valid_mask(image_sizes, *images.shape[-2:]))
         boxes, queries, image_feat = self.initial_queries(features, image_sizes)
@@ -208,10 +217,15 @@ class ISTR(nn.Module):
         pool_features = self.pooler.prepare(features)
         for k, stage in enumerate(self.stages, start=1):
             try:
+                heads = not final_only or k == self.num_stages
                 result = stage(pool_features, boxes, queries, self.pooler, return_attention,
-                               attn_mask, roi)
+                               attn_mask, roi, heads=heads)
             except NonFiniteError as err:  # the stage's boxes: say which stage
                 raise NonFiniteError(f"stage{k} {err.reason}") from None
+            boxes = result.boxes_xyxy.detach()  # features are not detached
+            queries, roi = result.query_features, result.output_roi
+            if not heads:
+                continue
             parts = [(out.stages, slice(0, Q))]
             if dn is not None:
                 parts.append((out.dn_stages, slice(Q, None)))
@@ -222,8 +236,6 @@ class ISTR(nn.Module):
                     mask_embed=result.mask_embed[:, part],
                     masks=self.decode_masks(result.mask_embed[:, part]),
                     attn=result.attn))
-            boxes = result.boxes_xyxy.detach()  # features are not detached
-            queries, roi = result.query_features, result.output_roi
         return out
 
 

@@ -71,19 +71,23 @@ class RoIPooler(nn.Module):
         batch_idx = torch.arange(B, device=flat.device).repeat_interleave(Q)
         rois = torch.cat([batch_idx[:, None].to(flat.dtype), flat], dim=1)  # (B*Q, 5)
         levels = assign_fpn_levels(flat, self.levels[0], self.levels[-1], self.canonical_size)
-        pooled, order = [], []
+        out = None  # (B*Q, D, P, P), each level's rows written in place (no concatenate + reorder)
         for feat, stride, level in zip(features, self.strides, self.levels):
             idx = torch.nonzero(levels == level).squeeze(1)
             if idx.numel() == 0:
                 continue
             feat = feat.float()
             if self._sparse(feat):
-                pooled.append(sparse_roi_align(feat, rois[idx], self.output_size, 1.0 / stride,
-                                               self.sampling_ratio))
+                pooled = sparse_roi_align(feat, rois[idx], self.output_size, 1.0 / stride,
+                                          self.sampling_ratio)
             else:
-                pooled.append(roi_align(feat, rois[idx], self.output_size,
-                                        spatial_scale=1.0 / stride,
-                                        sampling_ratio=self.sampling_ratio, aligned=True))
-            order.append(idx)
-        inverse = torch.argsort(torch.cat(order))  # back to image-by-image row order
-        return torch.cat(pooled)[inverse]
+                pooled = roi_align(feat, rois[idx], self.output_size, spatial_scale=1.0 / stride,
+                                   sampling_ratio=self.sampling_ratio, aligned=True)
+            if idx.numel() == rois.shape[0]:  # every box on this level
+                return pooled
+            if out is None:
+                out = pooled.new_empty((rois.shape[0], *pooled.shape[1:]))
+            out[idx] = pooled
+        if out is None:  # no boxes
+            return flat.new_zeros((0, features[0].shape[1], self.output_size, self.output_size))
+        return out

@@ -92,9 +92,9 @@ class StageResult(NamedTuple):
     """What one stage returns (``ISTR`` decodes masks and assembles ``StageOutput``)."""
 
     query_features: Tensor  # (B, Q, D) obj features, the next stage's queries
-    logits: Tensor  # (B, Q, C)
+    logits: Tensor | None  # (B, Q, C); None when the stage ran without its heads
     boxes_xyxy: Tensor  # (B, Q, 4) pixels
-    mask_embed: Tensor  # (B, Q, M)
+    mask_embed: Tensor | None  # (B, Q, M); None when the stage ran without its heads
     attn: Tensor | None  # (B, Q, Q) self-attention weights averaged over heads
     # (B*Q, P*P, D) RoI features at the detached output boxes (mask_head="roi"), which are the
     # next stage's input boxes: it takes them instead of pooling the same boxes again
@@ -152,7 +152,8 @@ class RefinementStage(nn.Module):
 
     def forward(self, features: list[Tensor], boxes_xyxy: Tensor, query_features: Tensor,
                 pooler: RoIPooler, return_attention: bool = False,
-                attn_mask: Tensor | None = None, roi: Tensor | None = None) -> StageResult:
+                attn_mask: Tensor | None = None, roi: Tensor | None = None,
+                heads: bool = True) -> StageResult:
         """
         Args:
             features: FPN maps [P2..P5], each (B, D, h_l, w_l).
@@ -164,6 +165,9 @@ class RefinementStage(nn.Module):
                 (the training-only denoising queries, ``istr_viz.model.denoising``).
             roi: optional (B*Q, P*P, D) features already pooled at ``boxes_xyxy`` (the previous
                 stage's ``output_roi``); pooled here when None.
+            heads: False skips the class and mask heads (``logits`` and ``mask_embed`` are then
+                None): an intermediate stage at inference, when only the last stage's
+                predictions are wanted, refines the boxes and queries and nothing more.
         """
         B, Q, D = query_features.shape
         if roi is None:
@@ -178,15 +182,19 @@ class RefinementStage(nn.Module):
         x = self.norm2(x + self.dropout(inter))
         x = self.norm3(x + self.dropout(self.ffn(x)))  # (B, Q, D) obj features
 
-        logits = self.class_logits(self.cls_branch(x))  # (B, Q, C)
         deltas = self.bbox_deltas(self.reg_branch(x))  # (B, Q, 4)
         boxes = apply_deltas(deltas.reshape(B * Q, 4).float(), boxes_xyxy.reshape(B * Q, 4),
                              self.delta_weights, self.scale_clamp).view(B, Q, 4)
         if not torch.isfinite(boxes).all():  # the next pooling (here or the next stage) can't
             raise NonFiniteError("predicted non-finite boxes")
-        mask_feat, out_roi = x, None
-        if self.mask_roi_encoder is not None:
+        out_roi = None
+        if self.mask_roi_encoder is not None:  # the next stage's input RoI too
             out_roi = pooler(features, boxes.detach()).flatten(2).transpose(1, 2)  # (B*Q, P*P, D)
+        if not heads:
+            return StageResult(x, None, boxes, None, attn if return_attention else None, out_roi)
+        logits = self.class_logits(self.cls_branch(x))  # (B, Q, C)
+        mask_feat = x
+        if self.mask_roi_encoder is not None:
             encoded = self.mask_roi_encoder(out_roi).view(B, Q, D)
             mask_feat = self.mask_norm(x + self.dropout(encoded))
         mask_embed = self.mask_embed(self.mask_branch(mask_feat))  # (B, Q, M)
