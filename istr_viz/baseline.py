@@ -4,9 +4,9 @@ Used by ``benchmarks/equal_budget.py`` to compare the two at the same wall-clock
 The peer gets what ISTR gets: the same ResNet + FPN (the preset's norm, BatchNorm or GroupNorm,
 all layers trainable, from scratch), the same pixels (istr_viz's transforms do the scale jitter
 and the flip; torchvision's own resize is switched off), bf16 autocast where the CPU has it, the
-same threads and batch size, and the CPU training kernels: its RoI pooling's backward goes through
-the same sparse-matrix RoIAlign (``TrainingRoIAlign``), its SGD is the fused one as ISTR's AdamW
-is, and the shared ResNet body max-pools channels-last.
+same threads and batch size, and the CPU kernels: its RoI pooling goes through ISTR's RoIAlign
+kernels (``CpuRoIAlign``: the sparse-matrix one in training, the separable one in inference), its
+SGD is the fused one as ISTR's AdamW is, and the shared ResNet body max-pools channels-last.
 Its anchors are scaled to the small images (16-256 px instead of 32-512 px), and its heads are
 sized for a CPU (``PeerHeads``: fewer proposals and sampled RoIs, heads as wide as the FPN) so that
 it gets through as many images per minute as it can; ``PeerHeads.torchvision_defaults()`` gives
@@ -38,27 +38,39 @@ from istr_viz.config import Config
 from istr_viz.data.coco import CocoDataset
 from istr_viz.model.backbone import (IMAGENET_MEAN, IMAGENET_STD, ResNetBody, norm_layer_for,
                                      separable_output_convs)
-from istr_viz.model.roi_align import sparse_roi_align
+from istr_viz.model.roi_align import flatten_maps, separable_roi_align, sparse_roi_align
 from istr_viz.postprocess import mask_to_rle, rescale_boxes
 from istr_viz.runtime import autocast_dtype
 
 ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))  # P2..P5 and the pooled P6
 
 
-class TrainingRoIAlign(MultiScaleRoIAlign):
-    """torchvision's ``MultiScaleRoIAlign`` (same levels, ``aligned=False``) that pools with
-    :func:`istr_viz.model.roi_align.sparse_roi_align` when gradients flow on the CPU, as ISTR's
-    pooler does in training; otherwise torchvision's own ``forward``. Square outputs only."""
+class CpuRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` (same levels, ``aligned=False``) with ISTR's CPU
+    kernels, as ISTR's pooler uses them: :func:`istr_viz.model.roi_align.sparse_roi_align` when
+    gradients flow (training), :func:`~istr_viz.model.roi_align.separable_roi_align` when they do
+    not (inference; returned NCHW in the maps' dtype, as torchvision's) if ``separable_inference``
+    (else torchvision's kernel there); on other devices torchvision's own ``forward``. Square
+    outputs only.
 
-    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int):
+    The separable kernel's cost grows with each box's extent in cells, torchvision's does not:
+    on the peer's 150 proposals (mostly on P2, large windows) it was the slower one (12.0 against
+    8.3 ms an image), on its ~34 detections' 14 x 14 mask RoIs the faster (6.4 against 7.2 ms;
+    ``benchmarks/results_log.md``, session 18), so the peer pools each with the faster kernel.
+    """
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int,
+                 separable_inference: bool = True):
         super().__init__(featmap_names, output_size, sampling_ratio)
+        self.separable_inference = separable_inference
         if self.output_size[0] != self.output_size[1]:
-            raise ValueError(f"TrainingRoIAlign pools square outputs only, got {output_size}")
+            raise ValueError(f"CpuRoIAlign pools square outputs only, got {output_size}")
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
         features = _filter_input(x, self.featmap_names)
-        if not (features[0].requires_grad and features[0].device.type == "cpu"):
+        if features[0].device.type != "cpu" or (
+                not features[0].requires_grad and not self.separable_inference):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes,
@@ -66,6 +78,11 @@ class TrainingRoIAlign(MultiScaleRoIAlign):
         rois = _convert_to_roi_format(boxes)
         levels = self.map_levels(boxes)
         size = self.output_size[0]
+        if not features[0].requires_grad:  # inference: every box in one call
+            scales = torch.tensor(self.scales, dtype=torch.float32, device=rois.device)[levels]
+            pooled = separable_roi_align(flatten_maps(features), rois, levels, scales, size,
+                                         self.sampling_ratio, aligned=False)
+            return pooled.to(features[0].dtype).contiguous()
         pooled = features[0].new_zeros((len(rois), features[0].shape[1], size, size))
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
@@ -118,8 +135,9 @@ def build_mask_rcnn(cfg: Config, num_classes: int, heads: PeerHeads = PeerHeads(
         rpn_pre_nms_top_n_test=heads.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=heads.rpn_post_nms_top_n_test,
         box_batch_size_per_image=heads.box_batch_size_per_image,
-        box_roi_pool=TrainingRoIAlign(["0", "1", "2", "3"], 7, 2),  # torchvision's levels
-        mask_roi_pool=TrainingRoIAlign(["0", "1", "2", "3"], 14, 2),
+        box_roi_pool=CpuRoIAlign(["0", "1", "2", "3"], 7, 2,  # torchvision's levels
+                                 separable_inference=False),
+        mask_roi_pool=CpuRoIAlign(["0", "1", "2", "3"], 14, 2),
         box_head=TwoMLPHead(m.hidden_dim * 7 * 7, heads.box_head_width),
         box_predictor=FastRCNNPredictor(heads.box_head_width, num_classes + 1),
         mask_head=MaskRCNNHeads(m.hidden_dim, (width,) * 4, 1, norm_layer=fpn_norm),

@@ -15,6 +15,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _bilinear_weights(coords: Tensor, size: int) -> Tensor:
+    """(n, L) normalised coordinates (-1 and 1 the outer edges of the first and last of ``size``
+    cells, ``grid_sample``'s ``align_corners=False``) -> (n, L, size) weights of 1-D bilinear
+    interpolation with zero padding, rows zero outside [-1, 1] (outside the box)."""
+    pos = ((coords + 1) * size - 1) / 2  # in cells, cell centres at integers
+    low = pos.floor()
+    frac = pos - low
+    low = low.long()
+    weights = coords.new_zeros((*coords.shape, size + 2))  # a cell of padding on each side
+    for index, weight in ((low, 1 - frac), (low + 1, frac)):
+        weights.scatter_add_(2, (index + 1).clamp(0, size + 1)[..., None], weight[..., None])
+    return weights[..., 1:-1] * (coords.abs() <= 1)[..., None]
+
+
 def paste_masks(masks: Tensor, boxes_xyxy: Tensor, height: int, width: int,
                 threshold: float | None = 0.5, chunk: int = 16) -> Tensor:
     """Paste box-relative masks into an image.
@@ -22,7 +36,8 @@ def paste_masks(masks: Tensor, boxes_xyxy: Tensor, height: int, width: int,
     masks: (N, S, S) probabilities; boxes_xyxy: (N, 4) pixels of the target image.
     Returns (N, height, width): bool when ``threshold`` is given, else float probabilities.
     Pixels outside a box are 0. Each pixel centre (x + 0.5, y + 0.5) is mapped into the box and the
-    mask is sampled bilinearly there (``grid_sample``, ``align_corners=False``). Only each box's
+    mask is sampled bilinearly there (``grid_sample``'s, ``align_corners=False``, zero padding;
+    computed as two small matrix products, bilinear sampling being separable). Only each box's
     own pixel window is sampled (``chunk`` boxes of similar size at a time, in one window as large
     as the largest of them), so the cost follows the boxes' area, not the image's.
     """
@@ -41,26 +56,26 @@ def paste_masks(masks: Tensor, boxes_xyxy: Tensor, height: int, width: int,
     sizes = (windows[:, 2:] - windows[:, :2]).clamp(min=0)  # (N, 2) window width, height
     sizes[~torch.isfinite(boxes).all(dim=1)] = 0  # a box with NaN / inf pastes nothing
     order = (sizes[:, 0] * sizes[:, 1]).argsort().tolist()
+    sizes_list, windows_list = sizes.tolist(), windows.tolist()  # indexed per box below
     steps = torch.arange(int(sizes.max()) + 1, device=masks.device, dtype=torch.float32) + 0.5
     for start in range(0, n, chunk):
-        idx = [i for i in order[start:start + chunk] if sizes[i, 0] > 0 and sizes[i, 1] > 0]
+        idx = [i for i in order[start:start + chunk] if min(sizes_list[i]) > 0]
         if not idx:
             continue
         sel = torch.tensor(idx, device=masks.device)
-        ww, wh = (int(v) for v in sizes[sel].max(dim=0).values)
+        ww, wh = (max(sizes_list[i][axis] for i in idx) for axis in (0, 1))
         x0, y0, x1, y1 = boxes[sel].unbind(1)
         xs = windows[sel, 0:1].float() + steps[None, :ww]  # (n, ww) pixel centres
         ys = windows[sel, 1:2].float() + steps[None, :wh]  # (n, wh)
         gx = (xs - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1
         gy = (ys - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1
-        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-        pasted = F.grid_sample(masks[sel, None].float(), grid, mode="bilinear",
-                               align_corners=False)[:, 0]  # (n, wh, ww)
-        pasted = pasted * ((gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None])
+        # bilinear sampling with zero padding is separable: rows, then columns
+        rows, cols = _bilinear_weights(gy, masks.shape[1]), _bilinear_weights(gx, masks.shape[2])
+        pasted = rows @ masks[sel].float() @ cols.transpose(1, 2)  # (n, wh, ww)
         if threshold is not None:
             pasted = pasted >= threshold
         for k, i in enumerate(idx):
-            c0, r0, c1, r1 = windows[i].tolist()
+            c0, r0, c1, r1 = windows_list[i]
             out[i, r0:r1, c0:c1] = pasted[k, :r1 - r0, :c1 - c0]
     return out
 

@@ -9,7 +9,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import MultiScaleRoIAlign
 
-from istr_viz.baseline import (ANCHOR_SIZES, PeerHeads, TrainingRoIAlign, build_mask_rcnn,
+from istr_viz.baseline import (ANCHOR_SIZES, PeerHeads, CpuRoIAlign, build_mask_rcnn,
                                mask_rcnn_results, train_mask_rcnn)
 from istr_viz.config import apply_overrides, get_preset
 from istr_viz.data.coco import CocoDataset
@@ -137,9 +137,9 @@ def test_peer_clock_counts_data_loading_and_not_evaluation(tmp_path):
     assert 6 / 60 <= run["minutes"] < 8.5 / 60  # 3 batches of loading; stops past the budget
 
 
-def test_peer_training_pooler_equals_torchvision_values_and_gradients():
-    """The peer's RoI pooling in training (sparse-matrix RoIAlign, as ISTR's) is torchvision's,
-    on every FPN level."""
+def test_peer_pooler_equals_torchvision_values_and_gradients():
+    """The peer's RoI pooling in training (sparse-matrix RoIAlign, as ISTR's) and in inference
+    (the separable one, as ISTR's) is torchvision's, on every FPN level."""
     g = torch.Generator().manual_seed(0)
     feats = {k: torch.randn(2, 8, 512 // (4 * 2**int(k)), 512 // (4 * 2**int(k)), generator=g)
              for k in "0123"}
@@ -152,9 +152,12 @@ def test_peer_training_pooler_equals_torchvision_values_and_gradients():
         ours_in = {k: v.clone().requires_grad_() for k, v in feats.items()}
         ref_pool = MultiScaleRoIAlign(list(feats), size, 2)
         ref = ref_pool(ref_in, boxes, [(512, 512)] * 2)
-        ours = TrainingRoIAlign(list(feats), size, 2)(ours_in, boxes, [(512, 512)] * 2)
+        ours = CpuRoIAlign(list(feats), size, 2)(ours_in, boxes, [(512, 512)] * 2)
         assert set(ref_pool.map_levels(boxes).tolist()) == {0, 1, 2, 3}
         assert torch.allclose(ours, ref, atol=1e-4)  # float sums in another order
+        with torch.no_grad():
+            inference = CpuRoIAlign(list(feats), size, 2)(feats, boxes, [(512, 512)] * 2)
+        assert inference.is_contiguous() and torch.allclose(inference, ref, atol=1e-4)
         upstream = torch.randn(ref.shape, generator=g)
         ref.backward(upstream)
         ours.backward(upstream)
@@ -162,8 +165,11 @@ def test_peer_training_pooler_equals_torchvision_values_and_gradients():
             assert ours_in[k].grad.abs().sum() > 0
             assert torch.allclose(ours_in[k].grad, ref_in[k].grad, atol=1e-4)
     model = build_mask_rcnn(apply_overrides(get_preset("shapes-cpu"), TINY), num_classes=3)
-    assert isinstance(model.roi_heads.box_roi_pool, TrainingRoIAlign)
-    assert isinstance(model.roi_heads.mask_roi_pool, TrainingRoIAlign)
+    assert isinstance(model.roi_heads.box_roi_pool, CpuRoIAlign)
+    assert isinstance(model.roi_heads.mask_roi_pool, CpuRoIAlign)
+    # inference: each pooler with the kernel measured faster for it (CpuRoIAlign's docstring)
+    assert not model.roi_heads.box_roi_pool.separable_inference
+    assert model.roi_heads.mask_roi_pool.separable_inference
     assert isinstance(model.backbone.body.maxpool, ChannelsLastMaxPool2d)  # as ISTR's body
     with pytest.raises(ValueError, match="square"):
-        TrainingRoIAlign(["0"], (7, 5), 2)
+        CpuRoIAlign(["0"], (7, 5), 2)

@@ -240,23 +240,28 @@ def test_fpn_levels_by_hand():
     assert assign_fpn_levels(boxes, canonical_size=56.0).tolist() == [2, 4, 4, 5, 5, 5, 5, 5]
 
 
-def test_pooler_equals_roi_align_at_each_boxs_level():
+@pytest.mark.parametrize("kernel", ["separable", "sparse"])
+def test_pooler_equals_roi_align_at_each_boxs_level(kernel):
+    """Every CPU kernel (inference: separable, training: sparse) pools what torchvision's
+    roi_align pools at each box's level, raw maps and prepared maps alike."""
     g = torch.Generator().manual_seed(0)
-    feats = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in (4, 8, 16, 32)]
+    feats = [torch.randn(2, 4, 64 // s, 64 // s, generator=g).requires_grad_(kernel == "sparse")
+             for s in (4, 8, 16, 32)]
     boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 64, 64]], [[5, 5, 40, 30], [1, 2, 3, 4]]])
     pooler = RoIPooler(canonical_size=32.0)
     pooled = pooler(feats, boxes)  # (4, 4, 7, 7)
+    assert torch.equal(pooler(pooler.prepare(feats), boxes), pooled)
     levels = assign_fpn_levels(boxes.view(-1, 4), canonical_size=32.0)
     for row, (b, q) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         lvl = int(levels[row])
         roi = torch.cat([torch.tensor([[float(b)]]), boxes[b, q][None]], 1)
         expected = roi_align(feats[lvl - 2], roi, 7, 1 / 2**lvl, sampling_ratio=2, aligned=True)
-        assert torch.allclose(pooled[row], expected[0])
+        assert torch.allclose(pooled[row], expected[0], atol=1e-6)
     assert levels.tolist() == [2, 5, 3, 2]  # the boxes really span several levels
     same_level = torch.stack([boxes[0, :1], boxes[1, 1:]])  # both on P2: one call, no reorder
     rois = torch.tensor([[0.0, 0, 0, 10, 10], [1, 1, 2, 3, 4]])
-    assert torch.equal(pooler(feats, same_level)[1], roi_align(
-        feats[0], rois, 7, 1 / 4, sampling_ratio=2, aligned=True)[1])
+    assert torch.allclose(pooler(feats, same_level)[1], roi_align(
+        feats[0], rois, 7, 1 / 4, sampling_ratio=2, aligned=True)[1], atol=1e-6)
 
 
 def test_backbone_levels_and_strides():

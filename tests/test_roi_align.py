@@ -1,11 +1,13 @@
-"""istr_viz.model.roi_align: the sparse-matrix RoIAlign equals torchvision's, values and gradients."""
+"""istr_viz.model.roi_align: the sparse-matrix RoIAlign (training) equals torchvision's, values and
+gradients; the separable one (inference) its values."""
 
 import pytest
 import torch
 from torchvision.ops import roi_align
 
 from istr_viz.model import RoIPooler
-from istr_viz.model.roi_align import _csr_pair, roi_align_matrix, sparse_roi_align
+from istr_viz.model.roi_align import (_csr_pair, flatten_maps, roi_align_matrix,
+                                      separable_roi_align, sparse_roi_align)
 
 
 def _rois(batch: int, height: int, width: int, stride: int, count: int, seed: int) -> torch.Tensor:
@@ -77,7 +79,7 @@ def test_pooler_gives_the_same_features_with_and_without_gradients(monkeypatch):
     boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 64, 64]], [[5, 5, 40, 30], [1, 2, 3, 4]]])
     pooler = RoIPooler(canonical_size=32.0)
     with torch.no_grad():
-        reference = pooler(feats, boxes)  # torchvision's roi_align
+        reference = pooler(feats, boxes)  # the separable kernel (inference)
     assert not calls
     trainable = [f.clone().requires_grad_() for f in feats]
     pooled = pooler(trainable, boxes)  # the sparse path
@@ -90,6 +92,60 @@ def test_pooler_gives_the_same_features_with_and_without_gradients(monkeypatch):
 def test_rejects_an_adaptive_sampling_ratio():
     with pytest.raises(ValueError, match="sampling_ratio"):
         sparse_roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), 2, 1.0, 0)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        separable_roi_align(flatten_maps([torch.zeros(1, 1, 4, 4)]), torch.zeros(1, 5),
+                            torch.zeros(1, dtype=torch.long), torch.ones(1), 2, 0)
+
+
+def _separable(features: list[torch.Tensor], rois: torch.Tensor, maps: list[int],
+               strides: list[int], sampling: int = 2, aligned: bool = True) -> torch.Tensor:
+    maps_t = torch.tensor(maps, dtype=torch.long)
+    scales = 1.0 / torch.tensor(strides, dtype=torch.float32)[maps_t]
+    return separable_roi_align(flatten_maps(features), rois, maps_t, scales, 7, sampling, aligned)
+
+
+@pytest.mark.parametrize("shape,stride,sampling,aligned", [
+    ((3, 8, 20, 28), 4, 2, True), ((2, 5, 7, 5), 16, 1, True), ((1, 4, 9, 9), 8, 3, True),
+    ((3, 8, 20, 28), 4, 2, False), ((2, 5, 7, 5), 16, 1, False)])
+def test_separable_values_equal_torchvision(shape, stride, sampling, aligned):
+    """Boxes inside, across and outside the map, empty and huge ones, non-square maps."""
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(*shape, generator=g)
+    rois = _rois(shape[0], shape[2], shape[3], stride, 40, seed=2)
+    ours = _separable([features], rois, [0] * 40, [stride], sampling, aligned)
+    ref = roi_align(features, rois, 7, 1.0 / stride, sampling_ratio=sampling, aligned=aligned)
+    assert ours.shape == ref.shape == (40, shape[1], 7, 7)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    # the (R, P * P, C) rows the stages read are a view of its memory
+    assert ours.flatten(2).transpose(1, 2).is_contiguous()
+
+
+def test_separable_pools_each_box_from_its_own_map_in_one_call():
+    g = torch.Generator().manual_seed(5)
+    features = [torch.randn(2, 6, 40 // s, 24 // s, generator=g) for s in (4, 8, 16)]
+    rois = _rois(2, 10, 6, 4, 30, seed=6)
+    maps = torch.randint(0, 3, (30,), generator=g).tolist()
+    ours = _separable(features, rois, maps, [4, 8, 16])
+    for row, m in enumerate(maps):
+        ref = roi_align(features[m], rois[row:row + 1], 7, 1.0 / (4 * 2**m), sampling_ratio=2,
+                        aligned=True)
+        assert torch.allclose(ours[row], ref[0], atol=1e-5)
+    assert _separable(features, rois[:0], [], [4, 8, 16]).shape == (0, 6, 7, 7)
+
+
+def test_separable_ignores_autocast_and_non_finite_boxes():
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 6, 16, 16, generator=g)
+    rois = _rois(2, 16, 16, 4, 12, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _separable([features.bfloat16()], rois, [0] * 12, [4])
+    ref = roi_align(features.bfloat16().float(), rois, 7, 0.25, sampling_ratio=2, aligned=True)
+    assert ours.dtype == torch.float32 and torch.allclose(ours, ref, atol=1e-5)
+    bad = torch.tensor([[0.0, float("nan"), 0, 8, 8], [0.0, 0, 0, float("inf"), 8],
+                        [0.0, 1e30, 1e30, 2e30, 2e30], [0.0, 2, 2, 10, 10]])
+    pooled = _separable([torch.randn(1, 3, 8, 8)], bad, [0] * 4, [2])
+    assert torch.isfinite(pooled).all()
+    assert pooled[2].abs().max() == 0 and pooled[3].abs().max() > 0
 
 
 def test_pools_in_float32_under_bf16_autocast():

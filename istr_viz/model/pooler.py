@@ -1,9 +1,11 @@
 """Multi-level RoIAlign over P2..P5 as detectron2's ``ROIPooler`` with ``ROIAlignV2``.
 
 ``torchvision.ops.MultiScaleRoIAlign`` calls ``roi_align`` with ``aligned=False`` and a slightly
-different level formula, so this small pooler is used instead. When gradients flow on the CPU
-(training), each level pools with :func:`istr_viz.model.roi_align.sparse_roi_align`, the same
-operator with a faster backward; otherwise with torchvision's ``roi_align``.
+different level formula, so this small pooler is used instead. The operator is the same on
+every path, the kernel is chosen for speed: when gradients flow on the CPU (training), each level
+pools with :func:`istr_viz.model.roi_align.sparse_roi_align` (a faster backward); without them on
+the CPU (inference), every box in one call with :func:`~istr_viz.model.roi_align.separable_roi_align`
+(a faster forward); on other devices with torchvision's ``roi_align``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from istr_viz.model.roi_align import sparse_roi_align
+from istr_viz.model.roi_align import FlatMaps, flatten_maps, separable_roi_align, sparse_roi_align
 
 
 def assign_fpn_levels(boxes_xyxy: Tensor, min_level: int = 2, max_level: int = 5,
@@ -47,19 +49,28 @@ class RoIPooler(nn.Module):
         """Whether pooling ``feat`` uses the sparse-matrix kernel (CPU training)."""
         return feat.requires_grad and feat.device.type == "cpu"
 
-    def prepare(self, features: list[Tensor]) -> list[Tensor]:
-        """The maps as the kernels read them: float32 (pooling runs in fp32, as torchvision's
-        ``roi_align`` autocasts), channels-last for the sparse kernel (its (B*H*W, C) matrix is
-        then a view), NCHW for torchvision's (slower on channels-last maps). A forward pass that
+    @staticmethod
+    def _separable(feat: Tensor) -> bool:
+        """Whether pooling ``feat`` uses the separable kernel (CPU inference)."""
+        return not feat.requires_grad and feat.device.type == "cpu"
+
+    def prepare(self, features: list[Tensor]) -> list[Tensor] | FlatMaps:
+        """The maps as the kernel reads them, in float32 (pooling runs in fp32, as torchvision's
+        ``roi_align`` autocasts): for CPU inference all levels as one channels-last matrix
+        (:class:`~istr_viz.model.roi_align.FlatMaps`), for CPU training channels-last maps (the
+        sparse kernel's (B*H*W, C) matrix is then a view), else NCHW maps. A forward pass that
         pools the same maps several times converts them once here; ``forward`` takes raw maps
         too, at the cost of a conversion per call."""
+        if self._separable(features[0]):
+            return flatten_maps(features)
         return [f.float().contiguous(memory_format=torch.channels_last) if self._sparse(f)
                 else f.float().contiguous() for f in features]
 
-    def forward(self, features: list[Tensor], boxes_xyxy: Tensor) -> Tensor:
+    def forward(self, features: list[Tensor] | FlatMaps, boxes_xyxy: Tensor) -> Tensor:
         """
         Args:
-            features: one (B, D, h_l, w_l) map per stride in ``self.strides``.
+            features: one (B, D, h_l, w_l) map per stride in ``self.strides``, or what
+                ``prepare`` made of them.
             boxes_xyxy: (B, Q, 4) pixel boxes.
 
         Returns:
@@ -71,6 +82,14 @@ class RoIPooler(nn.Module):
         batch_idx = torch.arange(B, device=flat.device).repeat_interleave(Q)
         rois = torch.cat([batch_idx[:, None].to(flat.dtype), flat], dim=1)  # (B*Q, 5)
         levels = assign_fpn_levels(flat, self.levels[0], self.levels[-1], self.canonical_size)
+        if not isinstance(features, FlatMaps) and self._separable(features[0]):
+            features = flatten_maps(features)
+        if isinstance(features, FlatMaps):
+            maps = torch.bucketize(levels, torch.tensor(self.levels, device=flat.device))
+            scales = 1.0 / torch.tensor(self.strides, dtype=torch.float32,
+                                        device=flat.device)[maps]
+            return separable_roi_align(features, rois, maps, scales, self.output_size,
+                                       self.sampling_ratio)
         out = None  # (B*Q, D, P, P), each level's rows written in place (no concatenate + reorder)
         for feat, stride, level in zip(features, self.strides, self.levels):
             idx = torch.nonzero(levels == level).squeeze(1)

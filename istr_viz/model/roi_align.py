@@ -12,6 +12,7 @@ times the two; tests/test_roi_align.py checks outputs and gradients against torc
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -161,3 +162,124 @@ def sparse_roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_s
     flat = features.float().permute(0, 2, 3, 1).reshape(B * H * W, C)
     pooled = _MatrixRoIAlign.apply(flat, matrix, transposed)  # (R*P*P, C)
     return pooled.reshape(R, P, P, C).permute(0, 3, 1, 2)
+
+
+
+
+def _window_weights(coords: Tensor, size: Tensor, output_size: int, sampling_ratio: int
+                    ) -> tuple[Tensor, Tensor, int]:
+    """One axis of RoIAlign as a small matrix over each RoI's own window of cells.
+
+    torchvision's rules per sample: more than one cell outside the map counts as zero; otherwise
+    the position is clamped to [0, size - 1] and interpolated between its floor and the next cell
+    (the last cell alone at the map's end). Each RoI's window spans the cells its samples touch.
+
+    Args:
+        coords: (R, P * s) sample positions in feature cells, bin-major (s per bin).
+        size: (R, 1) long, the axis' length in cells of each RoI's map.
+
+    Returns:
+        weights (R, P, n): bin p of RoI r is ``weights[r, p] @ cells[start[r] : start[r] + n]``
+        (averaged over the bin's s samples), n the longest window; start (R,) long, the first
+        cell of each window; extent (R,) long, each window's own length (cells past it get no
+        weight).
+    """
+    R = coords.shape[0]
+    valid = ((coords >= -1.0) & (coords <= size)).to(coords.dtype)  # 0 for NaN too
+    pos = torch.minimum(coords.nan_to_num(0.0).clamp(min=0), (size - 1).to(coords.dtype))
+    low = pos.floor()
+    frac = pos - low
+    low = low.long()
+    high = torch.minimum(low + 1, size - 1)
+    start = low.min(dim=1, keepdim=True).values  # (R, 1)
+    extent = high.max(dim=1).values - start[:, 0] + 1  # (R,) each window's own length
+    n = int(extent.max())
+    weights = coords.new_zeros((R, coords.shape[1], n))
+    weights.scatter_add_(2, (low - start)[..., None], ((1 - frac) * valid)[..., None])
+    weights.scatter_add_(2, (high - start)[..., None], (frac * valid)[..., None])
+    return weights.view(R, output_size, sampling_ratio, n).mean(dim=2), start[:, 0], extent
+
+
+_GROUP = 32  # RoIs gathered at one window size: few calls for ISTR's queries, tight windows for
+# Mask R-CNN's hundreds of proposals of every shape
+
+
+class FlatMaps(NamedTuple):
+    """Feature maps as :func:`separable_roi_align` reads them (:func:`flatten_maps`)."""
+
+    flat: Tensor  # (sum_l B * H_l * W_l, C) fp32: every cell of every map, map after map
+    layout: Tensor  # (L, 3) long: [first row in ``flat``, H_l, W_l] of each map
+
+
+def flatten_maps(features: list[Tensor]) -> FlatMaps:
+    """Maps (B, C, H_l, W_l) -> :class:`FlatMaps`, one copy (once per forward pass)."""
+    flat = torch.cat([f.float().permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features])
+    sizes = [f.shape[0] * f.shape[2] * f.shape[3] for f in features]
+    first = [sum(sizes[:k]) for k in range(len(features))]
+    layout = torch.tensor([[a, f.shape[2], f.shape[3]] for a, f in zip(first, features)],
+                          dtype=torch.long, device=flat.device)
+    return FlatMaps(flat, layout)
+
+
+def separable_roi_align(maps_flat: FlatMaps, rois: Tensor, maps: Tensor,
+                        scales: Tensor, output_size: int, sampling_ratio: int,
+                        aligned: bool = True) -> Tensor:
+    """torchvision's ``roi_align`` (square output) for inference on the CPU, every RoI from its
+    own map (FPN level) in one call, as two small matrix products per RoI.
+
+    RoIAlign samples a regular grid of points in each box and interpolates bilinearly; both the
+    interpolation (with torchvision's rules at the map's edges) and the average over a bin's
+    samples act on rows and columns separately. So bin (y, x) of channel c is
+    ``Ay[y] @ F_c[window] @ Ax[x]``, with ``Ay`` and ``Ax`` (P, n) the axis weights over the few
+    cells the box's samples touch. Each RoI's window is gathered once, (n, n, C), and the products
+    run over all channels at once, where torchvision's CPU kernel interpolates one channel and
+    one sample at a time, one call per map. The same values up to float rounding (tested against
+    torchvision); no gradient to the boxes. Pools in fp32, as torchvision's does under autocast.
+
+    Args:
+        maps_flat: the maps as :func:`flatten_maps` gives them.
+        rois: (R, 5) [batch index, x1, y1, x2, y2] in image pixels.
+        maps: (R,) long, the map each RoI is pooled from; scales: (R,) its spatial scale.
+        output_size, sampling_ratio, aligned: as torchvision's.
+
+    Returns:
+        (R, C, P, P) float32, a view of (R, P, P, C) memory (``flatten(2).transpose(1, 2)``
+        gives the (R, P * P, C) rows without a copy).
+    """
+    if sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be a positive count, got {sampling_ratio}")
+    flat, layout = maps_flat
+    C = flat.shape[1]
+    R, P, s = rois.shape[0], output_size, sampling_ratio
+    if R == 0:
+        return flat.new_zeros((0, P, P, C)).permute(0, 3, 1, 2)
+    with torch.autocast(flat.device.type, enabled=False):
+        rois = rois.detach().float()
+        first, height, width = layout[maps].unbind(1)  # (R,) each
+        scales = scales.float()
+        offset = 0.5 if aligned else 0.0
+        x1, y1 = rois[:, 1] * scales - offset, rois[:, 2] * scales - offset
+        box_w, box_h = rois[:, 3] * scales - offset - x1, rois[:, 4] * scales - offset - y1
+        if not aligned:
+            box_w, box_h = box_w.clamp(min=1.0), box_h.clamp(min=1.0)
+        steps = (torch.arange(P * s, dtype=torch.float32, device=rois.device) + 0.5) / s
+        ay, y0, h_r = _window_weights(y1[:, None] + steps * (box_h / P)[:, None],
+                                      height[:, None], P, s)
+        ax, x0, w_r = _window_weights(x1[:, None] + steps * (box_w / P)[:, None],
+                                      width[:, None], P, s)
+        base = first + rois[:, 0].long() * height * width  # (R,) the row of each RoI's cell (0, 0)
+        out = flat.new_empty((R, P, P, C))
+        # RoIs in groups of similar window size, each group gathered at its largest window
+        order = (h_r * w_r).argsort()
+        for group in order.split(_GROUP):
+            h, w = int(h_r[group].max()), int(w_r[group].max())
+            rows = torch.minimum(y0[group, None] + torch.arange(h, device=rois.device),
+                                 height[group, None] - 1)  # (G, h)
+            cols = torch.minimum(x0[group, None] + torch.arange(w, device=rois.device),
+                                 width[group, None] - 1)  # (G, w)
+            cells = (base[group, None, None] + rows[:, :, None] * width[group, None, None]
+                     + cols[:, None])
+            window = flat[cells.view(-1)].view(len(group), h, w * C)  # channels last
+            by_rows = torch.bmm(ay[group, :, :h], window).view(len(group), P, w, C)
+            out[group] = torch.matmul(ax[group, None, :, :w], by_rows)  # (G, P_y, P_x, C)
+        return out.permute(0, 3, 1, 2)
