@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/equal_budget")
     p.add_argument("--points", type=int, default=3, help="evaluations during training")
     p.add_argument("--eval-images", type=int, default=None, help="val images per evaluation")
-    p.add_argument("--time-images", type=int, default=30, help="val images timed per model")
+    p.add_argument("--time-images", type=int, default=100, help="val images timed per model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     side = p.add_mutually_exclusive_group()
