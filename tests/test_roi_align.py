@@ -10,6 +10,11 @@ from istr_viz.model.roi_align import (_csr_pair, flatten_maps, roi_align_matrix,
                                       separable_roi_align, sparse_roi_align)
 
 
+# (B, C, H, W) maps, stride, sampling ratio, aligned: non-square maps, several batch images
+CASES = [((3, 8, 20, 28), 4, 2, True), ((2, 5, 7, 5), 16, 1, True), ((1, 4, 9, 9), 8, 3, True),
+         ((3, 8, 20, 28), 4, 2, False), ((2, 5, 7, 5), 16, 1, False)]
+
+
 def _rois(batch: int, height: int, width: int, stride: int, count: int, seed: int) -> torch.Tensor:
     """(count, 5) random RoIs in image pixels, including ones partly or wholly outside the map,
     an empty one and one far larger than the image."""
@@ -24,9 +29,7 @@ def _rois(batch: int, height: int, width: int, stride: int, count: int, seed: in
     return rois
 
 
-@pytest.mark.parametrize("shape,stride,sampling,aligned", [
-    ((3, 8, 20, 28), 4, 2, True), ((2, 5, 7, 5), 16, 1, True), ((1, 4, 9, 9), 8, 3, True),
-    ((3, 8, 20, 28), 4, 2, False), ((2, 5, 7, 5), 16, 1, False)])
+@pytest.mark.parametrize("shape,stride,sampling,aligned", CASES)
 def test_values_and_feature_gradients_equal_torchvision(shape, stride, sampling, aligned):
     g = torch.Generator().manual_seed(1)
     features = torch.randn(*shape, generator=g)
@@ -104,9 +107,7 @@ def _separable(features: list[torch.Tensor], rois: torch.Tensor, maps: list[int]
     return separable_roi_align(flatten_maps(features), rois, maps_t, scales, 7, sampling, aligned)
 
 
-@pytest.mark.parametrize("shape,stride,sampling,aligned", [
-    ((3, 8, 20, 28), 4, 2, True), ((2, 5, 7, 5), 16, 1, True), ((1, 4, 9, 9), 8, 3, True),
-    ((3, 8, 20, 28), 4, 2, False), ((2, 5, 7, 5), 16, 1, False)])
+@pytest.mark.parametrize("shape,stride,sampling,aligned", CASES)
 def test_separable_values_equal_torchvision(shape, stride, sampling, aligned):
     """Boxes inside, across and outside the map, empty and huge ones, non-square maps."""
     g = torch.Generator().manual_seed(1)
