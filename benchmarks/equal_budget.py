@@ -73,8 +73,10 @@ def _coco_ap(val_paths, results: list[dict]) -> dict:
 
 
 def _peer_forward(model):
-    """One-image inference of a torchvision Mask R-CNN, as a user calls it. Under bf16 autocast
-    its linear and conv weights are stored in bf16 first, as ISTR's are (same outputs)."""
+    """One-image inference of a torchvision Mask R-CNN, as a user calls it (``model([image])``)
+    but with ISTR's mask paster (``predict_mask_rcnn``), as it is scored. Under bf16 autocast its
+    linear and conv weights are stored in bf16 first, as ISTR's are (same outputs)."""
+    from istr_viz.baseline import predict_mask_rcnn
     from istr_viz.runtime import autocast_dtype, cast_weights_for_autocast
 
     model.eval()
@@ -85,7 +87,7 @@ def _peer_forward(model):
     def forward(image):
         with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
                                              enabled=amp is not None):
-            model([image])
+            predict_mask_rcnn(model, image)
     return forward
 
 

@@ -39,7 +39,7 @@ from istr_viz.data.coco import CocoDataset
 from istr_viz.model.backbone import (IMAGENET_MEAN, IMAGENET_STD, ResNetBody, norm_layer_for,
                                      separable_output_convs)
 from istr_viz.model.roi_align import flatten_maps, separable_roi_align, sparse_roi_align
-from istr_viz.postprocess import mask_to_rle, rescale_boxes
+from istr_viz.postprocess import mask_to_rle, paste_masks, rescale_boxes
 from istr_viz.runtime import autocast_dtype
 
 ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))  # P2..P5 and the pooled P6
@@ -222,6 +222,26 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
 
 
 @torch.no_grad()
+def predict_mask_rcnn(model: MaskRCNN, image: Tensor) -> dict[str, Tensor]:
+    """One (3, H, W) image through a Mask R-CNN in eval mode: ``model([image])[0]``, except that
+    the masks are pasted by ISTR's :func:`istr_viz.postprocess.paste_masks` (separable bilinear
+    sampling over each box's window) rather than torchvision's loop over the masks, so that the
+    peer gets ISTR's post-processing as well as its kernels.
+
+    Returns boxes (N, 4) xyxy pixels, labels (N,) from 1, scores (N,), masks (N, 1, H, W) float
+    probabilities (torchvision's layout).
+    """
+    images, _ = model.transform([image])  # normalised; never resized (``_no_resize``)
+    features = model.backbone(images.tensors)
+    proposals, _ = model.rpn(images, features)
+    detections = model.roi_heads(features, proposals, images.image_sizes)[0][0]
+    h, w = image.shape[-2:]
+    masks = paste_masks(detections["masks"][:, 0].float(), detections["boxes"].float(), h, w,
+                        threshold=None)
+    return {**detections, "masks": masks[:, None]}
+
+
+@torch.no_grad()
 def mask_rcnn_results(model: MaskRCNN, dataset: CocoDataset, amp: bool = True,
                       max_images: int | None = None) -> list[dict]:
     """COCO results (boxes and RLE masks at the original image size) of ``model`` on a data set
@@ -233,7 +253,7 @@ def mask_rcnn_results(model: MaskRCNN, dataset: CocoDataset, amp: bool = True,
     for index in range(len(dataset) if max_images is None else min(max_images, len(dataset))):
         image, target = dataset[index]
         with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model([image])[0]
+            out = predict_mask_rcnn(model, image)
         h, w = (int(v) for v in target["size"])
         h0, w0 = (int(v) for v in target["orig_size"])
         boxes = rescale_boxes(out["boxes"].float(), (h, w), (h0, w0))
@@ -250,4 +270,4 @@ def mask_rcnn_results(model: MaskRCNN, dataset: CocoDataset, amp: bool = True,
 
 
 __all__ = ["ANCHOR_SIZES", "PeerHeads", "build_mask_rcnn", "mask_rcnn_results",
-           "to_torchvision_targets", "train_mask_rcnn"]
+           "predict_mask_rcnn", "to_torchvision_targets", "train_mask_rcnn"]

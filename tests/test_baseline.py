@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from torchvision.ops import MultiScaleRoIAlign
 
 from istr_viz.baseline import (ANCHOR_SIZES, PeerHeads, CpuRoIAlign, build_mask_rcnn,
-                               mask_rcnn_results, train_mask_rcnn)
+                               mask_rcnn_results, predict_mask_rcnn, train_mask_rcnn)
 from istr_viz.config import apply_overrides, get_preset
 from istr_viz.data.coco import CocoDataset
 from istr_viz.data.shapes import make_shapes
@@ -173,3 +173,26 @@ def test_peer_pooler_equals_torchvision_values_and_gradients():
     assert isinstance(model.backbone.body.maxpool, ChannelsLastMaxPool2d)  # as ISTR's body
     with pytest.raises(ValueError, match="square"):
         CpuRoIAlign(["0"], (7, 5), 2)
+
+
+def test_peer_prediction_is_torchvisions_with_istrs_mask_paster(tmp_path):
+    cfg, train, val = _tiny_shapes(tmp_path, num_train=1, num_val=1)
+    torch.manual_seed(0)
+    model = build_mask_rcnn(cfg, len(train.annotations.class_names)).eval()
+    model.roi_heads.score_thresh = 0.0  # an untrained model: keep whatever it finds
+    image = val[0][0]
+    with torch.no_grad():
+        reference = model([image])[0]
+    ours = predict_mask_rcnn(model, image)
+    assert len(ours["boxes"]) > 0
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(ours[key], reference[key])
+    assert ours["masks"].shape == reference["masks"].shape == (len(ours["boxes"]), 1, 64, 64)
+    # both sample the 28 x 28 masks bilinearly inside each box; torchvision's pads and rounds
+    # the box to whole pixels first, so they differ a little at the box edges
+    assert (ours["masks"] - reference["masks"]).abs().mean() < 0.02
+    boxes = ours["boxes"]
+    for mask, (x0, y0, x1, y1) in zip(ours["masks"][:, 0], boxes.tolist()):
+        outside = torch.ones_like(mask, dtype=torch.bool)
+        outside[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = False
+        assert mask[outside].abs().max() == 0  # nothing pasted outside the box

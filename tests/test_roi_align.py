@@ -69,7 +69,33 @@ def test_non_finite_and_huge_boxes_pool_nothing():
                          [0.0, 1e30, 1e30, 2e30, 2e30], [0.0, 2, 2, 10, 10]])
     pooled = sparse_roi_align(torch.randn(1, 3, 8, 8), rois, 2, 0.5, 2)
     assert torch.isfinite(pooled).all()
-    assert pooled[2].abs().max() == 0 and pooled[3].abs().max() > 0
+    assert pooled[:3].abs().max() == 0 and pooled[3].abs().max() > 0  # non-finite: zeros
+
+
+def test_separable_gathers_tall_and_wide_windows_apart():
+    """A group's common window is its largest height x its largest width: tall and wide RoIs in
+    one group would gather most of the map each. They are grouped apart, values unchanged."""
+    from istr_viz.model.roi_align import _window_groups
+
+    h = torch.tensor([1, 40, 2, 37, 1, 3, 40])
+    w = torch.tensor([40, 1, 38, 2, 1, 3, 40])
+    for group in _window_groups(h, w):
+        area = int(h[group].max()) * int(w[group].max())
+        assert all(area < 4 * int(h[i]) * int(w[i]) for i in group.tolist())
+    assert sorted(torch.cat(_window_groups(h, w)).tolist()) == list(range(7))
+    g = torch.Generator().manual_seed(8)
+    features = torch.randn(1, 3, 48, 48, generator=g)
+    rois = torch.tensor([[0.0, 1, 1, 190, 5], [0, 1, 1, 5, 190], [0, 3, 7, 180, 12],
+                         [0, 7, 3, 12, 180], [0, 20, 20, 40, 44]])
+    ref = roi_align(features, rois, 7, 0.25, sampling_ratio=2, aligned=True)
+    assert torch.allclose(_separable([features], rois, [0] * 5, [4]), ref, atol=1e-5)
+
+
+def test_every_box_gets_a_level_nan_ones_the_finest():
+    from istr_viz.model.pooler import assign_fpn_levels
+
+    boxes = torch.tensor([[0.0, 0, 8, 8], [float("nan"), 0, 8, 8], [0, 0, 500, 500]])
+    assert assign_fpn_levels(boxes, 2, 5, 56.0).tolist() == [2, 2, 5]
 
 
 def test_pooler_gives_the_same_features_with_and_without_gradients(monkeypatch):
@@ -81,9 +107,12 @@ def test_pooler_gives_the_same_features_with_and_without_gradients(monkeypatch):
     feats = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in (4, 8, 16, 32)]
     boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 64, 64]], [[5, 5, 40, 30], [1, 2, 3, 4]]])
     pooler = RoIPooler(canonical_size=32.0)
+    separable_calls = []
+    monkeypatch.setattr(pooler_module, "separable_roi_align",
+                        lambda *args: separable_calls.append(1) or separable_roi_align(*args))
     with torch.no_grad():
         reference = pooler(feats, boxes)  # the separable kernel (inference)
-    assert not calls
+    assert not calls and len(separable_calls) == 1  # every level in one call
     trainable = [f.clone().requires_grad_() for f in feats]
     pooled = pooler(trainable, boxes)  # the sparse path
     assert torch.allclose(pooled, reference, atol=1e-5)
@@ -146,7 +175,33 @@ def test_separable_ignores_autocast_and_non_finite_boxes():
                         [0.0, 1e30, 1e30, 2e30, 2e30], [0.0, 2, 2, 10, 10]])
     pooled = _separable([torch.randn(1, 3, 8, 8)], bad, [0] * 4, [2])
     assert torch.isfinite(pooled).all()
-    assert pooled[2].abs().max() == 0 and pooled[3].abs().max() > 0
+    assert pooled[:3].abs().max() == 0 and pooled[3].abs().max() > 0  # non-finite: zeros
+
+
+def test_separable_gathers_tall_and_wide_windows_apart():
+    """A group's common window is its largest height x its largest width: tall and wide RoIs in
+    one group would gather most of the map each. They are grouped apart, values unchanged."""
+    from istr_viz.model.roi_align import _window_groups
+
+    h = torch.tensor([1, 40, 2, 37, 1, 3, 40])
+    w = torch.tensor([40, 1, 38, 2, 1, 3, 40])
+    for group in _window_groups(h, w):
+        area = int(h[group].max()) * int(w[group].max())
+        assert all(area < 4 * int(h[i]) * int(w[i]) for i in group.tolist())
+    assert sorted(torch.cat(_window_groups(h, w)).tolist()) == list(range(7))
+    g = torch.Generator().manual_seed(8)
+    features = torch.randn(1, 3, 48, 48, generator=g)
+    rois = torch.tensor([[0.0, 1, 1, 190, 5], [0, 1, 1, 5, 190], [0, 3, 7, 180, 12],
+                         [0, 7, 3, 12, 180], [0, 20, 20, 40, 44]])
+    ref = roi_align(features, rois, 7, 0.25, sampling_ratio=2, aligned=True)
+    assert torch.allclose(_separable([features], rois, [0] * 5, [4]), ref, atol=1e-5)
+
+
+def test_every_box_gets_a_level_nan_ones_the_finest():
+    from istr_viz.model.pooler import assign_fpn_levels
+
+    boxes = torch.tensor([[0.0, 0, 8, 8], [float("nan"), 0, 8, 8], [0, 0, 500, 500]])
+    assert assign_fpn_levels(boxes, 2, 5, 56.0).tolist() == [2, 2, 5]
 
 
 def test_pools_in_float32_under_bf16_autocast():

@@ -24,12 +24,13 @@ def assign_fpn_levels(boxes_xyxy: Tensor, min_level: int = 2, max_level: int = 5
     """(R, 4) pixel boxes -> (R,) long FPN level in [min_level, max_level].
 
     level = floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8)). For small images a
-    smaller ``canonical_size`` moves boxes to coarser levels.
+    smaller ``canonical_size`` moves boxes to coarser levels. A box with a NaN coordinate gets
+    ``min_level`` (every box gets a level, so every pooled row is written).
     """
     wh = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]).float().clamp(min=0)
     sizes = torch.sqrt(wh[:, 0] * wh[:, 1])
     levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size + 1e-8))
-    return levels.clamp(min_level, max_level).long()
+    return levels.nan_to_num(float(min_level)).clamp(min_level, max_level).long()
 
 
 class RoIPooler(nn.Module):

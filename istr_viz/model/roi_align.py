@@ -200,7 +200,7 @@ def _window_weights(coords: Tensor, size: Tensor, output_size: int, sampling_rat
     return weights.view(R, output_size, sampling_ratio, n).mean(dim=2), start[:, 0], extent
 
 
-_GROUP = 32  # RoIs gathered at one window size: few calls for ISTR's queries, tight windows for
+_GROUP = 32  # RoIs gathered at one window size at most: few calls for ISTR's queries, tight windows for
 # Mask R-CNN's hundreds of proposals of every shape
 
 
@@ -219,6 +219,19 @@ def flatten_maps(features: list[Tensor]) -> FlatMaps:
     layout = torch.tensor([[a, f.shape[2], f.shape[3]] for a, f in zip(first, features)],
                           dtype=torch.long, device=flat.device)
     return FlatMaps(flat, layout)
+
+
+def _window_groups(h_r: Tensor, w_r: Tensor) -> list[Tensor]:
+    """RoI indices in groups of at most ``_GROUP`` whose windows share a power-of-two bucket of
+    height and of width, so that a group's common window (its largest height x its largest width)
+    is under 4x any member's in area: a tall window and a wide one never share a gather."""
+    def bucket(extent: Tensor) -> Tensor:
+        return torch.log2(extent.float()).ceil().long()
+
+    key = bucket(h_r) * 64 + bucket(w_r)  # extents are below 2**63 cells: 64 buckets suffice
+    key, order = key.sort(stable=True)
+    counts = torch.unique_consecutive(key, return_counts=True)[1].tolist()
+    return [chunk for run in order.split(counts) for chunk in run.split(_GROUP)]
 
 
 def separable_roi_align(maps_flat: FlatMaps, rois: Tensor, maps: Tensor,
@@ -269,9 +282,7 @@ def separable_roi_align(maps_flat: FlatMaps, rois: Tensor, maps: Tensor,
                                       width[:, None], P, s)
         base = first + rois[:, 0].long() * height * width  # (R,) the row of each RoI's cell (0, 0)
         out = flat.new_empty((R, P, P, C))
-        # RoIs in groups of similar window size, each group gathered at its largest window
-        order = (h_r * w_r).argsort()
-        for group in order.split(_GROUP):
+        for group in _window_groups(h_r, w_r):
             h, w = int(h_r[group].max()), int(w_r[group].max())
             rows = torch.minimum(y0[group, None] + torch.arange(h, device=rois.device),
                                  height[group, None] - 1)  # (G, h)
