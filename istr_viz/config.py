@@ -13,6 +13,7 @@ from istr_viz.errors import ConfigError
 FPN_OUTPUT_CONVS = ("3x3", "separable")  # ModelConfig.fpn_output_conv
 MASK_HEADS = ("query", "roi")  # ModelConfig.mask_head
 LR_DECAYS = ("step", "linear")  # TrainConfig.lr_decay
+CLASS_LOSSES = ("focal", "varifocal")  # LossConfig.class_loss
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,10 @@ class LossConfig:
     match_mask_weight: float = 2.0  # matching cost -(cos(z_pred, z_gt) + 1) / 2
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # "focal" (ISTR): a matched query's class target is 1; "varifocal" (not in ISTR: VarifocalNet,
+    # CVPR 2021): it is the IoU of the query's box with its GT box, so scores rank detections by
+    # how well they are placed as well as by class. Matching keeps the focal cost. Training only.
+    class_loss: str = "focal"
     embed_target_noise: bool = True  # loss-side GT codes use the basis' fresh logit noise (v1)
     # Per-component weights of the embedding MSE: "uniform" (v1: every whitened component counts
     # the same) or "variance" (component j weighted by its explained variance / the mean one, so
@@ -134,6 +139,9 @@ class LossConfig:
         if self.embed_weighting not in ("uniform", "variance"):
             raise ConfigError(f"loss.embed_weighting must be 'uniform' or 'variance', got "
                               f"{self.embed_weighting!r}", entry="loss.embed_weighting")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ConfigError(f"loss.class_loss must be {' or '.join(CLASS_LOSSES)}, got "
+                              f"{self.class_loss!r}", entry="loss.class_loss")
         if self.o2m_k < 1 or self.o2m_stages < 0:
             raise ConfigError(f"loss.o2m_k must be >= 1 and loss.o2m_stages >= 0, got "
                               f"{self.o2m_k} and {self.o2m_stages}")

@@ -2,7 +2,9 @@
 
 Each stage is matched on its own (deep supervision) and gets the same five weighted terms:
 
-    loss_class       sigmoid focal loss over all Q x C logits (unmatched queries: all-zero targets)
+    loss_class       sigmoid focal loss over all Q x C logits (unmatched queries: all-zero targets);
+                     or, with ``loss.class_loss="varifocal"``, the varifocal loss, whose matched
+                     target is the box IoU the query reached rather than 1
     loss_l1          L1 on matched xyxy boxes divided by the image (w, h, w, h)
     loss_giou        1 - GIoU of matched pixel boxes
     loss_mask_embed  MSE between predicted and GT embedding, summed, / M
@@ -20,7 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import (box_iou, clip_boxes_to_image, generalized_box_iou_loss,
+                             sigmoid_focal_loss)
 
 from istr_viz.boxes import image_scale_xyxy
 from istr_viz.config import LossConfig
@@ -53,6 +56,35 @@ def focal_class_loss(logits: Tensor, target_classes: Tensor, num_instances: floa
         loss = (sigmoid_focal_loss(logits.float(), onehot, alpha=alpha, gamma=gamma,
                                    reduction="none") * query_mask[..., None].float()).sum()
     return loss / num_instances
+
+
+def varifocal_class_loss(logits: Tensor, target_scores: Tensor, num_instances: float,
+                         alpha: float = 0.25, gamma: float = 2.0,
+                         query_mask: Tensor | None = None) -> Tensor:
+    """Varifocal loss (Zhang et al., VarifocalNet, CVPR 2021) summed over all logits,
+    / ``num_instances``: an IoU-aware class score, so that the ranking of detections follows how
+    well they are placed.
+
+    A logit with target ``q > 0`` (the matched class of a matched query, ``q`` the IoU it reached)
+    gets ``q * BCE(p, q)``, smallest at ``p = q``; every other logit gets the focal loss of a
+    negative, ``(1 - alpha) * p ** gamma * BCE(p, 0)``, the same as :func:`focal_class_loss`'s
+    (``alpha`` is the focal loss's positive weight, so the paper's 0.75 on negatives is
+    ``1 - 0.25``).
+
+    Args:
+        logits: (B, Q, C).
+        target_scores: (B, Q, C) in [0, 1]; 0 everywhere but at matched (query, class) pairs.
+        query_mask: optional (B, Q) bool; queries where it is False are left out.
+    """
+    logits, q = logits.float(), target_scores.float()
+    p = logits.sigmoid()
+    bce = F.binary_cross_entropy_with_logits(logits, q, reduction="none")
+    positive = q > 0
+    weight = torch.where(positive, q, (1 - alpha) * p.pow(gamma))
+    loss = weight * bce
+    if query_mask is not None:
+        loss = loss * query_mask[..., None].float()
+    return loss.sum() / num_instances
 
 
 def box_losses(pred_xyxy: Tensor, gt_xyxy: Tensor, image_scale: Tensor,
@@ -362,8 +394,15 @@ class SetCriterion:
         masks = mask_losses(pred_embed, gt_embed, pred_masks, gt_crops, num_instances,
                             self.embed_weights)
 
-        loss_class = focal_class_loss(stage.logits, target_classes, num_instances,
-                                      cfg.focal_alpha, cfg.focal_gamma, query_mask)
+        if cfg.class_loss == "varifocal":
+            iou = box_iou(pred_boxes.detach(), gt_boxes.float()).diagonal()  # (N,)
+            scores = torch.zeros_like(stage.logits, dtype=torch.float32)
+            scores[batch_idx, query_idx, target_classes[batch_idx, query_idx]] = iou.clamp(min=1e-3)
+            loss_class = varifocal_class_loss(stage.logits, scores, num_instances,
+                                              cfg.focal_alpha, cfg.focal_gamma, query_mask)
+        else:
+            loss_class = focal_class_loss(stage.logits, target_classes, num_instances,
+                                          cfg.focal_alpha, cfg.focal_gamma, query_mask)
         return {"loss_class": cfg.class_weight * loss_class,
                 "loss_l1": cfg.l1_weight * boxes["l1"],
                 "loss_giou": cfg.giou_weight * boxes["giou"],

@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from istr_viz.basis import MaskBasis
 from istr_viz.config import LossConfig
 from istr_viz.data.instance_masks import synthetic_instance_masks
 from istr_viz.errors import ConfigError
 from istr_viz.losses import (LOSS_TERMS, SetCriterion, box_losses, dice_loss, embedding_weights,
-                             focal_class_loss, mask_losses)
+                             focal_class_loss, mask_losses, varifocal_class_loss)
 from istr_viz.matcher import hungarian_match, prepare_target
 from istr_viz.model import ISTR, build_backbone
 from istr_viz.model.outputs import ISTROutput, StageOutput
@@ -86,6 +87,49 @@ def test_focal_loss_one_hot_targets():
     neg = 0.75 * p[1] ** 2 * -torch.log(1 - p[1])
     loss = focal_class_loss(logits, torch.tensor([[0]]), num_instances=2.0)
     assert torch.isclose(loss, (pos + neg) / 2)
+
+
+def test_varifocal_negatives_are_the_focal_ones_and_a_positive_is_best_at_its_iou():
+    logits = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    unmatched = torch.full((2, 5), 3)
+    assert torch.isclose(varifocal_class_loss(logits, torch.zeros(2, 5, 3), 2.0),
+                         focal_class_loss(logits, unmatched, 2.0))
+    # one positive logit with target 0.6: the loss is lowest at p = 0.6 (logit log(0.6/0.4)),
+    # where its gradient vanishes; the focal loss would push it on towards p = 1
+    target = torch.zeros(1, 1, 1)
+    target[0, 0, 0] = 0.6
+    at = torch.tensor(math.log(0.6 / 0.4)).reshape(1, 1, 1).requires_grad_(True)
+    best = varifocal_class_loss(at, target, 1.0)
+    best.backward()
+    assert abs(at.grad.item()) < 1e-6
+    for delta in (-0.5, 0.5):
+        assert varifocal_class_loss(at.detach() + delta, target, 1.0) > best
+    assert torch.isclose(best, 0.6 * torch.nn.functional.binary_cross_entropy(
+        torch.tensor(0.6), torch.tensor(0.6)))
+
+
+def test_varifocal_criterion_targets_the_iou_each_matched_query_reached(basis):
+    targets = [_target([[5, 5, 20, 30], [30, 10, 60, 40]], [0, 2]), _target([[0, 0, 30, 30]], [1])]
+    out = _output(basis, K=1)
+    result = SetCriterion(LossConfig(class_loss="varifocal"), basis)(out, targets, 3.0)
+    stage = out.stages[0]
+    expected = torch.zeros(2, Q, C)
+    for b, (target, match) in enumerate(zip(targets, result.matches[0])):
+        for q, g in zip(match.query_idx.tolist(), match.gt_idx.tolist()):
+            gt_box = target["boxes_xyxy"][g].float()
+            iou = box_iou(stage.boxes_xyxy[b, q][None].detach(), gt_box[None])[0, 0]
+            expected[b, q, target["labels"][g]] = iou.clamp(min=1e-3)
+    want = 2.0 * varifocal_class_loss(stage.logits, expected, 3.0)
+    assert torch.isclose(result.losses["stage1/loss_class"], want)
+    focal = SetCriterion(LossConfig(), basis)(out, targets, 3.0).losses["stage1/loss_class"]
+    assert not torch.isclose(result.losses["stage1/loss_class"], focal)
+    result.total.backward()
+    assert stage.logits.grad.abs().sum() > 0
+
+
+def test_class_loss_is_checked():
+    with pytest.raises(ConfigError, match="class_loss"):
+        LossConfig(class_loss="softmax")
 
 
 def test_box_losses_by_hand():
