@@ -14,10 +14,11 @@ that trained more than 5% past the budget, and a last step beyond it, is not eli
 Then the two kept models are timed back to back, image by image, at the test size, one image at
 a time, one thread, bf16 autocast where the CPU has it (both with their linear and conv weights
 stored in bf16 first: the same outputs without a cast per call), each with the post-processing
-its AP was scored with (Mask R-CNN's own; ISTR's top 100 with each query's mask pasted once),
-masks pasted at the image size; ISTR runs ``final_only`` (the earlier stages without the class and
-mask heads that only training and the per-stage views use: the same detections), as Mask R-CNN
-computes only what its detections need; ISTR's network alone is timed too. Writes
+its AP was scored with (Mask R-CNN's own detections; ISTR's top 100 with each query's mask
+pasted once), masks pasted at the image size by the same paster (ISTR's separable one); ISTR
+runs ``final_only`` (the earlier stages without the class and mask heads that only training and
+the per-stage views use: the same detections), as Mask R-CNN computes only what its detections
+need; ISTR's network alone is timed too. Writes
 ``OUT/summary.json``, prints a table and saves ``OUT/ap_vs_minutes.png`` (AP against training
 minutes, every run).
 
