@@ -236,8 +236,10 @@ def predict_mask_rcnn(model: MaskRCNN, image: Tensor) -> dict[str, Tensor]:
     proposals, _ = model.rpn(images, features)
     detections = model.roi_heads(features, proposals, images.image_sizes)[0][0]
     h, w = image.shape[-2:]
-    masks = paste_masks(detections["masks"][:, 0].float(), detections["boxes"].float(), h, w,
-                        threshold=None)
+    # torchvision's mask targets are RoIAligned with aligned=False: the mask's cells sit half a
+    # pixel right of and below where ISTR's (aligned=True) would, so its frame is the box + 0.5
+    frame = detections["boxes"].float() + 0.5
+    masks = paste_masks(detections["masks"][:, 0].float(), frame, h, w, threshold=None)
     return {**detections, "masks": masks[:, None]}
 
 

@@ -202,6 +202,7 @@ def _window_weights(coords: Tensor, size: Tensor, output_size: int, sampling_rat
 
 _GROUP = 32  # RoIs gathered at one window size at most: few calls for ISTR's queries, tight windows for
 # Mask R-CNN's hundreds of proposals of every shape
+_SMALL = 8  # window sides (cells) that any group may gather at: at most 8 x 8 cells a RoI
 
 
 class FlatMaps(NamedTuple):
@@ -222,11 +223,12 @@ def flatten_maps(features: list[Tensor]) -> FlatMaps:
 
 
 def _window_groups(h_r: Tensor, w_r: Tensor) -> list[Tensor]:
-    """RoI indices in groups of at most ``_GROUP`` whose windows share a power-of-two bucket of
-    height and of width, so that a group's common window (its largest height x its largest width)
-    is under 4x any member's in area: a tall window and a wide one never share a gather."""
+    """RoI indices in groups of at most ``_GROUP``, each gathered at its largest height x its
+    largest width. Windows up to ``_SMALL`` cells on a side share groups (ISTR's queries: one
+    call); longer sides go by power-of-two bucket of height and of width, so that a tall window
+    and a wide one never share a gather, and a group's window is under 2x any member's on a side."""
     def bucket(extent: Tensor) -> Tensor:
-        return torch.log2(extent.float()).ceil().long()
+        return torch.where(extent <= _SMALL, 0, torch.log2(extent.float()).ceil().long())
 
     key = bucket(h_r) * 64 + bucket(w_r)  # extents are below 2**63 cells: 64 buckets suffice
     key, order = key.sort(stable=True)
