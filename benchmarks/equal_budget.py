@@ -24,7 +24,8 @@ minutes, every run).
 
 ``--peer-only`` / ``--istr-only`` run one side (run the other later with the same ``--out`` and
 the timing happens once both are there); ``--report`` only re-reads ``OUT``; ``--time`` redoes
-the timing.
+the timing; ``--rescore-peers`` scores every saved Mask R-CNN again with today's code (after a
+change to its post-processing) and writes ``OUT/peer_rescored.json`` beside the recorded AP.
 """
 
 from __future__ import annotations
@@ -272,6 +273,32 @@ def time_best(out: Path, args) -> dict:
     return timing
 
 
+def rescore_peers(out: Path, args) -> list[dict]:
+    """Score each saved Mask R-CNN of ``out`` (its final weights) on the val set again with
+    today's prediction and scoring code; the per-run files keep what was recorded at the time.
+    Writes and returns ``OUT/peer_rescored.json``: per lr, the recorded and the new box/mask AP."""
+    from istr_viz.baseline import build_mask_rcnn, mask_rcnn_results
+    from istr_viz.config import apply_overrides, get_preset
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for record in _records(out)[1]:
+        cfg = apply_overrides(get_preset(args.preset), record["set"])  # as it was trained
+        train, val, val_paths = _datasets(cfg, args.data)
+        model = build_mask_rcnn(cfg, len(train.annotations.class_names))
+        model.load_state_dict(torch.load(out / f"peer_lr{record['lr']:g}.pt", map_location="cpu",
+                                         weights_only=True))
+        ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp))
+        rows.append({"lr": record["lr"], "recorded_box_AP": record["box_AP"],
+                     "recorded_mask_AP": record["mask_AP"], "box_AP": ap["bbox"]["AP"],
+                     "mask_AP": ap["segm"]["AP"]})
+        print(f"Mask R-CNN lr {record['lr']:g}: box AP {100 * record['box_AP']:.1f} -> "
+              f"{100 * rows[-1]['box_AP']:.1f}, mask AP {100 * record['mask_AP']:.1f} -> "
+              f"{100 * rows[-1]['mask_AP']:.1f}")
+    _write(out / "peer_rescored.json", rows)
+    return rows
+
+
 def _write(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
@@ -356,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--istr-only", action="store_true")
     side.add_argument("--report", action="store_true")
     side.add_argument("--time", action="store_true", help="only redo the inference timing")
+    side.add_argument("--rescore-peers", action="store_true",
+                      help="score the saved Mask R-CNNs again with today's code")
     p.add_argument("--run", choices=["istr", "peer"], help=argparse.SUPPRESS)  # one job (internal)
     args = p.parse_args(argv)
     if any(item.split("=")[0].strip() == "train.lr" for item in args.set or []):
@@ -369,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.run == "istr":
         run_istr(args)
+        return 0
+    if args.rescore_peers:
+        if not _records(out)[1]:
+            print(f"no Mask R-CNN result in {out} to score again", file=sys.stderr)
+            return 2
+        rescore_peers(out, args)
         return 0
     if not (args.report or args.time):
         common = [sys.executable, __file__, "--minutes", str(args.minutes), "--out", str(out),

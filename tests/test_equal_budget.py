@@ -45,6 +45,14 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
     again = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads((out / "summary.json").read_text()) == summary
+    # the saved peer, scored again with the same code, gives what was recorded
+    rescored = subprocess.run([sys.executable, str(SCRIPT), "--rescore-peers", "--out", str(out),
+                               "--data", str(root), *sets], capture_output=True, text=True,
+                              timeout=300)
+    assert rescored.returncode == 0, rescored.stderr[-2000:]
+    (row,) = json.loads((out / "peer_rescored.json").read_text())
+    assert row["lr"] == 0.01 and row["mask_AP"] == row["recorded_mask_AP"]
+    assert row["box_AP"] == row["recorded_box_AP"]
 
 
 def _record(model: str, lr: float, minutes: float, mask_ap: float, iterations: int = 2000,
