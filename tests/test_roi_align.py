@@ -72,35 +72,6 @@ def test_non_finite_and_huge_boxes_pool_nothing():
     assert pooled[:3].abs().max() == 0 and pooled[3].abs().max() > 0  # non-finite: zeros
 
 
-def test_separable_gathers_tall_and_wide_windows_apart():
-    """A group's common window is its largest height x its largest width: tall and wide RoIs in
-    one group would gather most of the map each. They are grouped apart, values unchanged."""
-    from istr_viz.model.roi_align import _window_groups
-
-    h = torch.tensor([1, 40, 2, 37, 1, 3, 40, 5])
-    w = torch.tensor([40, 1, 38, 2, 1, 3, 40, 8])
-    groups = _window_groups(h, w)
-    for group in groups:  # no side gathered at more than 8 cells or 2x its own
-        for side in (h, w):
-            longest = int(side[group].max())
-            assert all(longest <= max(8, 2 * int(side[i])) for i in group.tolist())
-    assert sorted(torch.cat(groups).tolist()) == list(range(8))
-    assert any(sorted(g.tolist()) == [4, 5, 7] for g in groups)  # small windows: one group
-    g = torch.Generator().manual_seed(8)
-    features = torch.randn(1, 3, 48, 48, generator=g)
-    rois = torch.tensor([[0.0, 1, 1, 190, 5], [0, 1, 1, 5, 190], [0, 3, 7, 180, 12],
-                         [0, 7, 3, 12, 180], [0, 20, 20, 40, 44]])
-    ref = roi_align(features, rois, 7, 0.25, sampling_ratio=2, aligned=True)
-    assert torch.allclose(_separable([features], rois, [0] * 5, [4]), ref, atol=1e-5)
-
-
-def test_every_box_gets_a_level_nan_ones_the_finest():
-    from istr_viz.model.pooler import assign_fpn_levels
-
-    boxes = torch.tensor([[0.0, 0, 8, 8], [float("nan"), 0, 8, 8], [0, 0, 500, 500]])
-    assert assign_fpn_levels(boxes, 2, 5, 56.0).tolist() == [2, 2, 5]
-
-
 def test_pooler_gives_the_same_features_with_and_without_gradients(monkeypatch):
     import istr_viz.model.pooler as pooler_module
     calls = []
