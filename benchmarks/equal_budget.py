@@ -155,7 +155,7 @@ def run_peer(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(model, out / f"peer_lr{args.lr:g}.pt")
     record = {"model": "mask_rcnn", "lr": args.lr, **run, "budget_minutes": args.minutes,
-              "set": args.set or [], "curve": curve,
+              "set": args.set or [], "eval_images": args.eval_images, "curve": curve,
               "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     _write(out / f"peer_lr{args.lr:g}.json", record)
@@ -274,8 +274,9 @@ def time_best(out: Path, args) -> dict:
 
 
 def rescore_peers(out: Path, args) -> list[dict]:
-    """Score each saved Mask R-CNN of ``out`` (its final weights) on the val set again with
-    today's prediction and scoring code; the per-run files keep what was recorded at the time.
+    """Score each saved Mask R-CNN of ``out`` (its final weights) on the val set again (on as
+    many images as its run's evaluations used) with today's prediction and scoring code; the
+    per-run files keep what was recorded at the time, and ``report`` adds the kept one's ratio.
     Writes and returns ``OUT/peer_rescored.json``: per lr, the recorded and the new box/mask AP."""
     from istr_viz.baseline import build_mask_rcnn, mask_rcnn_results
     from istr_viz.config import apply_overrides, get_preset
@@ -288,7 +289,8 @@ def rescore_peers(out: Path, args) -> list[dict]:
         model = build_mask_rcnn(cfg, len(train.annotations.class_names))
         model.load_state_dict(torch.load(out / f"peer_lr{record['lr']:g}.pt", map_location="cpu",
                                          weights_only=True))
-        ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp))
+        ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp,
+                                                   max_images=record.get("eval_images")))
         rows.append({"lr": record["lr"], "recorded_box_AP": record["box_AP"],
                      "recorded_mask_AP": record["mask_AP"], "box_AP": ap["bbox"]["AP"],
                      "mask_AP": ap["segm"]["AP"]})
@@ -343,6 +345,16 @@ def report(out: Path) -> dict:
             summary["infer_ratio"] = timing["istr_ms"] / timing["mask_rcnn_ms"]
             line += f", inference time x{summary['infer_ratio']:.2f}"
         print(line)
+        rescored_path = out / "peer_rescored.json"
+        rescored = {r["lr"]: r for r in (json.loads(rescored_path.read_text())
+                                         if rescored_path.exists() else [])}
+        if best["lr"] in rescored:  # --rescore-peers: the kept peer scored with today's code
+            summary["peer_rescored"] = list(rescored.values())
+            summary["mask_AP_ratio_rescored"] = istr["mask_AP"] / max(
+                rescored[best["lr"]]["mask_AP"], 1e-9)
+            print(f"with the kept Mask R-CNN scored again by today's code (peer_rescored.json: "
+                  f"mask AP {100 * rescored[best['lr']]['mask_AP']:.1f}): mask AP "
+                  f"x{summary['mask_AP_ratio_rescored']:.2f}")
         if best["mask_AP"] < 0.05:
             print("warning: the peer is below 0.05 mask AP: broken, not beaten")
     fig, axes = new_figure(1, 2, size_per_panel=(4.2, 3.2))

@@ -53,6 +53,11 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
     (row,) = json.loads((out / "peer_rescored.json").read_text())
     assert row["lr"] == 0.01 and row["mask_AP"] == row["recorded_mask_AP"]
     assert row["box_AP"] == row["recorded_box_AP"]
+    again = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "scored again by today's code" in again.stdout
+    rescored_summary = json.loads((out / "summary.json").read_text())
+    assert rescored_summary["mask_AP_ratio_rescored"] == rescored_summary["mask_AP_ratio"]
 
 
 def _record(model: str, lr: float, minutes: float, mask_ap: float, iterations: int = 2000,
