@@ -60,7 +60,10 @@ def _train_cmd(root: Path, basis: Path, out: Path, *extra: str, max_iters: int =
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    """The environment of a child training: tests/ importable, and whatever PYTHONPATH already
+    held (packages installed with ``pip --target`` on a GPU image, say) still importable."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _losses(out: Path) -> dict[int, float]:
