@@ -15,6 +15,8 @@ from pathlib import Path
 
 from istr_viz.errors import DataError, IstrVizError
 
+PREDICT_THRESHOLD = 0.4  # predict's score threshold for a checkpoint that records none
+
 
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
@@ -240,11 +242,13 @@ def _check_classes_fit(checkpoint: str, predictor, ann) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from istr_viz.predictor import load_model
+    from istr_viz.predictor import load_model, suggested_score_threshold
     from istr_viz.viz.figures import figure_to_png
     from istr_viz.viz.stages import plot_stage_grid
 
     _, predictor = load_model(args.checkpoint, device=args.device)
+    if args.score_threshold is None:
+        args.score_threshold = suggested_score_threshold(predictor.metrics, PREDICT_THRESHOLD)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for image in args.images:
@@ -378,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--score-threshold", type=float, default=0.4)
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="keep detections scoring at least this (default: the threshold the "
+                        f"checkpoint's final evaluation chose, else {PREDICT_THRESHOLD})")
     p.add_argument("--stage", type=int, help="only this stage in the JSON (1..K; default all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_predict)

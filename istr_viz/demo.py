@@ -37,13 +37,13 @@ from istr_viz.demo_logic.predict import (
 )
 from istr_viz.demo_logic.served import DemoData, ServedModel, open_checkpoint, open_data
 from istr_viz.errors import IstrVizError
-from istr_viz.predictor import default_checkpoint
+from istr_viz.predictor import default_checkpoint, suggested_score_threshold
 from istr_viz.viz.matching import ASSIGNMENT_COLUMNS
 
 MAX_FILE_SIZE = "20mb"  # uploads over this are refused by Gradio itself
 UPLOAD_LIMITS = ImageLimits(max_pixels=40_000_000, max_side=1024)
 PLAY_INTERVAL_S = 1.0  # time per stage when playing
-DEFAULT_THRESHOLD = 0.3
+DEFAULT_THRESHOLD = 0.3  # the slider's start for a checkpoint that records no threshold
 STATE_TTL_S = 3600  # a visitor's prediction is forgotten after an hour
 MODEL_QUEUE = "model"  # every callback that runs the model waits in this one queue
 
@@ -77,6 +77,8 @@ def build_demo(checkpoint: str | Path | None = None, data_root: str | Path | Non
     first_example = next((label for label, ex in choices.items() if ex.index is not None),
                          labels[0])
     num_stages = served.num_stages
+    start_threshold = suggested_score_threshold(
+        served.predictor.metrics if served.ok else None, DEFAULT_THRESHOLD)
     samples = sample_choices(data)
     matching_issue = matching_problem(served, data)
     match_dataset = data.val_dataset(served.config) if not matching_issue else None
@@ -213,7 +215,7 @@ def build_demo(checkpoint: str | Path | None = None, data_root: str | Path | Non
                                          type="filepath")
                         stage = stage_slider(num_stages)
                         play_button = gr.Button("Play the stages", size="sm")
-                        threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01,
+                        threshold = gr.Slider(0.0, 1.0, value=start_threshold, step=0.01,
                                               label="Score threshold")
                         info = gr.Markdown(label="Prediction status", elem_id="predict-status")
                     with gr.Column(scale=2):

@@ -11,6 +11,7 @@ import copy
 import io
 from dataclasses import dataclass, field
 
+import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -35,18 +36,14 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def coco_eval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None
-              ) -> tuple[dict, dict[int, float]]:
-    """Run COCOeval on ``results`` against ``gt``.
-
-    Returns the summary ({"AP", "AP50", "AP75", "APs", "APm", "APl"}, 0..1, COCOeval's own numbers with
-    its -1 for "no ground truth" turned into 0) and the AP of each category id that has ground truth.
-    """
+def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None
+                 ) -> COCOeval | None:
+    """COCOeval of ``results`` against ``gt``, evaluated and accumulated (``None`` when there are
+    no results: ``COCO.loadRes([])`` raises)."""
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
-    cat_ids = sorted(gt.getCatIds())
-    if not results:  # COCO.loadRes([]) raises: no detections means AP 0, not a crash
-        return {k: 0.0 for k in SUMMARY_KEYS}, {c: 0.0 for c in cat_ids if gt.getAnnIds(catIds=[c])}
+    if not results:
+        return None
     # loadRes takes a result's area from its "bbox" whenever one is present, and COCOeval sorts
     # detections into the small / medium / large ranges by that area: a mask must be rated by
     # its own area (as the ground truth is), so segm results go in without their boxes.
@@ -58,6 +55,16 @@ def coco_eval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]
         ev.params.imgIds = sorted(image_ids)
     _quiet(ev.evaluate)
     _quiet(ev.accumulate)
+    return ev
+
+
+def summarise(ev: COCOeval | None, gt: COCO) -> tuple[dict, dict[int, float]]:
+    """The summary ({"AP", "AP50", "AP75", "APs", "APm", "APl"}, 0..1, COCOeval's own numbers with
+    its -1 for "no ground truth" turned into 0) and the AP of each category id that has ground
+    truth, of an evaluator from :func:`run_cocoeval` (``None``: no detections, AP 0)."""
+    if ev is None:
+        return ({k: 0.0 for k in SUMMARY_KEYS},
+                {c: 0.0 for c in sorted(gt.getCatIds()) if gt.getAnnIds(catIds=[c])})
     _quiet(ev.summarize)
     summary = {k: max(0.0, float(v)) for k, v in zip(SUMMARY_KEYS, ev.stats[:6])}
     precision = ev.eval["precision"]  # (T, R, K, A, M): IoUs, recalls, categories, areas, maxDets
@@ -69,22 +76,70 @@ def coco_eval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]
     return summary, per_cat
 
 
+def coco_eval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None
+              ) -> tuple[dict, dict[int, float]]:
+    """Run COCOeval on ``results`` against ``gt``: :func:`summarise` of :func:`run_cocoeval`."""
+    return summarise(run_cocoeval(gt, results, iou_type, image_ids), gt)
+
+
+def best_f1_threshold(ev: COCOeval | None, iou: float = 0.5) -> dict | None:
+    """The score threshold that maximises F1 of the detections at IoU ``iou``, by COCOeval's own
+    matching (per image and category, greedy by score, crowd regions and their detections
+    ignored, all object sizes, at most ``maxDets[-1]`` detections an image).
+
+    Keeping the detections scoring ``>= threshold`` gives the returned precision and recall.
+    Returns ``{"threshold", "f1", "precision", "recall", "iou"}``, or ``None`` without detections
+    or ground truth. Scores of a focal and of a varifocal class loss sit on different scales, so
+    a display threshold chosen for one model is wrong for the other: this one follows the model.
+    """
+    if ev is None or not ev.evalImgs:
+        return None
+    t = int(np.argmin(np.abs(ev.params.iouThrs - iou)))
+    scores, hits, num_gt = [], [], 0
+    for entry in ev.evalImgs:
+        if entry is None or entry["aRng"] != ev.params.areaRng[0]:
+            continue
+        num_gt += int((~np.asarray(entry["gtIgnore"], dtype=bool)).sum())
+        keep = ~np.asarray(entry["dtIgnore"][t], dtype=bool)
+        scores.append(np.asarray(entry["dtScores"], dtype=np.float64)[keep])
+        hits.append(np.asarray(entry["dtMatches"][t])[keep] > 0)
+    scores = np.concatenate(scores) if scores else np.zeros(0)
+    if not len(scores) or num_gt == 0:
+        return None
+    order = np.argsort(-scores, kind="stable")
+    scores, tp = scores[order], np.cumsum(np.concatenate(hits)[order])
+    kept = np.arange(1, len(scores) + 1)
+    precision, recall = tp / kept, tp / num_gt
+    f1 = np.where(tp > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    # a threshold keeps every detection of its score: only the last of equal scores is a cut
+    cuts = np.flatnonzero(np.append(scores[1:] < scores[:-1], True))
+    best = int(cuts[np.argmax(f1[cuts])])
+    return {"threshold": float(scores[best]), "f1": float(f1[best]),
+            "precision": float(precision[best]), "recall": float(recall[best]), "iou": float(iou)}
+
+
 def evaluate_results(gt: COCO, stage_results: StageResults, class_names: dict[int, str] | None = None
                      ) -> dict:
     """Box and mask AP for the final stage, for every stage, and per category (final stage).
 
     Returns ``{"bbox": {...}, "segm": {...}, "per_stage": [{"stage": 1, "bbox": {...}, "segm": {...}},
-    ...], "per_category": [{"id", "name", "bbox_AP", "segm_AP"}, ...]}``; stages numbered from 1.
+    ...], "per_category": [{"id", "name", "bbox_AP", "segm_AP"}, ...], "score_threshold": {...}}``;
+    stages numbered from 1. ``score_threshold`` is :func:`best_f1_threshold` of the final stage's
+    masks (``None`` without detections): the display threshold that the demo and ``predict``
+    default to for this model.
     """
     image_ids = stage_results.image_ids or None
-    per_stage, per_cat_final = [], {}
+    per_stage, per_cat_final, threshold = [], {}, None
     for k, results in enumerate(stage_results.per_stage, start=1):
         entry = {"stage": k}
         for iou_type in IOU_TYPES:
-            summary, per_cat = coco_eval(gt, results, iou_type, image_ids)
+            ev = run_cocoeval(gt, results, iou_type, image_ids)
+            summary, per_cat = summarise(ev, gt)
             entry[iou_type] = summary
             if k == stage_results.num_stages:
                 per_cat_final[iou_type] = per_cat
+                if iou_type == "segm":
+                    threshold = best_f1_threshold(ev)
         per_stage.append(entry)
     names = class_names or {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
     cat_ids = sorted(set(per_cat_final.get("bbox", {})) | set(per_cat_final.get("segm", {})))
@@ -96,7 +151,7 @@ def evaluate_results(gt: COCO, stage_results: StageResults, class_names: dict[in
     ]
     final = per_stage[-1] if per_stage else {t: {k: 0.0 for k in SUMMARY_KEYS} for t in IOU_TYPES}
     return {"bbox": final["bbox"], "segm": final["segm"], "per_stage": per_stage,
-            "per_category": per_category}
+            "per_category": per_category, "score_threshold": threshold}
 
 
 def format_stage_table(metrics: dict) -> str:

@@ -215,9 +215,25 @@ class Predictor:
 
 
 __all__ = ["Prediction", "Predictor", "StagePrediction", "default_checkpoint", "image_to_array",
-           "load_model", "model_from_checkpoint", "paste_masks"]
+           "load_model", "model_from_checkpoint", "paste_masks", "suggested_score_threshold"]
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "istr_shapes.pt"
+def suggested_score_threshold(metrics: dict | None, fallback: float) -> float:
+    """The score threshold to show a checkpoint's detections at: the one its final evaluation
+    chose (best F1 of its final-stage masks at IoU 0.5 on its val set, ``metrics["score_threshold"]``,
+    :func:`istr_viz.evaluate.best_f1_threshold`), rounded down to 0.01 so that the detection it
+    was chosen at is kept; ``fallback`` for a checkpoint evaluated before thresholds were recorded.
+
+    A model trained with the varifocal class loss scores IoU-like values, lower than the focal
+    loss's: one fixed threshold cannot suit both.
+    """
+    chosen = (metrics or {}).get("score_threshold") or {}
+    value = chosen.get("threshold") if isinstance(chosen, dict) else None
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return fallback
+    return float(np.floor(value * 100 + 1e-9) / 100)
+
+
 CHECKPOINT_ENV = "ISTR_VIZ_CHECKPOINT"  # overrides the shipped checkpoint (tests, development)
 
 
