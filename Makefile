@@ -30,7 +30,7 @@ lab: $(STAMP)
 
 # the README pictures (docs/images/*.png) from the shipped checkpoint, or ARGS="--checkpoint FILE"
 figures: $(STAMP)
-	$(PY) scripts/make_readme_figures.py --score-threshold 0.3 $(ARGS)
+	$(PY) scripts/make_readme_figures.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -224,6 +224,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for c in metrics["per_category"]:
         print(f"  {c['id']:>6} {c['name']:<20} box AP {100 * c['bbox_AP']:5.1f}  "
               f"mask AP {100 * c['segm_AP']:5.1f}")
+    best = metrics.get("score_threshold")
+    if best:
+        print(f"best mask F1 at IoU {best['iou']:.2f}: {best['f1']:.3f} at score >= "
+              f"{best['threshold']:.3f} (precision {best['precision']:.3f}, "
+              f"recall {best['recall']:.3f})")
     if args.ceilings:
         from istr_viz.ceilings import format_ceilings
 

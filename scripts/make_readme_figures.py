@@ -28,12 +28,14 @@ NAMES = ("stages", "matching", "basis")
 
 
 def readme_figures(checkpoint: Path, data_root: Path | None = None, index: int = 0,
-                   score_threshold: float = 0.4, device: str | None = "cpu") -> dict[str, Figure]:
-    """The three figures, by name (``NAMES``), for the checkpoint and one val image."""
+                   score_threshold: float | None = None, device: str | None = "cpu"
+                   ) -> dict[str, Figure]:
+    """The three figures, by name (``NAMES``), for the checkpoint and one val image;
+    ``score_threshold`` None: the one the checkpoint's evaluation chose (0.4 if none)."""
     from istr_viz.data.layout import default_data_root, split_paths
     from istr_viz.evaluate import eval_dataset
     from istr_viz.inspect import assignment_table, match_image
-    from istr_viz.predictor import load_model
+    from istr_viz.predictor import load_model, suggested_score_threshold
     from istr_viz.viz import (new_figure, plot_assignment_timeline, plot_assignments,
                               plot_basis_components, plot_stage_grid)
 
@@ -43,6 +45,8 @@ def readme_figures(checkpoint: Path, data_root: Path | None = None, index: int =
     if not 0 <= index < len(dataset):
         raise IndexError(f"--index {index} is outside the val set's 0..{len(dataset) - 1}")
     prediction = predictor.predict(dataset.image_path(index))
+    if score_threshold is None:
+        score_threshold = suggested_score_threshold(predictor.metrics, fallback=0.4)
     stages = plot_stage_grid(prediction, score_threshold)
 
     matches = match_image(model, dataset, index, loss_cfg=predictor.config.loss)
@@ -62,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                         "checkpoints/istr_shapes.pt, or $ISTR_VIZ_CHECKPOINT)")
     parser.add_argument("--data", help="data set root with val/ (default: the built-in shapes)")
     parser.add_argument("--index", type=int, default=0, help="which val image (default 0)")
-    parser.add_argument("--score-threshold", type=float, default=0.4,
-                        help="detections drawn in stages.png score at least this")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="detections drawn in stages.png score at least this (default: the "
+                             "threshold the checkpoint's evaluation chose, else 0.4)")
     parser.add_argument("--out", default="docs/images", help="output folder")
     parser.add_argument("--dpi", type=float, default=100)
     args = parser.parse_args(argv)

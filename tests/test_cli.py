@@ -182,7 +182,9 @@ def test_evaluate_and_predict_write_their_files(tiny_run, tmp_path, capsys):
     assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75"}
     assert isinstance(json.loads((tmp_path / "r.json").read_text()), list)
     assert "ceilings" not in metrics
-    capsys.readouterr()
+    best = metrics["score_threshold"]  # None only when the tiny model detects nothing
+    out = capsys.readouterr().out
+    assert best is None or f"at score >= {best['threshold']:.3f}" in out
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(root), "--ceilings",
                  "--json-out", str(tmp_path / "c.json")]) == 0
     assert "mask AP ceilings (S = " in capsys.readouterr().out
@@ -196,3 +198,21 @@ def test_evaluate_and_predict_write_their_files(tiny_run, tmp_path, capsys):
     first = record["stages"][-1]["detections"][0]
     assert set(first) == {"query", "category_id", "category_name", "score", "bbox", "segmentation"}
     assert (tmp_path / "p" / "000001_stages.png").stat().st_size > 1000
+
+
+def test_predict_defaults_to_the_threshold_the_checkpoint_records(tiny_run, tmp_path, capsys):
+    from istr_viz.checkpoint import load_checkpoint, save_checkpoint
+
+    root, ckpt = tiny_run
+    image = root / "val" / "images" / "000001.png"
+    state = load_checkpoint(ckpt)
+    for name, chosen, shown in [("chosen", {"threshold": 0.0371, "f1": 0.5}, "0.03"),
+                                ("none", None, "0.4"), ("bad", {"threshold": 7.0}, "0.4")]:
+        path = save_checkpoint(tmp_path / f"{name}.pt",
+                               **{**state, "metrics": {**state["metrics"], "score_threshold": chosen}})
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(path), str(image), "--out",
+                     str(tmp_path / name)]) == 0
+        assert f"(score >= {shown})" in capsys.readouterr().out, name
+        record = json.loads((tmp_path / name / "000001.json").read_text())
+        assert all(d["score"] >= float(shown) for s in record["stages"] for d in s["detections"])

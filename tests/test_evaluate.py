@@ -30,8 +30,9 @@ from istr_viz.data.layout import DatasetPaths
 from istr_viz.data.shapes import make_shapes
 from istr_viz.data.transforms import build_transform
 from istr_viz.engine import transform_configs
-from istr_viz.evaluate import (SUMMARY_KEYS, StageResults, coco_eval, evaluate_model,
-                               evaluate_results, format_stage_table, ground_truth_as_results)
+from istr_viz.evaluate import (SUMMARY_KEYS, StageResults, best_f1_threshold, coco_eval,
+                               evaluate_model, evaluate_results, format_stage_table,
+                               ground_truth_as_results, run_cocoeval)
 from istr_viz.model import build_model
 from istr_viz.model.outputs import ISTROutput, StageOutput
 
@@ -416,3 +417,49 @@ def test_evaluate_model_on_the_first_images_scores_only_those(quirky, quirky_ann
     assert {r["image_id"] for r in json.loads(out.read_text())} == set(QUIRKY_IMAGE_IDS[:2])
     assert metrics["bbox"]["AP"] == pytest.approx(1.0, abs=1e-9)  # the other images left out
     assert [c["id"] for c in metrics["per_category"]] == [3, 7, 42]
+
+
+# ----------------------------------------------------------------------------- best_f1_threshold
+
+def _exact(image_id: int, cat: int, score: float) -> dict:
+    """A detection lying exactly on the ground-truth square of ``cat`` in ``image_id``."""
+    (x0, y0), = [(x, y) for c, x, y in SQUARES[image_id] if c == cat]
+    return _detection(image_id, cat, x0, y0, score)
+
+
+def test_best_f1_threshold_cuts_where_precision_and_recall_balance(squares_gt):
+    # 5 objects; ranked: hit, hit, miss, hit, hit, miss, miss, hit. F1 after each cut:
+    # 1/3, 4/7, 1/2, 2/3, 4/5 (P = R = 0.8), 8/11, 2/3, 10/13: best at the fifth, score 0.5
+    dets = [_exact(11, 5, 0.9), _exact(11, 9, 0.8), _detection(14, 5, 10, 10, 0.7),
+            _exact(12, 5, 0.6), _exact(12, 9, 0.5), _detection(14, 9, 60, 10, 0.3),
+            _detection(14, 5, 100, 60, 0.2), _exact(13, 5, 0.1)]
+    for iou_type in ("bbox", "segm"):
+        best = best_f1_threshold(run_cocoeval(squares_gt, dets, iou_type))
+        assert best == {"threshold": pytest.approx(0.5), "f1": pytest.approx(0.8),
+                        "precision": pytest.approx(0.8), "recall": pytest.approx(0.8), "iou": 0.5}
+
+
+def test_best_f1_threshold_keeps_equal_scores_together_and_follows_the_iou(squares_gt):
+    # a miss tied with the last hit: a threshold cannot keep one and drop the other
+    dets = [_exact(11, 5, 0.9), _exact(11, 9, 0.8), _exact(12, 5, 0.8),
+            _detection(14, 5, 10, 10, 0.8)]
+    best = best_f1_threshold(run_cocoeval(squares_gt, dets, "segm"))
+    assert best["threshold"] == pytest.approx(0.8)
+    assert (best["precision"], best["recall"]) == (pytest.approx(3 / 4), pytest.approx(3 / 5))
+    # the shifted squares overlap by 0.633 ("a") and 0.818 ("b"): all hits at IoU 0.5; at 0.75
+    # only the two of "b" (ranked 2nd and 4th of 5), and the best cut is at the last of them
+    shifted = _shifted_detections()
+    ev = run_cocoeval(squares_gt, shifted, "segm")
+    assert best_f1_threshold(ev)["f1"] == pytest.approx(1.0)
+    at_75 = best_f1_threshold(ev, iou=0.75)
+    assert at_75["iou"] == 0.75 and at_75["recall"] == pytest.approx(2 / 5)
+    assert at_75["threshold"] == pytest.approx(min(d["score"] for d in shifted if d["category_id"] == 9))
+
+
+def test_best_f1_threshold_without_detections_is_none_and_evaluate_results_records_it(squares_gt):
+    assert best_f1_threshold(run_cocoeval(squares_gt, [], "segm")) is None
+    assert evaluate_results(squares_gt, StageResults([[]]))["score_threshold"] is None
+    dets = [_exact(11, 5, 0.9), _detection(14, 5, 10, 10, 0.7)]
+    metrics = evaluate_results(squares_gt, StageResults([[], dets]))  # the final stage's masks
+    assert metrics["score_threshold"]["threshold"] == pytest.approx(0.9)
+    assert metrics["score_threshold"]["recall"] == pytest.approx(1 / 5)

@@ -343,3 +343,14 @@ def test_mask_to_rle_round_trips():
     assert isinstance(rle["counts"], str) and rle["size"] == [7, 9]
     assert np.array_equal(mask_utils.decode(json.loads(json.dumps(rle))).astype(bool), mask)
 
+
+
+def test_suggested_score_threshold_rounds_down_and_falls_back():
+    from istr_viz.predictor import suggested_score_threshold
+
+    assert suggested_score_threshold({"score_threshold": {"threshold": 0.4271}}, 0.3) == 0.42
+    assert suggested_score_threshold({"score_threshold": {"threshold": 0.42}}, 0.3) == 0.42
+    assert suggested_score_threshold({"score_threshold": {"threshold": 0.0}}, 0.3) == 0.0
+    for metrics in (None, {}, {"score_threshold": None}, {"score_threshold": {"threshold": 1.5}},
+                    {"score_threshold": {"threshold": "0.2"}}, {"score_threshold": 0.2}):
+        assert suggested_score_threshold(metrics, 0.3) == 0.3, metrics
