@@ -306,10 +306,12 @@ PRESETS: dict[str, Config] = {
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=373,
                         test_min_size=192, test_max_size=373, num_workers=0),
         # The varifocal class loss (a matched query's class target is its box's IoU, so scores
-        # rank detections by placement as well): 29.9 / 23.3 against 26.9 / 20.8 box / mask AP
-        # at 30 minutes, level for 15 minutes and ahead after (vfl20, m20, session 20; session
-        # 19's perturbed run was ahead by 1.7 at 22.5 minutes too). Its scores are IoU-like, lower
-        # than the focal loss's: the display threshold follows the model (best_f1_threshold).
+        # rank detections by placement as well): level for 15 minutes, then ahead; +1.7 mask AP
+        # at equal iterations at the end of 30 minutes (29.9 / 23.3 against 26.9 / 20.8 box / mask
+        # AP at the end of each run, 140 iterations more; vfl20 against m20, session 20, one seed
+        # each, built-in shapes only; session 19's perturbed run was +1.7 at 22.5 minutes too).
+        # Its scores are IoU-like, lower than the focal loss's: the display threshold follows the
+        # model (evaluate.best_f1_threshold).
         loss=LossConfig(embed_weighting="variance", mask_target_boxes="pred",
                         class_loss="varifocal"),
         # one thread: on 2 cores, 2 OpenMP threads were no faster (benchmarks/bench_model.py)

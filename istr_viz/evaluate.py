@@ -83,18 +83,24 @@ def coco_eval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]
 
 
 def best_f1_threshold(ev: COCOeval | None, iou: float = 0.5) -> dict | None:
-    """The score threshold that maximises F1 of the detections at IoU ``iou``, by COCOeval's own
-    matching (per image and category, greedy by score, crowd regions and their detections
-    ignored, all object sizes, at most ``maxDets[-1]`` detections an image).
+    """The score threshold that maximises F1 of the detections at IoU ``iou`` (one of COCOeval's
+    thresholds 0.50, 0.55, ..., 0.95), by COCOeval's own matching (per image and category, greedy
+    by score, crowd regions and their detections ignored, all object sizes, at most
+    ``maxDets[-1]`` detections an image and category).
 
     Keeping the detections scoring ``>= threshold`` gives the returned precision and recall.
-    Returns ``{"threshold", "f1", "precision", "recall", "iou"}``, or ``None`` without detections
-    or ground truth. Scores of a focal and of a varifocal class loss sit on different scales, so
-    a display threshold chosen for one model is wrong for the other: this one follows the model.
+    Returns ``{"threshold", "f1", "precision", "recall", "iou"}``, or ``None`` without detections,
+    without ground truth, or when no detection matches (F1 0 everywhere). Scores of a focal and
+    of a varifocal class loss sit on different scales, so a display threshold chosen for one
+    model is wrong for the other: this one follows the model.
     """
     if ev is None or not ev.evalImgs:
         return None
-    t = int(np.argmin(np.abs(ev.params.iouThrs - iou)))
+    found = np.flatnonzero(np.isclose(ev.params.iouThrs, iou))
+    if not len(found):
+        raise ValueError(f"iou must be one of COCOeval's thresholds "
+                         f"{[round(float(v), 2) for v in ev.params.iouThrs]}, got {iou}")
+    t = int(found[0])
     scores, hits, num_gt = [], [], 0
     for entry in ev.evalImgs:
         if entry is None or entry["aRng"] != ev.params.areaRng[0]:
@@ -114,8 +120,11 @@ def best_f1_threshold(ev: COCOeval | None, iou: float = 0.5) -> dict | None:
     # a threshold keeps every detection of its score: only the last of equal scores is a cut
     cuts = np.flatnonzero(np.append(scores[1:] < scores[:-1], True))
     best = int(cuts[np.argmax(f1[cuts])])
+    if f1[best] <= 0:
+        return None
     return {"threshold": float(scores[best]), "f1": float(f1[best]),
-            "precision": float(precision[best]), "recall": float(recall[best]), "iou": float(iou)}
+            "precision": float(precision[best]), "recall": float(recall[best]),
+            "iou": float(ev.params.iouThrs[t])}
 
 
 def evaluate_results(gt: COCO, stage_results: StageResults, class_names: dict[int, str] | None = None
@@ -125,7 +134,7 @@ def evaluate_results(gt: COCO, stage_results: StageResults, class_names: dict[in
     Returns ``{"bbox": {...}, "segm": {...}, "per_stage": [{"stage": 1, "bbox": {...}, "segm": {...}},
     ...], "per_category": [{"id", "name", "bbox_AP", "segm_AP"}, ...], "score_threshold": {...}}``;
     stages numbered from 1. ``score_threshold`` is :func:`best_f1_threshold` of the final stage's
-    masks (``None`` without detections): the display threshold that the demo and ``predict``
+    masks (``None`` when nothing matches): the display threshold that the demo and ``predict``
     default to for this model.
     """
     image_ids = stage_results.image_ids or None

@@ -218,11 +218,15 @@ __all__ = ["Prediction", "Predictor", "StagePrediction", "default_checkpoint", "
            "load_model", "model_from_checkpoint", "paste_masks", "suggested_score_threshold"]
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "istr_shapes.pt"
+
+
 def suggested_score_threshold(metrics: dict | None, fallback: float) -> float:
-    """The score threshold to show a checkpoint's detections at: the one its final evaluation
-    chose (best F1 of its final-stage masks at IoU 0.5 on its val set, ``metrics["score_threshold"]``,
+    """The score threshold to show a checkpoint's detections at: the one chosen by the evaluation
+    whose metrics it carries (``last.pt``: the latest, ``best.pt``: its best; best F1 of the
+    final stage's masks at IoU 0.5 on the val images evaluated, ``metrics["score_threshold"]``,
     :func:`istr_viz.evaluate.best_f1_threshold`), rounded down to 0.01 so that the detection it
-    was chosen at is kept; ``fallback`` for a checkpoint evaluated before thresholds were recorded.
+    was chosen at is kept; ``fallback`` for a checkpoint that records none (evaluated before
+    thresholds were recorded, or whose detections matched nothing).
 
     A model trained with the varifocal class loss scores IoU-like values, lower than the focal
     loss's: one fixed threshold cannot suit both.

@@ -114,14 +114,16 @@ step cpu_load 60 $PY - "$data/run_shapes/last.pt" "$data/shapes/val" <<'EOF' || 
 import json, sys, time
 from pathlib import Path
 from istr_viz import load_model
+from istr_viz.predictor import suggested_score_threshold
 ckpt, val = sys.argv[1], Path(sys.argv[2])
 model, predictor = load_model(ckpt, device="cpu")
+threshold = suggested_score_threshold(predictor.metrics, fallback=0.3)
 assert all(not p.is_cuda for p in model.parameters())
 name = json.loads((val / "annotations.json").read_text())["images"][0]["file_name"]
 t = time.perf_counter()
 pred = predictor.predict(val / "images" / name)
 print(f"the checkpoint ran on the CPU: {pred.num_stages} stages, "
-      f"{len(pred.detections(score_threshold=0.3).scores)} detections above 0.3, "
+      f"{len(pred.detections(score_threshold=threshold).scores)} detections at score >= {threshold}, "
       f"{(time.perf_counter() - t) * 1e3:.0f} ms")
 EOF
 for d in shapes second coco; do

@@ -31,7 +31,7 @@ def readme_figures(checkpoint: Path, data_root: Path | None = None, index: int =
                    score_threshold: float | None = None, device: str | None = "cpu"
                    ) -> dict[str, Figure]:
     """The three figures, by name (``NAMES``), for the checkpoint and one val image;
-    ``score_threshold`` None: the one the checkpoint's evaluation chose (0.4 if none)."""
+    ``score_threshold`` None: the one the checkpoint's evaluation chose (0.3 if none)."""
     from istr_viz.data.layout import default_data_root, split_paths
     from istr_viz.evaluate import eval_dataset
     from istr_viz.inspect import assignment_table, match_image
@@ -46,7 +46,7 @@ def readme_figures(checkpoint: Path, data_root: Path | None = None, index: int =
         raise IndexError(f"--index {index} is outside the val set's 0..{len(dataset) - 1}")
     prediction = predictor.predict(dataset.image_path(index))
     if score_threshold is None:
-        score_threshold = suggested_score_threshold(predictor.metrics, fallback=0.4)
+        score_threshold = suggested_score_threshold(predictor.metrics, fallback=0.3)
     stages = plot_stage_grid(prediction, score_threshold)
 
     matches = match_image(model, dataset, index, loss_cfg=predictor.config.loss)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=0, help="which val image (default 0)")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="detections drawn in stages.png score at least this (default: the "
-                             "threshold the checkpoint's evaluation chose, else 0.4)")
+                             "threshold the checkpoint's evaluation chose, else 0.3)")
     parser.add_argument("--out", default="docs/images", help="output folder")
     parser.add_argument("--dpi", type=float, default=100)
     args = parser.parse_args(argv)

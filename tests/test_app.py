@@ -286,3 +286,17 @@ def test_a_checkpoint_that_does_not_load_is_reported_in_the_page(tiny_run, tmp_p
     demo = build_demo(tmp_path / "broken.pt", tiny_run[0])
     status = next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "status")
     assert "could not be loaded" in status and "broken.pt" in status
+
+
+def test_the_threshold_slider_starts_at_the_checkpoints_own_threshold(tiny_run, tmp_path):
+    from istr_viz.checkpoint import load_checkpoint, save_checkpoint
+    from istr_viz.demo import DEFAULT_THRESHOLD, build_demo
+
+    state = load_checkpoint(tiny_run[1])
+    for name, chosen, start in [("chosen", {"threshold": 0.1234}, 0.12),
+                                ("none", None, DEFAULT_THRESHOLD)]:
+        path = save_checkpoint(tmp_path / f"{name}.pt",
+                               **{**state, "metrics": {**state["metrics"], "score_threshold": chosen}})
+        demo = build_demo(path, tiny_run[0])
+        slider, = [b for b in demo.blocks.values() if getattr(b, "label", None) == "Score threshold"]
+        assert slider.value == pytest.approx(start), name

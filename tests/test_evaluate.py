@@ -440,9 +440,11 @@ def test_best_f1_threshold_cuts_where_precision_and_recall_balance(squares_gt):
 
 
 def test_best_f1_threshold_keeps_equal_scores_together_and_follows_the_iou(squares_gt):
-    # a miss tied with the last hit: a threshold cannot keep one and drop the other
+    # a miss tied with two hits: a threshold cannot keep the hits and drop the miss. COCOeval
+    # lists its results category by category (5, then 9), so the miss (category 9) comes last
+    # among the three 0.8s: cutting between equal scores would give P = 1, R = 3/5
     dets = [_exact(11, 5, 0.9), _exact(11, 9, 0.8), _exact(12, 5, 0.8),
-            _detection(14, 5, 10, 10, 0.8)]
+            _detection(14, 9, 10, 10, 0.8)]
     best = best_f1_threshold(run_cocoeval(squares_gt, dets, "segm"))
     assert best["threshold"] == pytest.approx(0.8)
     assert (best["precision"], best["recall"]) == (pytest.approx(3 / 4), pytest.approx(3 / 5))
@@ -458,6 +460,12 @@ def test_best_f1_threshold_keeps_equal_scores_together_and_follows_the_iou(squar
 
 def test_best_f1_threshold_without_detections_is_none_and_evaluate_results_records_it(squares_gt):
     assert best_f1_threshold(run_cocoeval(squares_gt, [], "segm")) is None
+    misses = [_detection(14, 5, 10, 10, 0.8), _detection(14, 9, 60, 10, 0.7)]
+    assert best_f1_threshold(run_cocoeval(squares_gt, misses, "segm")) is None  # F1 0 everywhere
+    ev = run_cocoeval(squares_gt, _shifted_detections(), "segm")
+    for iou in (0.3, 0.52, 2.0):
+        with pytest.raises(ValueError, match="one of COCOeval's thresholds"):
+            best_f1_threshold(ev, iou=iou)
     assert evaluate_results(squares_gt, StageResults([[]]))["score_threshold"] is None
     dets = [_exact(11, 5, 0.9), _detection(14, 5, 10, 10, 0.7)]
     metrics = evaluate_results(squares_gt, StageResults([[], dets]))  # the final stage's masks
