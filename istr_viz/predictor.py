@@ -228,8 +228,9 @@ def suggested_score_threshold(metrics: dict | None, fallback: float) -> float:
     was chosen at is kept; ``fallback`` for a checkpoint that records none (evaluated before
     thresholds were recorded, or whose detections matched nothing).
 
-    A model trained with the varifocal class loss scores IoU-like values, lower than the focal
-    loss's: one fixed threshold cannot suit both.
+    Scores sit on the scale of the model's class loss: the focal loss's confidences and the
+    varifocal loss's expected IoUs differ (best-F1 thresholds 0.34 and 0.60 for two models of
+    the same recipe, benchmarks/results_log.md, session 21): one fixed threshold cannot suit both.
     """
     chosen = (metrics or {}).get("score_threshold") or {}
     value = chosen.get("threshold") if isinstance(chosen, dict) else None
