@@ -310,7 +310,7 @@ PRESETS: dict[str, Config] = {
         # at equal iterations at the end of 30 minutes (29.9 / 23.3 against 26.9 / 20.8 box / mask
         # AP at the end of each run, 140 iterations more; vfl20 against m20, session 20, one seed
         # each, built-in shapes only; session 19's perturbed run was +1.7 at 22.5 minutes too).
-        # On the 108-minute shipped recipe it ended 0.6 mask AP below the focal loss at equal
+        # On the 108-minute shipped recipe it ended 0.7 mask AP below the focal loss at equal
         # iterations (ship8 against ship7, session 21): the shipped model keeps the focal loss.
         # Its scores are expected IoUs, on another scale than the focal loss's (best-F1 thresholds
         # 0.60 and 0.34): the display threshold follows the model (evaluate.best_f1_threshold).
