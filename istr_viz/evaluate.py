@@ -116,7 +116,7 @@ def best_f1_threshold(ev: COCOeval | None, iou: float = 0.5) -> dict | None:
     scores, tp = scores[order], np.cumsum(np.concatenate(hits)[order])
     kept = np.arange(1, len(scores) + 1)
     precision, recall = tp / kept, tp / num_gt
-    f1 = np.where(tp > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    f1 = 2 * tp / (kept + num_gt)  # 2PR / (P + R), with no 0 / 0 where nothing matches yet
     # a threshold keeps every detection of its score: only the last of equal scores is a cut
     cuts = np.flatnonzero(np.append(scores[1:] < scores[:-1], True))
     best = int(cuts[np.argmax(f1[cuts])])

@@ -218,6 +218,7 @@ __all__ = ["Prediction", "Predictor", "StagePrediction", "default_checkpoint", "
            "load_model", "model_from_checkpoint", "paste_masks", "suggested_score_threshold"]
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "istr_shapes.pt"
+CHECKPOINT_ENV = "ISTR_VIZ_CHECKPOINT"  # overrides the shipped checkpoint (tests, development)
 
 
 def suggested_score_threshold(metrics: dict | None, fallback: float) -> float:
@@ -237,9 +238,6 @@ def suggested_score_threshold(metrics: dict | None, fallback: float) -> float:
     if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         return fallback
     return float(np.floor(value * 100 + 1e-9) / 100)
-
-
-CHECKPOINT_ENV = "ISTR_VIZ_CHECKPOINT"  # overrides the shipped checkpoint (tests, development)
 
 
 def default_checkpoint(path: str | Path | None = None, must_exist: bool = True) -> Path:
