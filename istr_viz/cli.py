@@ -219,7 +219,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _check_classes_fit(args.checkpoint, predictor, ann)
     metrics = evaluate_model(model, paths, predictor.config, device=predictor.device,
                              results_out=args.results_out, category_ids=predictor.category_ids,
-                             ceilings=args.ceilings)
+                             ceilings=args.ceilings, breakdown=args.breakdown)
     print(format_stage_table(metrics))
     for c in metrics["per_category"]:
         print(f"  {c['id']:>6} {c['name']:<20} box AP {100 * c['bbox_AP']:5.1f}  "
@@ -233,6 +233,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from istr_viz.ceilings import format_ceilings
 
         print(format_ceilings(metrics["ceilings"], model.basis.mask_size, model.basis.dim))
+    if args.breakdown:
+        from istr_viz.breakdown import format_breakdown
+
+        print(format_breakdown(metrics["breakdown"]))
     _write_json(args.json_out, metrics)
     return 0
 
@@ -372,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceilings", action="store_true",
                    help="also report what caps the mask AP: the same detections with perfect "
                         "mask codes, and ground truth through the S x S crop and the basis")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also report where the AP goes: the AP with class errors forgiven, at "
+                        "IoU 0.1, and the share of instances that no detection touches")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_evaluate, split="val")
 

@@ -36,10 +36,13 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None
+def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None,
+                 iou_thresholds: np.ndarray | None = None, use_cats: bool = True
                  ) -> COCOeval | None:
     """COCOeval of ``results`` against ``gt``, evaluated and accumulated (``None`` when there are
-    no results: ``COCO.loadRes([])`` raises)."""
+    no results: ``COCO.loadRes([])`` raises). ``iou_thresholds`` replace COCOeval's 0.50:0.95
+    (its ``summarize`` then knows only the thresholds it expects: read ``ev.eval`` instead);
+    ``use_cats=False`` is COCOeval's class-agnostic mode."""
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     if not results:
@@ -51,6 +54,9 @@ def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[i
     results = [{k: v for k, v in r.items() if k != drop} for r in results]
     dt = _quiet(gt.loadRes, copy.deepcopy(results))
     ev = COCOeval(gt, dt, iou_type)
+    if iou_thresholds is not None:
+        ev.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
+    ev.params.useCats = int(use_cats)
     if image_ids is not None:
         ev.params.imgIds = sorted(image_ids)
     _quiet(ev.evaluate)
@@ -287,7 +293,8 @@ def eval_dataset(data, cfg, category_ids: list[int] | None = None):
 
 def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
                    batch_size: int = 4, progress: bool = True, results_out=None,
-                   category_ids: list[int] | None = None, ceilings: bool = False) -> dict:
+                   category_ids: list[int] | None = None, ceilings: bool = False,
+                   breakdown: bool = False) -> dict:
     """Per-stage COCO AP of ``model`` on the data set ``data`` (a ``DatasetPaths``).
 
     The ground truth is the validated annotation file (crowd regions included, as COCOeval expects).
@@ -295,6 +302,8 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
     they must be the data set's, else a :class:`DataError` is raised. ``results_out``: also write
     the final stage's COCO results list there (JSON). ``ceilings``: also report what caps the
     final stage's mask AP (``metrics["ceilings"]``, see :func:`istr_viz.ceilings.mask_ap_ceilings`).
+    ``breakdown``: also report what class errors and coarse placement cost the final stage and how
+    many instances it misses (``metrics["breakdown"]``, see :mod:`istr_viz.breakdown`).
     """
     import json
     from pathlib import Path
@@ -311,6 +320,11 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
         metrics["ceilings"] = mask_ap_ceilings(
             ann.coco, results.per_stage[-1] if results.per_stage else [], model.basis,
             results.image_ids)
+    if breakdown:
+        from istr_viz.breakdown import breakdown_both
+
+        metrics["breakdown"] = breakdown_both(
+            ann.coco, results.per_stage[-1] if results.per_stage else [], results.image_ids)
     if results_out is not None:
         Path(results_out).parent.mkdir(parents=True, exist_ok=True)
         Path(results_out).write_text(json.dumps(results.per_stage[-1] if results.per_stage else []))

@@ -186,9 +186,14 @@ def test_evaluate_and_predict_write_their_files(tiny_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert best is None or f"at score >= {best['threshold']:.3f}" in out
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(root), "--ceilings",
-                 "--json-out", str(tmp_path / "c.json")]) == 0
-    assert "mask AP ceilings (S = " in capsys.readouterr().out
-    ceilings = json.loads((tmp_path / "c.json").read_text())["ceilings"]
+                 "--breakdown", "--json-out", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "mask AP ceilings (S = " in out and "classes ignored" in out
+    with_extras = json.loads((tmp_path / "c.json").read_text())
+    for iou_type in ("bbox", "segm"):  # the breakdown's plain AP is the evaluation's own
+        assert with_extras["breakdown"][iou_type]["AP"] == pytest.approx(
+            with_extras[iou_type]["AP"])
+    ceilings = with_extras["ceilings"]
     assert ceilings["crop"]["AP"] >= ceilings["basis"]["AP"] > 0.3  # ground truth through the basis
     image = root / "val" / "images" / "000001.png"
     assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "p"),

@@ -20,6 +20,7 @@ from istr_viz.evaluate import coco_eval, ground_truth_as_results
 from istr_viz.viz.evaluation import (
     ImageErrors,
     image_errors,
+    plot_error_breakdown,
     plot_mask_ap_ceilings,
     plot_pr_by_stage,
     plot_pr_curves,
@@ -261,6 +262,21 @@ def test_mask_ap_ceilings_plot_draws_a_bar_per_row_and_key(gt):
     assert box_line.get_xdata()[0] == pytest.approx(100 * ceilings["model_box"]["AP"])
     with pytest.raises(ValueError, match="ceilings lack"):
         plot_mask_ap_ceilings({"model": ceilings["model"]})
+
+
+def test_error_breakdown_plot_draws_each_figure_once(gt):
+    from istr_viz.breakdown import breakdown_both
+
+    breakdown = breakdown_both(gt, degraded_results(gt))
+    fig = plot_error_breakdown(breakdown)
+    (ax,) = panels(fig)
+    drawn = sorted((round(p.get_x(), 6), p.get_height()) for p in ax.patches)
+    keys = ("AP50", "AP50_any_class", "AP10", "AP10_any_class", "missed")
+    expected = [100 * breakdown[t][k] for t in ("bbox", "segm") for k in keys]  # x order
+    np.testing.assert_allclose([h for _, h in drawn], expected)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["boxes", "masks"]
+    with pytest.raises(ValueError, match="breakdown lacks"):
+        plot_error_breakdown({"bbox": breakdown["bbox"]})
 
 
 def test_pr_curves_draw_one_line_per_category_and_the_mean(gt):

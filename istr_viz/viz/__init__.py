@@ -33,6 +33,7 @@ from istr_viz.viz.evaluation import (
     ImageErrors,
     PRCurves,
     image_errors,
+    plot_error_breakdown,
     plot_mask_ap_ceilings,
     plot_pr_by_stage,
     plot_pr_curves,
@@ -93,7 +94,8 @@ __all__ += [  # stages, matching and attention (trajectories.py, matching.py, at
 ]
 
 __all__ += [  # training curves, per-stage grid, evaluation (curves.py, stages.py, evaluation.py)
-    "ImageErrors", "LiveTrainingPlot", "PRCurves", "image_errors", "plot_mask_ap_ceilings",
-    "plot_pr_by_stage", "plot_pr_curves", "plot_prediction_gallery", "plot_stage_ap",
+    "ImageErrors", "LiveTrainingPlot", "PRCurves", "image_errors", "plot_error_breakdown",
+    "plot_mask_ap_ceilings", "plot_pr_by_stage", "plot_pr_curves", "plot_prediction_gallery",
+    "plot_stage_ap",
     "plot_stage_grid", "plot_training_curves", "pr_curves", "stage_counts", "worst_images",
 ]

@@ -22,6 +22,8 @@ Figures:
   truth dashed (the worst images, for example).
 - :func:`plot_mask_ap_ceilings`: the model's mask AP beside what caps it
   (:func:`istr_viz.ceilings.mask_ap_ceilings`), a bar per row.
+- :func:`plot_error_breakdown`: AP50 and AP10 with and without classes, and the instances missed
+  (:func:`istr_viz.breakdown.breakdown_both`).
 """
 
 from __future__ import annotations
@@ -255,6 +257,36 @@ def plot_mask_ap_ceilings(ceilings: dict, keys: Sequence[str] = ("AP", "AP75"),
     return fig
 
 
+def plot_error_breakdown(breakdown: dict[str, dict[str, float]],
+                         panel_size: tuple[float, float] = (6.4, 2.6)) -> Figure:
+    """Where the AP goes, as grouped bars (percent): for boxes and masks, AP50 and AP10 as
+    evaluated and with classes ignored, and the share of instances missed (hatched).
+    ``breakdown``: the dict of :func:`istr_viz.breakdown.breakdown_both`."""
+    bars_of = (("AP50", "AP50"), ("AP50, classes ignored", "AP50_any_class"),
+               ("AP10", "AP10"), ("AP10, classes ignored", "AP10_any_class"))
+    missing = [t for t in ("bbox", "segm") if t not in breakdown]
+    if missing:
+        raise ValueError(f"breakdown lacks {missing}: pass the dict of breakdown_both")
+    fig, axes = new_figure(1, 1, panel_size)
+    ax = axes.flat[0]
+    groups = ("bbox", "segm")
+    width = 0.8 / (len(bars_of) + 1)
+    for i, (label, key) in enumerate(bars_of):
+        x = np.arange(len(groups)) + (i - len(bars_of) / 2) * width
+        bars = ax.bar(x, [100 * breakdown[g][key] for g in groups], width=width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    x = np.arange(len(groups)) + (len(bars_of) / 2) * width
+    bars = ax.bar(x, [100 * breakdown[g]["missed"] for g in groups], width=width, color="0.85",
+                  hatch="//", edgecolor="0.4", label="instances missed (IoU 0.1, any class)")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(np.arange(len(groups)), ["boxes", "masks"])
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("percent")
+    ax.set_title("where the AP goes (last stage)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
 def _category_names(curves: PRCurves, class_names: dict[int, str] | Sequence[str] | None
                     ) -> list[str]:
     if class_names is None:
@@ -347,6 +379,7 @@ def plot_prediction_gallery(predictions: Sequence, titles: Sequence[str] | None 
 
 
 __all__ = [
-    "ImageErrors", "PRCurves", "image_errors", "plot_mask_ap_ceilings", "plot_pr_by_stage",
-    "plot_pr_curves", "plot_prediction_gallery", "plot_stage_ap", "pr_curves", "worst_images",
+    "ImageErrors", "PRCurves", "image_errors", "plot_error_breakdown", "plot_mask_ap_ceilings",
+    "plot_pr_by_stage", "plot_pr_curves", "plot_prediction_gallery", "plot_stage_ap", "pr_curves",
+    "worst_images",
 ]
