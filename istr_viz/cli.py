@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report what caps the mask AP: the same detections with perfect "
                         "mask codes, and ground truth through the S x S crop and the basis")
     p.add_argument("--breakdown", action="store_true",
-                   help="also report where the AP goes: the AP with class errors forgiven, at "
-                        "IoU 0.1, and the share of instances that no detection touches")
+                   help="also report where the AP goes: the AP with class errors corrected, "
+                        "at IoU 0.1, and the share of instances that no detection touches")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_evaluate, split="val")
 

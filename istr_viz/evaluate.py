@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
 IOU_TYPES = ("bbox", "segm")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -37,12 +37,10 @@ def _quiet(fn, *args, **kwargs):
 
 
 def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None,
-                 iou_thresholds: np.ndarray | None = None, use_cats: bool = True
-                 ) -> COCOeval | None:
+                 iou_thresholds: np.ndarray | None = None) -> COCOeval | None:
     """COCOeval of ``results`` against ``gt``, evaluated and accumulated (``None`` when there are
-    no results: ``COCO.loadRes([])`` raises). ``iou_thresholds`` replace COCOeval's 0.50:0.95
-    (its ``summarize`` then knows only the thresholds it expects: read ``ev.eval`` instead);
-    ``use_cats=False`` is COCOeval's class-agnostic mode."""
+    no results: ``COCO.loadRes([])`` raises). ``iou_thresholds`` replace COCOeval's 0.50:0.95;
+    :func:`summarise` then refuses the evaluator (read ``ev.eval`` instead)."""
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     if not results:
@@ -56,7 +54,6 @@ def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[i
     ev = COCOeval(gt, dt, iou_type)
     if iou_thresholds is not None:
         ev.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
-    ev.params.useCats = int(use_cats)
     if image_ids is not None:
         ev.params.imgIds = sorted(image_ids)
     _quiet(ev.evaluate)
@@ -71,6 +68,10 @@ def summarise(ev: COCOeval | None, gt: COCO) -> tuple[dict, dict[int, float]]:
     if ev is None:
         return ({k: 0.0 for k in SUMMARY_KEYS},
                 {c: 0.0 for c in sorted(gt.getCatIds()) if gt.getAnnIds(catIds=[c])})
+    default = Params(iouType=ev.params.iouType).iouThrs
+    if len(ev.params.iouThrs) != len(default) or not np.allclose(ev.params.iouThrs, default):
+        raise ValueError("summarise needs COCOeval's own IoU thresholds 0.50:0.95, got "
+                         f"{ev.params.iouThrs.tolist()}")
     _quiet(ev.summarize)
     summary = {k: max(0.0, float(v)) for k, v in zip(SUMMARY_KEYS, ev.stats[:6])}
     precision = ev.eval["precision"]  # (T, R, K, A, M): IoUs, recalls, categories, areas, maxDets
@@ -180,12 +181,17 @@ def format_stage_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def coco_result(image_id: int, category_id: int, score: float, box_xyxy, rle: dict) -> dict:
+def coco_result(image_id: int, category_id: int, score: float, box_xyxy, rle: dict,
+                query: int | None = None) -> dict:
     """One COCO result: ``box_xyxy`` (4,) pixels becomes COCO's xywh ``bbox``; ``rle`` a
-    compressed RLE with str counts (:func:`istr_viz.postprocess.mask_to_rle`)."""
+    compressed RLE with str counts (:func:`istr_viz.postprocess.mask_to_rle`); ``query``: the
+    query that made it, kept as an extra ``"query"`` entry (COCO tools ignore it)."""
     x0, y0, x1, y1 = (float(v) for v in box_xyxy)
-    return {"image_id": image_id, "category_id": category_id, "score": float(score),
-            "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": dict(rle)}
+    result = {"image_id": image_id, "category_id": category_id, "score": float(score),
+              "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": dict(rle)}
+    if query is not None:
+        result["query"] = int(query)
+    return result
 
 
 def ground_truth_as_results(gt: COCO, image_ids: list[int] | None = None) -> list[dict]:
@@ -212,7 +218,8 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
                           max_images: int | None = None, progress: bool = True,
                           category_ids: list[int] | None = None) -> StageResults:
     """Run ``model`` over a :class:`~istr_viz.data.coco.CocoDataset` (eval transform) and collect
-    every stage's top-``top_k`` detections as COCO results at each image's original size.
+    every stage's top-``top_k`` detections as COCO results at each image's original size (each
+    with the ``"query"`` that made it).
     ``device``: where the model's inputs go (default: the device of the model's parameters)."""
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -252,7 +259,8 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
                     for j in range(len(det)):
                         per_stage[k].append(coco_result(
                             image_id, label_to_cat[int(det.labels[j])], det.scores[j],
-                            det.boxes_xyxy[j].tolist(), rles[int(owner[j])]))
+                            det.boxes_xyxy[j].tolist(), rles[int(owner[j])],
+                            query=int(det.queries[j])))
     model.train(was_training)
     return StageResults(per_stage or [], image_ids)
 
@@ -302,8 +310,8 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
     they must be the data set's, else a :class:`DataError` is raised. ``results_out``: also write
     the final stage's COCO results list there (JSON). ``ceilings``: also report what caps the
     final stage's mask AP (``metrics["ceilings"]``, see :func:`istr_viz.ceilings.mask_ap_ceilings`).
-    ``breakdown``: also report what class errors and coarse placement cost the final stage and how
-    many instances it misses (``metrics["breakdown"]``, see :mod:`istr_viz.breakdown`).
+    ``breakdown``: also report what class errors and placement cost the final stage and how many
+    instances it misses (``metrics["breakdown"]``, see :mod:`istr_viz.breakdown`).
     """
     import json
     from pathlib import Path

@@ -188,7 +188,7 @@ def test_evaluate_and_predict_write_their_files(tiny_run, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(root), "--ceilings",
                  "--breakdown", "--json-out", str(tmp_path / "c.json")]) == 0
     out = capsys.readouterr().out
-    assert "mask AP ceilings (S = " in out and "classes ignored" in out
+    assert "mask AP ceilings (S = " in out and "classes corrected" in out
     with_extras = json.loads((tmp_path / "c.json").read_text())
     for iou_type in ("bbox", "segm"):  # the breakdown's plain AP is the evaluation's own
         assert with_extras["breakdown"][iou_type]["AP"] == pytest.approx(

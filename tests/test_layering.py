@@ -38,7 +38,8 @@ def test_the_demo_logic_runs_without_gradio():
 LAYERS = [
     ("errors", "runtime", "config", "data", "boxes", "basis", "dct", "checkpoint"),
     ("model", "matcher", "losses", "postprocess"),
-    ("engine", "evaluate", "ceilings", "predictor", "inspect", "tiny", "baseline", "launch"),
+    ("engine", "evaluate", "ceilings", "breakdown", "predictor", "inspect", "tiny", "baseline",
+     "launch"),
     ("viz",),
     ("widgets", "demo_logic", "demo"),
 ]

@@ -271,7 +271,8 @@ def test_error_breakdown_plot_draws_each_figure_once(gt):
     fig = plot_error_breakdown(breakdown)
     (ax,) = panels(fig)
     drawn = sorted((round(p.get_x(), 6), p.get_height()) for p in ax.patches)
-    keys = ("AP50", "AP50_any_class", "AP10", "AP10_any_class", "missed")
+    keys = ("AP", "AP_classes_corrected", "AP50", "AP50_classes_corrected", "AP10",
+            "AP10_classes_corrected", "missed")
     expected = [100 * breakdown[t][k] for t in ("bbox", "segm") for k in keys]  # x order
     np.testing.assert_allclose([h for _, h in drawn], expected)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["boxes", "masks"]

@@ -258,31 +258,40 @@ def plot_mask_ap_ceilings(ceilings: dict, keys: Sequence[str] = ("AP", "AP75"),
 
 
 def plot_error_breakdown(breakdown: dict[str, dict[str, float]],
+                         title: str = "where the AP goes",
                          panel_size: tuple[float, float] = (6.4, 2.6)) -> Figure:
-    """Where the AP goes, as grouped bars (percent): for boxes and masks, AP50 and AP10 as
-    evaluated and with classes ignored, and the share of instances missed (hatched).
-    ``breakdown``: the dict of :func:`istr_viz.breakdown.breakdown_both`."""
-    bars_of = (("AP50", "AP50"), ("AP50, classes ignored", "AP50_any_class"),
-               ("AP10", "AP10"), ("AP10, classes ignored", "AP10_any_class"))
+    """Where the AP goes, as grouped bars (percent), a group for boxes and one for masks: AP, AP50
+    and AP10 as evaluated (solid) and with class errors corrected (light), and the share of
+    instances that no detection touches (hatched). ``breakdown``: the dict of
+    :func:`istr_viz.breakdown.breakdown_both`."""
+    from istr_viz.breakdown import CORRECTED, LOOSE_IOU
+
     missing = [t for t in ("bbox", "segm") if t not in breakdown]
     if missing:
         raise ValueError(f"breakdown lacks {missing}: pass the dict of breakdown_both")
+    bars_of = []
+    for i, key in enumerate(("AP", "AP50", "AP10")):
+        colour = f"C{i}"  # matplotlib's default colour cycle
+        bars_of += [(key, key, colour, 1.0), (f"{key}, classes corrected", key + CORRECTED,
+                                              colour, 0.45)]
+    groups = ("bbox", "segm")
+    width = 0.85 / (len(bars_of) + 1)
     fig, axes = new_figure(1, 1, panel_size)
     ax = axes.flat[0]
-    groups = ("bbox", "segm")
-    width = 0.8 / (len(bars_of) + 1)
-    for i, (label, key) in enumerate(bars_of):
+    for i, (label, key, colour, alpha) in enumerate(bars_of):
         x = np.arange(len(groups)) + (i - len(bars_of) / 2) * width
-        bars = ax.bar(x, [100 * breakdown[g][key] for g in groups], width=width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        bars = ax.bar(x, [100 * breakdown[g][key] for g in groups], width=width, label=label,
+                      color=colour, alpha=alpha)
+        ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
     x = np.arange(len(groups)) + (len(bars_of) / 2) * width
     bars = ax.bar(x, [100 * breakdown[g]["missed"] for g in groups], width=width, color="0.85",
-                  hatch="//", edgecolor="0.4", label="instances missed (IoU 0.1, any class)")
-    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+                  hatch="//", edgecolor="0.4",
+                  label=f"instances missed (no detection at IoU {LOOSE_IOU})")
+    ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
     ax.set_xticks(np.arange(len(groups)), ["boxes", "masks"])
     ax.set_ylim(0, 110)
     ax.set_ylabel("percent")
-    ax.set_title("where the AP goes (last stage)", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
