@@ -5,16 +5,18 @@ A low AP alone does not say whether a model finds the objects but names them wro
 right but places them loosely, or never finds them. Every AP here comes from the same COCOeval as
 :mod:`istr_viz.evaluate` (per category, then averaged), with one of these changes:
 
-- ``*_classes_corrected``: each query keeps one detection, that of its best-scoring class, and
-  takes the class of the (non-crowd) instance it overlaps most, when that overlap is at least
-  IoU 0.1 (otherwise it keeps its class). As in TIDE (Bolya et al., ECCV 2020), which fixes each
-  error type and scores again, the rise over the plain AP is what class errors cost: a detection
-  on an object but in the wrong class's ranking, and a query's extra low-scored classes.
+- ``*_classes_corrected``: each query keeps one detection, that of its best-scoring class. If it
+  does not already match an instance (or crowd region) of that class at IoU 0.5, it takes the
+  class of the one it overlaps most, when that overlap is at least IoU 0.1. As in TIDE (Bolya et
+  al., ECCV 2020), which fixes one error type and scores again, the rise over the plain AP is what
+  class errors cost: detections on an object but in the wrong class's ranking, and a query's
+  extra low-scored classes.
 - ``AP10``: the AP at IoU 0.1 (COCO's lowest threshold is 0.5), where a detection that only
   touches its instance counts. AP50 to AP10 is what coarse placement costs; AP (IoU 0.50:0.95) to
   AP50 what fine placement costs.
 - ``missed``: the share of the non-crowd instances that no detection overlaps by IoU 0.1 or more,
-  whatever its class and score (all the detections given: the top 100 of an image, as scored).
+  whatever its class and score (every detection given; ``predict_stage_results`` gives the top
+  100 of an image).
   These the model never found: no relabelling or re-placing of its detections reaches them.
 
 Results are COCO results lists as :func:`istr_viz.evaluate.coco_eval` takes. A query is known by
@@ -64,7 +66,8 @@ def best_class_per_query(results: list[dict]) -> list[dict]:
 
 def _overlaps(gt: COCO, image_id: int, dets: list[dict], anns: list[dict], iou_type: str
               ) -> np.ndarray:
-    """(D, G) IoU of the detections ``dets`` with the annotations ``anns`` of one image."""
+    """(D, G) overlap of the detections ``dets`` with the annotations ``anns`` of one image, as
+    COCOeval measures it: IoU, and for a crowd region the share of the detection inside it."""
     if not dets or not anns:
         return np.zeros((len(dets), len(anns)))
     if iou_type == "bbox":
@@ -72,29 +75,40 @@ def _overlaps(gt: COCO, image_id: int, dets: list[dict], anns: list[dict], iou_t
     else:  # annToRLE reads polygons, uncompressed and compressed RLE at the image's size
         d = [gt.annToRLE({"image_id": image_id, "segmentation": r["segmentation"]}) for r in dets]
         g = [gt.annToRLE(a) for a in anns]
-    return np.asarray(mask_utils.iou(d, g, [0] * len(g)), dtype=np.float64).reshape(len(d), len(g))
+    crowd = [int(bool(a.get("iscrowd", 0))) for a in anns]
+    return np.asarray(mask_utils.iou(d, g, crowd), dtype=np.float64).reshape(len(d), len(g))
 
 
 def _instances(gt: COCO, image_id: int) -> list[dict]:
     return [a for a in gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
 
 
+def _corrected_class(category_id: int, overlaps: np.ndarray, anns: list[dict]) -> int:
+    """The class a detection of ``category_id`` takes: its own when it already matches a region
+    of its class at IoU 0.5 or when nothing overlaps it by :data:`LOOSE_IOU`, else the class of
+    the region it overlaps most. ``overlaps`` (G,) against the image's annotations ``anns``."""
+    if not len(overlaps) or overlaps.max() < LOOSE_IOU:
+        return category_id
+    own = [v for v, a in zip(overlaps, anns) if a["category_id"] == category_id]
+    if own and max(own) >= 0.5:
+        return category_id
+    return anns[int(overlaps.argmax())]["category_id"]
+
+
 def correct_classes(gt: COCO, results: list[dict], iou_type: str) -> list[dict]:
-    """One detection per query (:func:`best_class_per_query`), each taking the category of the
-    non-crowd instance it overlaps most by ``iou_type`` IoU, when that IoU is at least
-    :data:`LOOSE_IOU`."""
+    """One detection per query (:func:`best_class_per_query`), each with its class error
+    corrected: a detection that does not match a region of its own class (IoU 0.5) takes the
+    class of the annotation it overlaps most by ``iou_type`` overlap, when that is at least
+    :data:`LOOSE_IOU` (a crowd region too, which COCOeval then ignores it on)."""
     by_image = defaultdict(list)
     for r in best_class_per_query(results):
         by_image[r["image_id"]].append(r)
     corrected = []
     for image_id, dets in by_image.items():
-        anns = _instances(gt, image_id)
-        ious = _overlaps(gt, image_id, dets, anns, iou_type)
-        for r, row in zip(dets, ious):
-            r = dict(r)
-            if len(row) and row.max() >= LOOSE_IOU:
-                r["category_id"] = anns[int(row.argmax())]["category_id"]
-            corrected.append(r)
+        anns = gt.imgToAnns.get(image_id, [])
+        overlaps = _overlaps(gt, image_id, dets, anns, iou_type)
+        for r, row in zip(dets, overlaps):
+            corrected.append(dict(r, category_id=_corrected_class(r["category_id"], row, anns)))
     return corrected
 
 
@@ -174,7 +188,7 @@ def format_breakdown(breakdown: dict[str, dict[str, float]], title: str = "where
     lines.append(f"instances that no detection overlaps by IoU {LOOSE_IOU} or more: "
                  f"{100 * b['missed']:.1f}% by box, {100 * s['missed']:.1f}% by mask")
     lines.append("read: 'classes corrected' minus 'as evaluated' = what class errors cost; AP50 "
-                 "minus AP = fine placement; AP10 minus AP50 = coarse placement")
+                 "minus AP = fine placement; AP10 (AP at IoU 0.1) minus AP50 = coarse placement")
     return "\n".join(lines)
 
 

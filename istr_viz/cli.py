@@ -16,8 +16,6 @@ from pathlib import Path
 from istr_viz.errors import DataError, IstrVizError
 
 PREDICT_THRESHOLD = 0.4  # predict's score threshold for a checkpoint that records none
-# what starting from the shipped model gave (benchmarks/results_log.md, session 22: s22ft, s22)
-FINE_TUNE_EVIDENCE = "24.3 against 5.0 mask AP after 30 minutes of training"
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -173,10 +171,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         cfg = with_architecture_of(cfg, Config.from_dict(load_checkpoint(args.init_from)["config"]))
     cfg = apply_overrides(cfg, args.set or [])
-    hint = None if (args.init_from or args.resume or "RANK" in os.environ) else \
-        fine_tune_hint(train_paths)
-    if hint:  # once: in a single process, or in the launcher of several
-        print(hint, file=sys.stderr, flush=True)
     if args.processes != 1:
         return _launch_train(args, cfg)
     basis = MaskBasis.load(args.basis) if args.basis else None
@@ -190,21 +184,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.metrics:
         print(format_stage_table(result.metrics))
     return 0
-
-
-def fine_tune_hint(train_paths) -> str | None:
-    """For a run from scratch on data other than the built-in shapes, when the shipped model is
-    there: a line suggesting ``--init-from`` it (``None`` otherwise)."""
-    from istr_viz.data.layout import default_data_root
-    from istr_viz.predictor import default_checkpoint
-
-    shipped = default_checkpoint(must_exist=False)
-    builtin = default_data_root(generate=False).resolve()
-    if not shipped.is_file() or builtin in Path(train_paths.ann_file).resolve().parents:
-        return None
-    return (f"hint: this run starts from scratch; --init-from {shipped} starts from the shipped "
-            f"model's weights instead (class heads afresh for other classes): on the second data "
-            f"set of benchmarks/ that gave {FINE_TUNE_EVIDENCE}")
 
 
 def _launch_train(args: argparse.Namespace, cfg) -> int:

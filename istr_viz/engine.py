@@ -298,6 +298,35 @@ def _check_finite_outputs(output, iteration: int) -> None:
                     "good checkpoint is kept (try a lower train.lr)")
 
 
+# What starting from the shipped model (ship7) gave on the second data set of benchmarks/, 30
+# minutes on 2 CPU cores (benchmarks/results_log.md, session 22: s22ft against s22)
+FINE_TUNE_EVIDENCE = "24.3 mask AP after 30 minutes from it, 5.0 from scratch"
+
+
+def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
+    """A line suggesting to start from the shipped model, for a run from scratch (no ImageNet
+    weights) of the shipped model's architecture on data with other classes; ``None`` otherwise
+    (or when there is no shipped file). ``ann``: the training annotations (``CocoAnnotations``);
+    ``shipped``: the shipped checkpoint (default ``istr_viz.predictor.SHIPPED_CHECKPOINT``)."""
+    from istr_viz.predictor import SHIPPED_CHECKPOINT
+
+    shipped = Path(shipped) if shipped is not None else SHIPPED_CHECKPOINT
+    if cfg.model.pretrained_path or not shipped.is_file():
+        return None
+    try:
+        source = load_checkpoint(shipped)
+        source_model = Config.from_dict(source["config"]).model
+    except IstrVizError:
+        return None
+    same_classes = (list(source["class_names"]) == list(ann.class_names)
+                    and list(source["category_ids"]) == list(ann.label_to_cat_id))
+    if same_classes or source_model != cfg.model:
+        return None
+    return (f"hint: this model starts from scratch; init_from={shipped} (train --init-from) "
+            f"starts from the shipped model's weights, with new class heads ({FINE_TUNE_EVIDENCE} "
+            f"on the second data set of benchmarks/)")
+
+
 def _init_from(model: nn.Module, ckpt: dict, keep_class_head: bool = False) -> list[str]:
     """Copy every weight of checkpoint ``ckpt`` whose name and shape fit (the basis is the model's
     own) but, unless ``keep_class_head``, the per-class ones (the class logits, the semantic
@@ -392,6 +421,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         for line in fit_warnings(ann, cfg.model.num_queries, cfg.data.test_min_size,
                                  cfg.data.test_max_size):
             print(f"warning: {line}", file=sys.stderr, flush=True)
+        hint = None if init_from is not None else fine_tune_hint(cfg, ann)
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
     if ckpt is not None and list(ckpt["category_ids"]) != list(ann.label_to_cat_id):
         raise DataError(f"resuming a run trained on categories {ckpt['category_ids']} with data whose "
                         f"categories are {ann.label_to_cat_id}", file=train_data.ann_file)

@@ -24,21 +24,20 @@ def quirky_gt(tmp_path_factory) -> COCO:
     return load_annotations(paths.ann_file).coco
 
 
-def _rect_gt(images: dict[int, list[tuple[int, int, int, int, int]]], width: int = 120,
-             height: int = 90) -> COCO:
-    """Images of rectangles ``(x0, y0, x1, y1, category_id)`` (categories 3 and 7)."""
+def _rect_gt(images: dict[int, list[tuple]], width: int = 120, height: int = 90) -> COCO:
+    """Images of rectangles ``(x0, y0, x1, y1, category_id[, iscrowd])`` (categories 3, 7)."""
     dataset = {"images": [], "annotations": [],
                "categories": [{"id": 3, "name": "square"}, {"id": 7, "name": "circle"}]}
     for image_id, rects in images.items():
         dataset["images"].append({"id": image_id, "width": width, "height": height,
                                   "file_name": f"{image_id}.png"})
-        for x0, y0, x1, y1, cat in rects:
+        for x0, y0, x1, y1, cat, *crowd in rects:
             mask = np.zeros((height, width), dtype=bool)
             mask[y0:y1, x0:x1] = True
             dataset["annotations"].append({
                 "id": len(dataset["annotations"]) + 1, "image_id": image_id, "category_id": cat,
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(mask.sum()), "iscrowd": 0,
-                "segmentation": cf.compressed_rle(mask)})
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(mask.sum()),
+                "iscrowd": int(bool(crowd and crowd[0])), "segmentation": cf.compressed_rle(mask)})
     gt = COCO()
     gt.dataset = dataset
     gt.createIndex()
@@ -134,6 +133,39 @@ def test_a_false_positive_on_background_is_not_a_class_error(apart_gt):
     b = error_breakdown(apart_gt, results, "bbox")
     assert b["AP"] < 1.0
     assert b["AP_classes_corrected"] == pytest.approx(b["AP"])
+
+
+def _box(image_id: int, cat: int, score: float, xyxy, query: int) -> dict:
+    x0, y0, x1, y1 = xyxy
+    return {"image_id": image_id, "category_id": cat, "score": score, "query": query,
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
+
+
+def test_a_right_detection_is_never_relabelled():
+    """A square inside a larger circle's box: the square's detection overlaps the circle's box
+    more (IoU 0.71) than the square's (0.62), yet it already matches its own class at IoU 0.5,
+    so it keeps it."""
+    gt = _rect_gt({1: [(20, 20, 50, 50, 3), (15, 15, 60, 60, 7)]})
+    dets = [_box(1, 3, 0.9, (17, 17, 55, 55), 0), _box(1, 7, 0.8, (15, 15, 60, 60), 1)]
+    assert [r["category_id"] for r in correct_classes(gt, dets, "bbox")] == [3, 7]
+    b = error_breakdown(gt, dets, "bbox")
+    assert b["AP_classes_corrected"] == pytest.approx(b["AP"])
+
+
+def test_only_an_overlap_of_0_1_or_more_moves_a_class():
+    gt = _rect_gt({1: [(0, 0, 40, 40, 7)]})
+    barely = _box(1, 3, 0.9, (36, 36, 60, 60), 0)  # IoU 16 / (1600 + 576 - 16) < 0.1
+    near = _box(1, 3, 0.9, (20, 0, 60, 40), 1)  # IoU 800 / 2400 = 1/3
+    assert [r["category_id"] for r in correct_classes(gt, [barely, near], "bbox")] == [3, 7]
+
+
+def test_a_wrong_class_on_a_crowd_region_is_corrected_to_be_ignored():
+    gt = _rect_gt({1: [(0, 0, 30, 30, 3), (60, 40, 110, 85, 7, True)]})
+    dets = [_box(1, 3, 0.8, (0, 0, 30, 30), 0), _box(1, 3, 0.9, (70, 50, 100, 80), 1)]
+    assert [r["category_id"] for r in correct_classes(gt, dets, "bbox")] == [3, 7]
+    b = error_breakdown(gt, dets, "bbox")
+    assert b["AP"] < 1.0 and b["AP_classes_corrected"] == pytest.approx(1.0)
+    assert b["missed"] == 0.0  # the crowd region is no instance to miss
 
 
 def test_a_query_keeps_one_class(quirky_gt):

@@ -148,30 +148,6 @@ def test_train_bad_inputs(tiny_run, tmp_path, capsys):
                 capsys, "--max-minutes")
 
 
-def test_a_run_from_scratch_on_own_data_hints_at_the_shipped_model(tiny_run, tmp_path, capsys,
-                                                                  monkeypatch):
-    from istr_viz.cli import fine_tune_hint
-    from istr_viz.data.layout import DEFAULT_SHAPES_NAME, split_paths
-
-    root, ckpt = tiny_run
-    monkeypatch.setenv("ISTR_VIZ_CHECKPOINT", str(ckpt))
-    monkeypatch.setenv("ISTR_VIZ_CACHE", str(tmp_path / "cache"))
-    hint = fine_tune_hint(split_paths(root, "train"))
-    assert hint.startswith("hint: ") and f"--init-from {ckpt}" in hint
-    # (--processes 0 fails after the hint, before any training)
-    argv = ["train", "--data", str(root), "--out", str(tmp_path / "o"), "--processes", "0"]
-    code, _, err = _run(argv, capsys)
-    assert code == 2 and err.count("hint: ") == 1 and "--processes must be" in err
-    code, _, err = _run(argv + ["--init-from", str(ckpt)], capsys)
-    assert code == 2 and "hint: " not in err
-    # none on the built-in shapes, and none without a shipped model
-    builtin = tmp_path / "cache" / DEFAULT_SHAPES_NAME
-    cf.write_quirky_root(builtin)
-    assert fine_tune_hint(split_paths(builtin, "train")) is None
-    monkeypatch.setenv("ISTR_VIZ_CHECKPOINT", str(tmp_path / "missing.pt"))
-    assert fine_tune_hint(split_paths(root, "train")) is None
-
-
 def test_train_with_a_val_set_of_other_classes_is_refused(tiny_run, tmp_path, capsys):
     root, _ = tiny_run
     other = cf.write_quirky_coco(tmp_path / "other")

@@ -600,6 +600,38 @@ def test_training_warns_when_images_hold_more_objects_than_queries(tmp_path, cap
     assert "warning: annotations.json: 1 of 6 images have more instances than the model's 2" in err
 
 
+def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run, tmp_path,
+                                                                        capsys, monkeypatch):
+    from dataclasses import replace
+
+    import istr_viz.predictor
+    from istr_viz.config import Config
+    from istr_viz.data.layout import DatasetPaths
+    from istr_viz.engine import fine_tune_hint, train
+
+    root, shipped = tiny_run  # stands in for the shipped model: its classes are the shapes'
+    cfg = Config.from_dict(load_checkpoint(shipped)["config"])
+    quirky = cf.write_quirky_coco(tmp_path / "quirky")
+    other = load_annotations(quirky.ann_file)
+    same = load_annotations(root / "train" / "annotations.json")
+    hint = fine_tune_hint(cfg, other, shipped)
+    assert hint.startswith("hint: ") and f"init_from={shipped} (train --init-from)" in hint
+    assert fine_tune_hint(cfg, same, shipped) is None  # the shipped model's own classes
+    other_model = replace(cfg, model=replace(cfg.model, num_queries=cfg.model.num_queries + 1))
+    assert fine_tune_hint(other_model, other, shipped) is None  # --init-from would change it
+    imagenet = replace(cfg, model=replace(cfg.model, pretrained_path=str(tmp_path / "r18.pth")))
+    assert fine_tune_hint(imagenet, other, shipped) is None
+    assert fine_tune_hint(cfg, other, tmp_path / "missing.pt") is None
+    # train prints it once, after the data checks, and not when it starts from a checkpoint
+    monkeypatch.setattr(istr_viz.predictor, "SHIPPED_CHECKPOINT", Path(shipped))
+    paths = DatasetPaths(quirky.ann_file, quirky.images_dir)
+    train(cfg, paths, tmp_path / "scratch", max_iters=1, device="cpu", progress=False)
+    assert capsys.readouterr().err.count("hint: ") == 1
+    train(cfg, paths, tmp_path / "tuned", max_iters=1, device="cpu", progress=False,
+          init_from=shipped)
+    assert "hint: " not in capsys.readouterr().err
+
+
 def test_train_seconds_leave_evaluation_out_and_add_up_over_a_resume(tmp_path, monkeypatch):
     """``train_s`` in metrics.jsonl (the benchmark's ISTR clock) is wall time minus evaluations,
     and a resumed run continues it instead of starting again from 0."""
