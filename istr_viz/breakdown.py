@@ -79,6 +79,13 @@ def _overlaps(gt: COCO, image_id: int, dets: list[dict], anns: list[dict], iou_t
     return np.asarray(mask_utils.iou(d, g, crowd), dtype=np.float64).reshape(len(d), len(g))
 
 
+def _by_image(results: list[dict]) -> dict[int, list[dict]]:
+    by_image = defaultdict(list)
+    for r in results:
+        by_image[r["image_id"]].append(r)
+    return by_image
+
+
 def _instances(gt: COCO, image_id: int) -> list[dict]:
     return [a for a in gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
 
@@ -100,11 +107,8 @@ def correct_classes(gt: COCO, results: list[dict], iou_type: str) -> list[dict]:
     corrected: a detection that does not match a region of its own class (IoU 0.5) takes the
     class of the annotation it overlaps most by ``iou_type`` overlap, when that is at least
     :data:`LOOSE_IOU` (a crowd region too, which COCOeval then ignores it on)."""
-    by_image = defaultdict(list)
-    for r in best_class_per_query(results):
-        by_image[r["image_id"]].append(r)
     corrected = []
-    for image_id, dets in by_image.items():
+    for image_id, dets in _by_image(best_class_per_query(results)).items():
         anns = gt.imgToAnns.get(image_id, [])
         overlaps = _overlaps(gt, image_id, dets, anns, iou_type)
         for r, row in zip(dets, overlaps):
@@ -117,9 +121,8 @@ def missed_share(gt: COCO, results: list[dict], iou_type: str,
     """The share of non-crowd instances (of ``image_ids``, default all images) that no result
     overlaps by IoU :data:`LOOSE_IOU` or more, whatever its class or score (0 without any)."""
     image_ids = list(gt.getImgIds()) if image_ids is None else list(image_ids)
-    by_image = defaultdict(list)
-    for r in results:
-        by_image[r["image_id"]].append(r)
+    # a query's classes share one box and mask: overlap each query once
+    by_image = _by_image(best_class_per_query(results))
     total = missed = 0
     for image_id in image_ids:
         anns = _instances(gt, image_id)
