@@ -55,7 +55,8 @@ def main() -> None:
     p.add_argument("--data", help="data set root with train/ (default: the built-in shapes)")
     p.add_argument("--preset", default="shapes-cpu")
     p.add_argument("--batch", type=int, default=2, help="images per process (the preset's "
-                   "train.batch_size is not read: 4 over 2 processes is 2 each)")
+                   "train.batch_size is not read; the default 2 is the batch 4 over 2 processes "
+                   "of the recorded results; the preset's batch 8 since session 23 is 4 each)")
     p.add_argument("--iters", type=int, default=130)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)

@@ -317,9 +317,10 @@ PRESETS: dict[str, Config] = {
         loss=LossConfig(embed_weighting="variance", mask_target_boxes="pred",
                         class_loss="varifocal"),
         # one thread: on 2 cores, 2 OpenMP threads were no faster (benchmarks/bench_model.py).
-        # Batch 8 (4 a process under --processes 2): 1.3x the images a second of batch 4 (a step
-        # is mostly per-operation overhead) and 41.6 against 34.7 mask AP at 30 minutes, ahead at
-        # every eval point; batch 16 was level with 8 (41.5) (b8, b16 against m22, session 23)
+        # Batch 8 (4 a process under --processes 2): 1.35-1.43x the images a second of batch 4 (a
+        # step is mostly per-operation overhead; at equal images the two learn the same) and 41.6
+        # against 34.7 mask AP at 30 minutes, ahead at every eval point; batch 16 was level with 8
+        # (41.5) (b8, b16 in session 23 against m22 in session 22; benchmarks/results_log.md)
         train=TrainConfig(batch_size=8, lr=2e-4, backbone_lr_mult=3.0, max_iters=1500,
                           warmup_iters=100,
                           lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1,

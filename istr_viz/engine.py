@@ -304,6 +304,22 @@ FINE_TUNE_EVIDENCE = ("24.3 mask AP after 30 minutes from it, against 5.0 from s
                       "9.8 from scratch at batch 8")
 
 
+def _check_batch_fits(batch_size: int, world_size: int, num_images: int, ann_file: Path) -> None:
+    """Refuse, before any work, a batch that does not split evenly over the processes or that
+    holds more images than the training set, naming a value that would run."""
+    if batch_size % world_size:
+        raise ConfigError(f"train.batch_size {batch_size} does not split over {world_size} "
+                          f"processes: give --set train.batch_size=N with N a multiple of "
+                          f"{world_size}", entry="train.batch_size")
+    if num_images < batch_size:
+        fits = num_images - num_images % world_size
+        advice = (f"give --set train.batch_size={fits} (at most the image count, a multiple of "
+                  f"the {world_size} processes)" if fits else
+                  f"{world_size} processes need at least {world_size} training images")
+        raise DataError(f"the training set has {num_images} images, fewer than one batch of "
+                        f"train.batch_size={batch_size}: {advice}", file=ann_file)
+
+
 def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
     """A line suggesting to start from the shipped model, for a run from scratch (no ImageNet
     weights) of the shipped model's architecture on data with other classes; ``None`` otherwise
@@ -418,6 +434,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
+    _check_batch_fits(tc.batch_size, info.world_size, len(ann.image_ids), train_data.ann_file)
     if info.is_main and ckpt is None:
         for line in fit_warnings(ann, cfg.model.num_queries, cfg.data.test_min_size,
                                  cfg.data.test_max_size):
@@ -493,9 +510,6 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          tc.lr_gamma, budget.get("time_done", 0.0), tc.lr_decay)
 
     per_process_batch = tc.batch_size // info.world_size
-    if per_process_batch * info.world_size != tc.batch_size:
-        raise ConfigError(f"train.batch_size {tc.batch_size} does not split over "
-                          f"{info.world_size} processes")
     local_sgd = info.world_size > 1 and tc.average_every > 1
     # (local SGD keeps per-process BatchNorm: SyncBatchNorm would be a collective every forward)
     model = sync_batchnorm_for_ddp(model, device, info.world_size, tc.sync_bn and not local_sgd)

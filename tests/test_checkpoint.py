@@ -349,3 +349,18 @@ def test_export_ships_half_weights_a_card_and_no_training_state(model, basis, tm
                           str(out), "--card", str(tmp_path / "missing.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.json" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_the_card_file_and_the_model_card_give_the_same_commands():
+    """checkpoints/card.json (what `export --card` embeds) and checkpoints/README.md must document
+    one recipe: each step of the card's command appears verbatim in the model card."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    card = json.loads((root / "checkpoints" / "card.json").read_text())
+    readme = (root / "checkpoints" / "README.md").read_text()
+    steps = [step.strip() for step in card["command"].split("&&")]
+    assert len(steps) == 3 and "train" in steps[1]
+    for step in steps:
+        assert step in readme, step

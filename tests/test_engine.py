@@ -209,6 +209,27 @@ def test_processes_refuses_bad_counts_before_starting_anything(shapes, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_at_once_naming_a_size_that_fits(
+        shapes, tmp_path, capsys):
+    """16 training images and a batch of 32: one line that names the annotation file and a batch
+    that would run, exit 2, before the basis, the model or any run file."""
+    from istr_viz.cli import main
+
+    root, _ = shapes
+    paths = split_paths(root, "train")
+    cmd = ["train", "--train-ann", str(paths.ann_file), "--train-images", str(paths.images_dir),
+           "--out", str(tmp_path / "out"), "--max-iters", "2", "--device", "cpu"]
+    for item in [*TINY, "train.batch_size=32"]:
+        cmd += ["--set", item]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(paths.ann_file) in err, err
+    assert "16 images, fewer than one batch of train.batch_size=32" in err
+    assert "--set train.batch_size=16" in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    assert not (tmp_path / "out" / "basis.npz").exists()
+
+
 def test_launch_helpers_strip_the_flag_split_the_cores_and_pick_the_exit_status():
     from istr_viz.launch import _exit_status, strip_processes_flag, threads_per_process
 
