@@ -434,7 +434,6 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
-    _check_batch_fits(tc.batch_size, info.world_size, len(ann.image_ids), train_data.ann_file)
     if info.is_main and ckpt is None:
         for line in fit_warnings(ann, cfg.model.num_queries, cfg.data.test_min_size,
                                  cfg.data.test_max_size):
@@ -447,6 +446,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                         f"categories are {ann.label_to_cat_id}", file=train_data.ann_file)
     if val_data is not None:
         _check_same_categories(ann, load_annotations(val_data.ann_file))
+    _check_batch_fits(tc.batch_size, info.world_size, len(ann.image_ids), train_data.ann_file)
     source = load_checkpoint(init_from) if (init_from is not None and ckpt is None) else None
     if basis is None and source is not None:  # the mask head was trained with that basis
         basis = MaskBasis.from_dict(source["basis"])
