@@ -322,9 +322,10 @@ PRESETS: dict[str, Config] = {
         # against 34.7 mask AP at 30 minutes, ahead at every eval point; batch 16 was level with 8
         # (41.5) (b8, b16 in session 23 against m22 in session 22; benchmarks/results_log.md).
         # lr 2.8e-4 (2e-4 x sqrt 2 for the doubled batch): 52.0 / 42.3 against 51.5 / 41.6 box /
-        # mask AP at 30 minutes in 13% fewer iterations on a slower day, ahead at equal iterations
-        # at every eval point (b8lr, session 24, against b8); +4.1 mask AP in the equal-budget
-        # benchmark's one process too (eb23). At batch 4, GroupNorm then, a higher lr hurt (s. 8).
+        # mask AP at 30 minutes in 13% fewer iterations on a slower day; mask AP ahead at equal
+        # iterations at every eval point (+5.1 at 2,560, before either run's lr drop) (b8lr,
+        # session 24, against b8); +4.1 mask AP in the equal-budget benchmark's one process too
+        # (eb23). At batch 4, GroupNorm then, a higher lr hurt (session 8).
         train=TrainConfig(batch_size=8, lr=2.8e-4, backbone_lr_mult=3.0, max_iters=1500,
                           warmup_iters=100,
                           lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1,
