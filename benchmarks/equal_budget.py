@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=20.0)
     # the default sweeps, steps of x1.4 around each model's best at batch 8 (eb23 and eb24,
     # sessions 23 and 25): ISTR's 2.8e-4 beat 2e-4 in eb23 and 4e-4 / 5.6e-4 in eb24; the peer's
-    # best was the top of its sweep both times (0.08 in eb23, 0.16 in eb24), hence one step above
+    # best was the top of its sweep both times (0.08 in eb23, 0.16 in eb24), and is the middle now
     p.add_argument("--lrs", default="0.11,0.16,0.22", help="Mask R-CNN SGD learning rates")
     p.add_argument("--istr-lrs", default="2e-4,2.8e-4,4e-4", help="ISTR AdamW learning rates")
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)

@@ -521,7 +521,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         # a process whose share of the batch holds no instance (negative images) leaves the
         # denoising label embedding without a gradient (the training-only dense heads too):
         # without the search DDP's reductions fall out of step and the run fails or hangs (adding
-        # 0 x every parameter to the loss instead made a step 6% slower: results log, session 25)
+        # 0 x the first element of every parameter to the loss instead, with the search off, was
+        # no faster: 6% slower a step; results log, session 25)
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
