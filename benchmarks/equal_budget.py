@@ -24,8 +24,9 @@ minutes, every run).
 
 ``--peer-only`` / ``--istr-only`` run one side (run the other later with the same ``--out`` and
 the timing happens once both are there); ``--report`` only re-reads ``OUT``; ``--time`` redoes
-the timing; ``--rescore-peers`` scores every saved Mask R-CNN again with today's code (after a
-change to its post-processing) and writes ``OUT/peer_rescored.json`` beside the recorded AP.
+the timing; ``--rescore`` scores every saved model of both kinds again with today's code and
+the preset's test size (after a change to either) and writes ``OUT/peer_rescored.json`` and
+``OUT/istr_rescored.json`` beside the recorded AP.
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ def run_istr(args) -> None:
               "budget_minutes": args.minutes, "set": args.set or [], "diverged": diverged,
               "curve": curve, "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
               "per_stage_mask_AP": None if diverged else evals[-1]["eval"]["per_stage_segm_AP"],
+              "eval_images": args.eval_images,
               "checkpoint": str(last_ckpt.resolve()),
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6 if model else None}
     _write(Path(args.out) / f"istr_lr{args.lr:g}.json", record)
@@ -273,31 +275,60 @@ def time_best(out: Path, args) -> dict:
     return timing
 
 
-def rescore_peers(out: Path, args) -> list[dict]:
-    """Score each saved Mask R-CNN of ``out`` (its final weights) on the val set again (on as
-    many images as its run's evaluations used) with today's prediction and scoring code; the
-    per-run files keep what was recorded at the time, and ``report`` adds the kept one's ratio.
-    Writes and returns ``OUT/peer_rescored.json``: per lr, the recorded and the new box/mask AP."""
+def _rescored_row(record: dict, ap: dict, test_size: int) -> dict:
+    name = "ISTR" if record["model"] == "istr" else "Mask R-CNN"
+    row = {"lr": record["lr"], "test_min_size": test_size, "recorded_box_AP": record["box_AP"],
+           "recorded_mask_AP": record["mask_AP"], "box_AP": ap["bbox"]["AP"],
+           "mask_AP": ap["segm"]["AP"]}
+    print(f"{name} lr {record['lr']:g} at {test_size} px: box AP {100 * record['box_AP']:.1f} -> "
+          f"{100 * row['box_AP']:.1f}, mask AP {100 * record['mask_AP']:.1f} -> "
+          f"{100 * row['mask_AP']:.1f}")
+    return row
+
+
+def rescore(out: Path, args) -> dict[str, list[dict]]:
+    """Score each saved model of ``out`` (its final weights) on the val set again (on as many
+    images as its run's evaluations used) with today's prediction and scoring code and the
+    preset's test size, both models alike, so that a change to either (post-processing, the
+    test size) is compared on the same terms; the per-run files keep what was recorded at the
+    time, and ``report`` adds the kept pair's ratio. Writes ``OUT/peer_rescored.json`` and
+    ``OUT/istr_rescored.json`` (per lr: the recorded and the new box/mask AP, the test size) and
+    returns both lists. A diverged ISTR run has no weights to score and is left out."""
+    from dataclasses import replace
+
     from istr_viz.baseline import build_mask_rcnn, mask_rcnn_results
     from istr_viz.config import apply_overrides, get_preset
+    from istr_viz.evaluate import evaluate_model
+    from istr_viz.predictor import load_model
 
     torch.set_num_threads(args.threads)
-    rows = []
-    for record in _records(out)[1]:
-        cfg = apply_overrides(get_preset(args.preset), record["set"])  # as it was trained
+    istr_records, peer_records = _records(out)
+    rows: dict[str, list[dict]] = {"peer": [], "istr": []}
+    extra = args.set or []  # on top of each run's own: e.g. another test size
+    for record in peer_records:
+        cfg = apply_overrides(get_preset(args.preset), record["set"] + extra)  # as it was trained
         train, val, val_paths = _datasets(cfg, args.data)
         model = build_mask_rcnn(cfg, len(train.annotations.class_names))
         model.load_state_dict(torch.load(out / f"peer_lr{record['lr']:g}.pt", map_location="cpu",
                                          weights_only=True))
         ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp,
                                                    max_images=record.get("eval_images")))
-        rows.append({"lr": record["lr"], "recorded_box_AP": record["box_AP"],
-                     "recorded_mask_AP": record["mask_AP"], "box_AP": ap["bbox"]["AP"],
-                     "mask_AP": ap["segm"]["AP"]})
-        print(f"Mask R-CNN lr {record['lr']:g}: box AP {100 * record['box_AP']:.1f} -> "
-              f"{100 * rows[-1]['box_AP']:.1f}, mask AP {100 * record['mask_AP']:.1f} -> "
-              f"{100 * rows[-1]['mask_AP']:.1f}")
-    _write(out / "peer_rescored.json", rows)
+        rows["peer"].append(_rescored_row(record, ap, cfg.data.test_min_size))
+    _, val_paths = _paths(args.data)
+    for record in istr_records:
+        if record.get("diverged") or not Path(record.get("checkpoint", "")).is_file():
+            continue
+        cfg = apply_overrides(get_preset(args.preset), record["set"] + extra)
+        model, predictor = load_model(record["checkpoint"], device="cpu")
+        # the checkpoint's own configuration, tested at the preset's size as the peer is
+        tested = replace(predictor.config, data=replace(
+            predictor.config.data, test_min_size=cfg.data.test_min_size,
+            test_max_size=cfg.data.test_max_size))
+        ap = evaluate_model(model, val_paths, tested, max_images=record.get("eval_images"),
+                            progress=False, category_ids=predictor.category_ids)
+        rows["istr"].append(_rescored_row(record, ap, cfg.data.test_min_size))
+    _write(out / "peer_rescored.json", rows["peer"])
+    _write(out / "istr_rescored.json", rows["istr"])
     return rows
 
 
@@ -345,15 +376,21 @@ def report(out: Path) -> dict:
             summary["infer_ratio"] = timing["istr_ms"] / timing["mask_rcnn_ms"]
             line += f", inference time x{summary['infer_ratio']:.2f}"
         print(line)
-        rescored_path = out / "peer_rescored.json"
-        rescored = {r["lr"]: r for r in (json.loads(rescored_path.read_text())
-                                         if rescored_path.exists() else [])}
-        if best["lr"] in rescored:  # --rescore-peers: the kept peer scored with today's code
-            summary["peer_rescored"] = list(rescored.values())
-            summary["mask_AP_ratio_rescored"] = istr["mask_AP"] / max(
-                rescored[best["lr"]]["mask_AP"], 1e-9)
-            print(f"with the kept Mask R-CNN scored again by today's code (peer_rescored.json: "
-                  f"mask AP {100 * rescored[best['lr']]['mask_AP']:.1f}): mask AP "
+        rescored = {name: {r["lr"]: r for r in (json.loads(path.read_text())
+                                                if path.exists() else [])}
+                    for name, path in (("peer", out / "peer_rescored.json"),
+                                       ("istr", out / "istr_rescored.json"))}
+        if best["lr"] in rescored["peer"] and istr["lr"] in rescored["istr"]:
+            # --rescore: both kept models scored again by today's code at today's test size
+            # (the kept lrs stay those chosen by the recorded AP)
+            peer_now, istr_now = rescored["peer"][best["lr"]], rescored["istr"][istr["lr"]]
+            summary["peer_rescored"] = list(rescored["peer"].values())
+            summary["istr_rescored"] = list(rescored["istr"].values())
+            summary["mask_AP_ratio_rescored"] = istr_now["mask_AP"] / max(
+                peer_now["mask_AP"], 1e-9)
+            print(f"both kept models scored again by today's code at "
+                  f"{peer_now.get('test_min_size', '?')} px (*_rescored.json): mask AP "
+                  f"{100 * istr_now['mask_AP']:.1f} against {100 * peer_now['mask_AP']:.1f}, "
                   f"x{summary['mask_AP_ratio_rescored']:.2f}")
         if best["mask_AP"] < 0.05:
             print("warning: the peer is below 0.05 mask AP: broken, not beaten")
@@ -398,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--istr-only", action="store_true")
     side.add_argument("--report", action="store_true")
     side.add_argument("--time", action="store_true", help="only redo the inference timing")
-    side.add_argument("--rescore-peers", action="store_true",
-                      help="score the saved Mask R-CNNs again with today's code")
+    side.add_argument("--rescore", "--rescore-peers", dest="rescore", action="store_true",
+                      help="score the saved models of both kinds again with today's code and "
+                           "test size")
     p.add_argument("--run", choices=["istr", "peer"], help=argparse.SUPPRESS)  # one job (internal)
     args = p.parse_args(argv)
     if any(item.split("=")[0].strip() == "train.lr" for item in args.set or []):
@@ -414,11 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.run == "istr":
         run_istr(args)
         return 0
-    if args.rescore_peers:
-        if not _records(out)[1]:
-            print(f"no Mask R-CNN result in {out} to score again", file=sys.stderr)
+    if args.rescore:
+        if not any(_records(out)):
+            print(f"no result in {out} to score again", file=sys.stderr)
             return 2
-        rescore_peers(out, args)
+        rescore(out, args)
+        report(out)
         return 0
     if not (args.report or args.time):
         common = [sys.executable, __file__, "--minutes", str(args.minutes), "--out", str(out),

@@ -214,7 +214,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from istr_viz.predictor import load_model
 
     paths = _dataset_paths(args, "val")
-    model, predictor = load_model(args.checkpoint, device=args.device)
+    model, predictor = load_model(args.checkpoint, device=args.device, test_size=args.test_size)
     ann = load_annotations(paths.ann_file)
     _check_classes_fit(args.checkpoint, predictor, ann)
     metrics = evaluate_model(model, paths, predictor.config, device=predictor.device,
@@ -255,7 +255,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from istr_viz.viz.figures import figure_to_png
     from istr_viz.viz.stages import plot_stage_grid
 
-    _, predictor = load_model(args.checkpoint, device=args.device)
+    _, predictor = load_model(args.checkpoint, device=args.device, test_size=args.test_size)
     if args.score_threshold is None:
         args.score_threshold = suggested_score_threshold(predictor.metrics, PREDICT_THRESHOLD)
     out = Path(args.out)
@@ -297,6 +297,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, "
           f"{'float32' if args.fp32 else 'float16'} weights, no training state)")
     return 0
+
+
+TEST_SIZE_HELP = ("the shorter side, in pixels, that images are resized to (default: the "
+                  "checkpoint's data.test_min_size); the longer side's cap is raised to keep "
+                  "800:1333 where needed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", action="store_true",
                    help="also report where the AP goes: the AP with class errors corrected, "
                         "at IoU 0.1, and the share of instances that no detection touches")
+    p.add_argument("--test-size", type=int, metavar="PX", help=TEST_SIZE_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_evaluate, split="val")
 
@@ -398,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep detections scoring at least this (default: the threshold the "
                         f"checkpoint's final evaluation chose, else {PREDICT_THRESHOLD})")
     p.add_argument("--stage", type=int, help="only this stage in the JSON (1..K; default all)")
+    p.add_argument("--test-size", type=int, metavar="PX", help=TEST_SIZE_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_predict)
     return parser

@@ -303,8 +303,11 @@ PRESETS: dict[str, Config] = {
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images
         # wider than 5:3 (a 224 cap shrank 360 x 200 images to 224 x 124)
+        # Tested at the largest training size, 224: +2.8 / +1.5 / +0.9 mask AP over 192 for the
+        # shipped model, a 30-minute run and a 30-minute run on the second set, each re-scored
+        # (ship9, b8lr, s8lr; benchmarks/results_log.md, session 26); 256 was no better.
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=373,
-                        test_min_size=192, test_max_size=373, num_workers=0),
+                        test_min_size=224, test_max_size=373, num_workers=0),
         # The varifocal class loss (a matched query's class target is its box's IoU, so scores
         # rank detections by placement as well): level for 15 minutes, then ahead; +1.7 mask AP
         # at equal iterations at the end of 30 minutes (29.9 / 23.3 against 26.9 / 20.8 box / mask
@@ -347,6 +350,18 @@ def with_architecture_of(cfg: Config, source: Config) -> Config:
     head trained on ``gt`` crops should not be fine-tuned toward ``pred`` ones."""
     loss = replace(cfg.loss, mask_target_boxes=source.loss.mask_target_boxes)
     return replace(cfg, model=source.model, basis=source.basis, loss=loss)
+
+
+def with_test_size(cfg: Config, min_size: int) -> Config:
+    """``cfg`` testing at ``min_size`` px on the shorter side (``data.test_min_size``). The cap on
+    the longer side (``data.test_max_size``) is raised where needed to keep detectron2's
+    800:1333 ratio, so that it binds only for images wider than 5:3, as the presets' caps do.
+    A size below 1 raises :class:`ConfigError`."""
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
+        raise ConfigError(f"the test size must be a whole number of pixels >= 1, got {min_size!r}",
+                          entry="data.test_min_size")
+    max_size = max(cfg.data.test_max_size, round(min_size * 1333 / 800))
+    return replace(cfg, data=replace(cfg.data, test_min_size=min_size, test_max_size=max_size))
 
 
 def _coerce(text: str, current, annotation: str):

@@ -261,20 +261,23 @@ def default_checkpoint(path: str | Path | None = None, must_exist: bool = True) 
     return chosen
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None
-               ) -> tuple[torch.nn.Module, Predictor]:
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               test_size: int | None = None) -> tuple[torch.nn.Module, Predictor]:
     """Load a checkpoint and return ``(model, predictor)`` ready to use on CPU or CUDA.
 
-    Weights stored in half precision are brought back to fp32. Raises
-    :class:`~istr_viz.errors.CheckpointError` for a file that is not a usable checkpoint.
+    Weights stored in half precision are brought back to fp32. ``test_size``: the shorter side
+    images are resized to (default: the checkpoint's ``data.test_min_size``); it also changes
+    ``predictor.config``, which ``evaluate`` reads, but the checkpoint's recorded ``metrics`` stay
+    those of its own size. Raises :class:`~istr_viz.errors.CheckpointError` for a file that is not
+    a usable checkpoint, :class:`~istr_viz.errors.ConfigError` for a test size below 1.
     """
     from istr_viz.checkpoint import load_checkpoint
 
-    return model_from_checkpoint(load_checkpoint(path), path, device)
+    return model_from_checkpoint(load_checkpoint(path), path, device, test_size)
 
 
-def model_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.device | None = None
-                          ) -> tuple[torch.nn.Module, Predictor]:
+def model_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.device | None = None,
+                          test_size: int | None = None) -> tuple[torch.nn.Module, Predictor]:
     """:func:`load_model` for a checkpoint already read with ``load_checkpoint`` (``path`` names
     it in messages), so that a caller reading its other entries opens the file once."""
     from istr_viz.basis import MaskBasis
@@ -299,6 +302,10 @@ def model_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.devi
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint does not fit its own configuration ({first})",
                               file=path) from None
+    if test_size is not None:
+        from istr_viz.config import with_test_size
+
+        cfg = with_test_size(cfg, test_size)
     predictor = Predictor(model, ckpt["class_names"], ckpt["category_ids"], cfg.data.test_min_size,
                           cfg.data.test_max_size, device=device)
     predictor.config = cfg

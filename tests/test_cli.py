@@ -221,3 +221,51 @@ def test_predict_defaults_to_the_threshold_the_checkpoint_records(tiny_run, tmp_
         assert f"(score >= {shown})" in capsys.readouterr().out, name
         record = json.loads((tmp_path / name / "000001.json").read_text())
         assert all(d["score"] >= float(shown) for s in record["stages"] for d in s["detections"])
+
+
+def test_with_test_size_keeps_or_raises_the_cap_and_rejects_bad_sizes():
+    from istr_viz.config import ConfigError, get_preset, with_test_size
+
+    preset = get_preset("shapes-cpu")
+    assert (preset.data.test_min_size, preset.data.test_max_size) == (224, 373)
+    smaller = with_test_size(preset, 160)
+    assert (smaller.data.test_min_size, smaller.data.test_max_size) == (160, 373)  # cap kept
+    larger = with_test_size(preset, 256)
+    assert (larger.data.test_min_size, larger.data.test_max_size) == (256, 427)  # 256 x 1333 / 800
+    assert larger.data.train_min_sizes == preset.data.train_min_sizes and larger.model == preset.model
+    for bad in (0, -32, 1.5, True):
+        with pytest.raises(ConfigError, match="test size"):
+            with_test_size(preset, bad)
+
+
+def test_test_size_resizes_the_input_of_evaluate_and_predict(tiny_run, tmp_path, capsys):
+    from istr_viz.predictor import load_model
+
+    root, ckpt = tiny_run
+    image = root / "val" / "images" / "000001.png"  # 64 x 64
+    _, default = load_model(ckpt)
+    _, larger = load_model(ckpt, test_size=96)
+    own = default.min_size  # the checkpoint's own test size
+    assert own < 96 and default.config.data.test_min_size == own
+    assert (larger.min_size, larger.max_size, larger.config.data.test_min_size) == (96, 160, 96)
+    assert default.predict(image).input_size == (own, own)
+    assert larger.predict(image).input_size == (96, 96)
+    results = {}
+    for size in (None, 96):
+        extra = ["--test-size", str(size)] if size else []
+        out = tmp_path / f"r{size}.json"
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(root),
+                     "--results-out", str(out), *extra]) == 0
+        results[size] = json.loads(out.read_text())
+    # boxes come back at the images' own size either way, but the network saw other pixels
+    assert len(results[None]) == len(results[96]) > 0
+    assert [r["bbox"] for r in results[None]] != [r["bbox"] for r in results[96]]
+    assert max(max(r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3])
+               for r in results[96]) <= 64 + 1e-3
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "p"),
+                 "--test-size", "96"]) == 0
+    capsys.readouterr()
+    _fails_with(["evaluate", "--checkpoint", str(ckpt), "--data", str(root), "--test-size", "0"],
+                capsys, "data.test_min_size", "test size")
+    _fails_with(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "q"),
+                 "--test-size", "-8"], capsys, "test size")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from istr_viz.data.shapes import make_shapes
 from test_engine import TINY
 
@@ -45,19 +47,29 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
     again = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads((out / "summary.json").read_text()) == summary
-    # the saved peer, scored again with the same code, gives what was recorded
-    rescored = subprocess.run([sys.executable, str(SCRIPT), "--rescore-peers", "--out", str(out),
+    # the saved models, scored again with the same code and test size, give what was recorded
+    rescored = subprocess.run([sys.executable, str(SCRIPT), "--rescore", "--out", str(out),
                                "--data", str(root), *sets], capture_output=True, text=True,
                               timeout=300)
     assert rescored.returncode == 0, rescored.stderr[-2000:]
-    (row,) = json.loads((out / "peer_rescored.json").read_text())
-    assert row["lr"] == 0.01 and row["mask_AP"] == row["recorded_mask_AP"]
-    assert row["box_AP"] == row["recorded_box_AP"]
-    again = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(out)],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "scored again by today's code" in again.stdout
+    for name, lr in (("peer", 0.01), ("istr", 1e-3)):
+        (row,) = json.loads((out / f"{name}_rescored.json").read_text())
+        assert row["lr"] == lr and row["test_min_size"] == 64
+        assert row["mask_AP"] == pytest.approx(row["recorded_mask_AP"], abs=1e-9)
+        assert row["box_AP"] == pytest.approx(row["recorded_box_AP"], abs=1e-9)
+    assert "both kept models scored again by today's code at 64 px" in rescored.stdout
     rescored_summary = json.loads((out / "summary.json").read_text())
-    assert rescored_summary["mask_AP_ratio_rescored"] == rescored_summary["mask_AP_ratio"]
+    assert rescored_summary["mask_AP_ratio_rescored"] == pytest.approx(
+        rescored_summary["mask_AP_ratio"])
+    # at another test size both models are scored at it
+    bigger = subprocess.run([sys.executable, str(SCRIPT), "--rescore", "--out", str(out),
+                             "--data", str(root), *sets, "--set", "data.test_min_size=96",
+                             "--set", "data.test_max_size=96"], capture_output=True, text=True,
+                            timeout=300)
+    assert bigger.returncode == 0, bigger.stderr[-2000:]
+    for name in ("peer", "istr"):
+        (row,) = json.loads((out / f"{name}_rescored.json").read_text())
+        assert row["test_min_size"] == 96
 
 
 def _record(model: str, lr: float, minutes: float, mask_ap: float, iterations: int = 2000,
