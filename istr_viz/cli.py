@@ -291,8 +291,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise DataError(f"not a readable JSON file ({err})", file=args.card) from None
         if not isinstance(card, dict):
             raise DataError("the card must be a JSON object", file=args.card)
-    exported = export_for_inference(load_checkpoint(args.checkpoint), half=not args.fp32,
-                                    card=card)
+    if args.test_size is None and (args.data or args.ann or args.images):
+        raise DataError("--data, --ann and --images go with --test-size (the data to measure the "
+                        "metrics again on); without it the checkpoint's metrics are kept")
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.test_size is not None:
+        from istr_viz.evaluate import retested_checkpoint
+
+        if not (args.data or args.ann or args.images):
+            raise DataError("--test-size needs the val data to measure the metrics again at the "
+                            "new size: add --data ROOT (or --ann FILE --images DIR)",
+                            entry=f"--test-size {args.test_size}")
+        paths = _dataset_paths(args, "val")
+        ckpt = retested_checkpoint(ckpt, args.checkpoint, args.test_size, paths)
+        final = ckpt["metrics"]["segm"]["AP"], ckpt["metrics"]["bbox"]["AP"]
+        print(f"at {args.test_size} px: mask AP {100 * final[0]:.1f}, box AP {100 * final[1]:.1f}")
+    exported = export_for_inference(ckpt, half=not args.fp32, card=card)
     out = save_checkpoint(args.out, **exported)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, "
           f"{'float32' if args.fp32 else 'float16'} weights, no training state)")
@@ -394,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--fp32", action="store_true", help="keep float32 weights")
     p.add_argument("--card", help="JSON object stored as the checkpoint's card (data, command, ...)")
+    p.add_argument("--test-size", type=int, metavar="PX",
+                   help="store another test size (the shorter side, in pixels); the stored "
+                        "metrics are measured again at it on the val data given by --data")
+    p.add_argument("--data", help="a data set root (its val/ split), with --test-size")
+    p.add_argument("--ann", help="or its annotation file, with --images")
+    p.add_argument("--images", help="and its image folder")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="predict images: a per-stage figure and a JSON each")

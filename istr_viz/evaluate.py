@@ -340,3 +340,21 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
 
 
 __all__ += ["eval_dataset", "evaluate_model", "predict_stage_results"]
+
+
+def retested_checkpoint(ckpt: dict, path, test_size: int, data, device=None,
+                        progress: bool = True) -> dict:
+    """``ckpt`` (as ``load_checkpoint`` reads it) set to test at ``test_size`` px on the shorter
+    side (``config.with_test_size``), with its ``metrics`` measured again at that size on the
+    data set ``data`` (a ``DatasetPaths``), so that the metrics a checkpoint carries (what the
+    demo shows, the score threshold it picks) always describe the configuration stored with them.
+    ``path`` names the checkpoint in error messages."""
+    from istr_viz.predictor import model_from_checkpoint
+
+    model, predictor = model_from_checkpoint(ckpt, path, device, test_size=test_size)
+    metrics = evaluate_model(model, data, predictor.config, device=predictor.device,
+                             progress=progress, category_ids=predictor.category_ids)
+    return {**ckpt, "config": predictor.config.to_dict(), "metrics": metrics}
+
+
+__all__ += ["retested_checkpoint"]

@@ -269,3 +269,39 @@ def test_test_size_resizes_the_input_of_evaluate_and_predict(tiny_run, tmp_path,
                 capsys, "data.test_min_size", "test size")
     _fails_with(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "q"),
                  "--test-size", "-8"], capsys, "test size")
+
+
+def test_export_with_a_test_size_measures_the_metrics_again_at_it(tiny_run, tmp_path, capsys):
+    from istr_viz.checkpoint import load_checkpoint
+    from istr_viz.config import Config
+    from istr_viz.evaluate import evaluate_model
+    from istr_viz.predictor import load_model
+
+    root, ckpt = tiny_run
+    out = tmp_path / "retested.pt"
+    assert main(["export", str(ckpt), "--out", str(out), "--fp32", "--test-size", "96",
+                 "--data", str(root)]) == 0
+    assert "at 96 px: mask AP" in capsys.readouterr().out
+    shipped = load_checkpoint(out)
+    cfg = Config.from_dict(shipped["config"])
+    assert (cfg.data.test_min_size, cfg.data.test_max_size) == (96, 160)
+    assert "train_state" not in shipped
+    # the stored metrics are those of the exported model at its stored size
+    model, predictor = load_model(out)
+    assert predictor.min_size == 96
+    from istr_viz.data.layout import split_paths
+
+    again = evaluate_model(model, split_paths(root, "val"), predictor.config, progress=False,
+                           category_ids=predictor.category_ids)
+    for key in ("bbox", "segm"):
+        assert shipped["metrics"][key]["AP"] == pytest.approx(again[key]["AP"], abs=1e-9)
+    own = load_checkpoint(ckpt)["metrics"]["per_stage"]
+    assert [s["stage"] for s in shipped["metrics"]["per_stage"]] == [s["stage"] for s in own]
+    # a test size needs the data to measure at; the data needs a test size
+    _fails_with(["export", str(ckpt), "--out", str(tmp_path / "x.pt"), "--test-size", "96"],
+                capsys, "--test-size 96", "--data")
+    _fails_with(["export", str(ckpt), "--out", str(tmp_path / "y.pt"), "--data", str(root)],
+                capsys, "go with --test-size")
+    _fails_with(["export", str(ckpt), "--out", str(tmp_path / "z.pt"), "--test-size", "0",
+                 "--data", str(root)], capsys, "test size")
+    assert not any((tmp_path / n).exists() for n in ("x.pt", "y.pt", "z.pt"))
