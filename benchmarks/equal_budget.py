@@ -269,15 +269,17 @@ def time_best(out: Path, args) -> dict:
             forward(image)
             times[name].append((time.perf_counter() - t0) * 1000)
     timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "images": len(images),
-              "threads": args.threads,
+              "threads": args.threads, "test_min_size": cfg.data.test_min_size,
+              "test_max_size": cfg.data.test_max_size,
               **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
     return timing
 
 
-def _rescored_row(record: dict, ap: dict, test_size: int) -> dict:
+def _rescored_row(record: dict, ap: dict, test_size: int, amp: bool) -> dict:
     name = "ISTR" if record["model"] == "istr" else "Mask R-CNN"
-    row = {"lr": record["lr"], "test_min_size": test_size, "recorded_box_AP": record["box_AP"],
+    row = {"lr": record["lr"], "test_min_size": test_size, "amp": amp,
+           "recorded_box_AP": record["box_AP"],
            "recorded_mask_AP": record["mask_AP"], "box_AP": ap["bbox"]["AP"],
            "mask_AP": ap["segm"]["AP"]}
     print(f"{name} lr {record['lr']:g} at {test_size} px: box AP {100 * record['box_AP']:.1f} -> "
@@ -289,8 +291,10 @@ def _rescored_row(record: dict, ap: dict, test_size: int) -> dict:
 def rescore(out: Path, args) -> dict[str, list[dict]]:
     """Score each saved model of ``out`` (its final weights) on the val set again (on as many
     images as its run's evaluations used) with today's prediction and scoring code and the
-    preset's test size, both models alike, so that a change to either (post-processing, the
-    test size) is compared on the same terms; the per-run files keep what was recorded at the
+    preset's test size, both models alike (both under ``train.amp``'s autocast, as they are
+    timed; the ISTR runs' own evaluations during training are fp32), so that a change to either
+    (post-processing, the test size) is compared on the same terms; the per-run files keep what
+    was recorded at the
     time, and ``report`` adds the kept pair's ratio. Writes ``OUT/peer_rescored.json`` and
     ``OUT/istr_rescored.json`` (per lr: the recorded and the new box/mask AP, the test size) and
     returns both lists. A diverged ISTR run has no weights to score and is left out."""
@@ -313,7 +317,7 @@ def rescore(out: Path, args) -> dict[str, list[dict]]:
                                          weights_only=True))
         ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp,
                                                    max_images=record.get("eval_images")))
-        rows["peer"].append(_rescored_row(record, ap, cfg.data.test_min_size))
+        rows["peer"].append(_rescored_row(record, ap, cfg.data.test_min_size, cfg.train.amp))
     _, val_paths = _paths(args.data)
     for record in istr_records:
         if record.get("diverged") or not Path(record.get("checkpoint", "")).is_file():
@@ -325,8 +329,9 @@ def rescore(out: Path, args) -> dict[str, list[dict]]:
             predictor.config.data, test_min_size=cfg.data.test_min_size,
             test_max_size=cfg.data.test_max_size))
         ap = evaluate_model(model, val_paths, tested, max_images=record.get("eval_images"),
-                            progress=False, category_ids=predictor.category_ids)
-        rows["istr"].append(_rescored_row(record, ap, cfg.data.test_min_size))
+                            progress=False, category_ids=predictor.category_ids,
+                            amp=cfg.train.amp)  # the peer's precision (and the timing's)
+        rows["istr"].append(_rescored_row(record, ap, cfg.data.test_min_size, cfg.train.amp))
     _write(out / "peer_rescored.json", rows["peer"])
     _write(out / "istr_rescored.json", rows["istr"])
     return rows
@@ -423,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--data", help="data set root with train/ and val/ (default: built-in shapes)")
     p.add_argument("--preset", default="shapes-cpu")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="ISTR config override")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override for the ISTR runs (the peer reads its data sizes, batch "
+                        "and amp from the same config); with --rescore, applied on top of each "
+                        "run's own (ISTR takes only the test sizes from it)")
     p.add_argument("--out", default="runs/equal_budget")
     p.add_argument("--points", type=int, default=3, help="evaluations during training")
     p.add_argument("--eval-images", type=int, default=None, help="val images per evaluation")
@@ -435,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--istr-only", action="store_true")
     side.add_argument("--report", action="store_true")
     side.add_argument("--time", action="store_true", help="only redo the inference timing")
-    side.add_argument("--rescore", "--rescore-peers", dest="rescore", action="store_true",
+    side.add_argument("--rescore", action="store_true",
                       help="score the saved models of both kinds again with today's code and "
-                           "test size")
+                           "test size (both under the same autocast as the timing)")
     p.add_argument("--run", choices=["istr", "peer"], help=argparse.SUPPRESS)  # one job (internal)
     args = p.parse_args(argv)
     if any(item.split("=")[0].strip() == "train.lr" for item in args.set or []):

@@ -294,8 +294,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.test_size is None and (args.data or args.ann or args.images):
         raise DataError("--data, --ann and --images go with --test-size (the data to measure the "
                         "metrics again on); without it the checkpoint's metrics are kept")
-    ckpt = load_checkpoint(args.checkpoint)
+    exported = export_for_inference(load_checkpoint(args.checkpoint), half=not args.fp32,
+                                    card=card)
     if args.test_size is not None:
+        from types import SimpleNamespace
+
+        from istr_viz.data.coco import load_annotations
         from istr_viz.evaluate import retested_checkpoint
 
         if not (args.data or args.ann or args.images):
@@ -303,10 +307,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             "new size: add --data ROOT (or --ann FILE --images DIR)",
                             entry=f"--test-size {args.test_size}")
         paths = _dataset_paths(args, "val")
-        ckpt = retested_checkpoint(ckpt, args.checkpoint, args.test_size, paths)
-        final = ckpt["metrics"]["segm"]["AP"], ckpt["metrics"]["bbox"]["AP"]
+        classes = SimpleNamespace(category_ids=exported.get("category_ids", []),
+                                  class_names=exported.get("class_names", []))
+        _check_classes_fit(args.checkpoint, classes, load_annotations(paths.ann_file))
+        # measured on the weights as exported (float16 unless --fp32), as they will be served
+        exported = retested_checkpoint(exported, args.checkpoint, args.test_size, paths)
+        final = exported["metrics"]["segm"]["AP"], exported["metrics"]["bbox"]["AP"]
         print(f"at {args.test_size} px: mask AP {100 * final[0]:.1f}, box AP {100 * final[1]:.1f}")
-    exported = export_for_inference(ckpt, half=not args.fp32, card=card)
     out = save_checkpoint(args.out, **exported)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, "
           f"{'float32' if args.fp32 else 'float16'} weights, no training state)")

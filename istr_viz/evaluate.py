@@ -216,20 +216,25 @@ __all__ = ["StageResults", "coco_eval", "coco_result", "evaluate_results", "form
 
 def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_k: int = 100,
                           max_images: int | None = None, progress: bool = True,
-                          category_ids: list[int] | None = None) -> StageResults:
+                          category_ids: list[int] | None = None,
+                          amp: bool = False) -> StageResults:
     """Run ``model`` over a :class:`~istr_viz.data.coco.CocoDataset` (eval transform) and collect
     every stage's top-``top_k`` detections as COCO results at each image's original size (each
     with the ``"query"`` that made it).
-    ``device``: where the model's inputs go (default: the device of the model's parameters)."""
+    ``device``: where the model's inputs go (default: the device of the model's parameters).
+    ``amp``: run the network under autocast where the device supports a low precision
+    (``runtime.autocast_dtype``; bf16 on a CPU with AVX512-BF16), as a benchmark times it;
+    default fp32."""
     import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
     from istr_viz.data.coco import collate
     from istr_viz.postprocess import mask_to_rle, paste_masks, rescale_boxes, top_detections
-    from istr_viz.runtime import default_device
+    from istr_viz.runtime import autocast_dtype, default_device
 
     device = default_device(device) if device is not None else _model_device(model)
+    amp_dtype = autocast_dtype(torch.device(device), amp)
     if max_images:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=False)
@@ -240,7 +245,9 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
     image_ids = []
     with torch.no_grad():
         for batch in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
-            out = model(batch.images.to(device), batch.image_sizes.to(device))
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                out = model(batch.images.to(device), batch.image_sizes.to(device))
             if per_stage is None:
                 per_stage = [[] for _ in out.stages]
             for i, target in enumerate(batch.targets):
@@ -302,7 +309,7 @@ def eval_dataset(data, cfg, category_ids: list[int] | None = None):
 def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
                    batch_size: int = 4, progress: bool = True, results_out=None,
                    category_ids: list[int] | None = None, ceilings: bool = False,
-                   breakdown: bool = False) -> dict:
+                   breakdown: bool = False, amp: bool = False) -> dict:
     """Per-stage COCO AP of ``model`` on the data set ``data`` (a ``DatasetPaths``).
 
     The ground truth is the validated annotation file (crowd regions included, as COCOeval expects).
@@ -312,6 +319,7 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
     final stage's mask AP (``metrics["ceilings"]``, see :func:`istr_viz.ceilings.mask_ap_ceilings`).
     ``breakdown``: also report what class errors and placement cost the final stage and how many
     instances it misses (``metrics["breakdown"]``, see :mod:`istr_viz.breakdown`).
+    ``amp``: the network under autocast (see :func:`predict_stage_results`); default fp32.
     """
     import json
     from pathlib import Path
@@ -319,7 +327,7 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
     dataset = eval_dataset(data, cfg, category_ids)
     ann = dataset.annotations
     results = predict_stage_results(model, dataset, batch_size, device, max_images=max_images,
-                                    progress=progress, category_ids=category_ids)
+                                    progress=progress, category_ids=category_ids, amp=amp)
     names = dict(zip(ann.label_to_cat_id, ann.class_names))
     metrics = evaluate_results(ann.coco, results, names)
     if ceilings:

@@ -233,16 +233,19 @@ def test_with_test_size_keeps_or_raises_the_cap_and_rejects_bad_sizes():
     larger = with_test_size(preset, 256)
     assert (larger.data.test_min_size, larger.data.test_max_size) == (256, 427)  # 256 x 1333 / 800
     assert larger.data.train_min_sizes == preset.data.train_min_sizes and larger.model == preset.model
-    for bad in (0, -32, 1.5, True):
+    for bad in (0, -32, 1.5, True, 10**6):
         with pytest.raises(ConfigError, match="test size"):
             with_test_size(preset, bad)
+    import numpy as np
+
+    assert with_test_size(preset, np.int64(240)).data.test_min_size == 240
 
 
 def test_test_size_resizes_the_input_of_evaluate_and_predict(tiny_run, tmp_path, capsys):
     from istr_viz.predictor import load_model
 
     root, ckpt = tiny_run
-    image = root / "val" / "images" / "000001.png"  # 64 x 64
+    image = root / "val" / "images" / "000001.png"  # 48 x 48
     _, default = load_model(ckpt)
     _, larger = load_model(ckpt, test_size=96)
     own = default.min_size  # the checkpoint's own test size
@@ -261,7 +264,7 @@ def test_test_size_resizes_the_input_of_evaluate_and_predict(tiny_run, tmp_path,
     assert len(results[None]) == len(results[96]) > 0
     assert [r["bbox"] for r in results[None]] != [r["bbox"] for r in results[96]]
     assert max(max(r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3])
-               for r in results[96]) <= 64 + 1e-3
+               for r in results[96]) <= 48 + 1e-3
     assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "p"),
                  "--test-size", "96"]) == 0
     capsys.readouterr()
@@ -272,6 +275,8 @@ def test_test_size_resizes_the_input_of_evaluate_and_predict(tiny_run, tmp_path,
 
 
 def test_export_with_a_test_size_measures_the_metrics_again_at_it(tiny_run, tmp_path, capsys):
+    import torch
+
     from istr_viz.checkpoint import load_checkpoint
     from istr_viz.config import Config
     from istr_viz.evaluate import evaluate_model
@@ -279,14 +284,15 @@ def test_export_with_a_test_size_measures_the_metrics_again_at_it(tiny_run, tmp_
 
     root, ckpt = tiny_run
     out = tmp_path / "retested.pt"
-    assert main(["export", str(ckpt), "--out", str(out), "--fp32", "--test-size", "96",
-                 "--data", str(root)]) == 0
+    assert main(["export", str(ckpt), "--out", str(out), "--test-size", "96",
+                 "--data", str(root)]) == 0  # float16 weights, measured as stored
     assert "at 96 px: mask AP" in capsys.readouterr().out
     shipped = load_checkpoint(out)
     cfg = Config.from_dict(shipped["config"])
     assert (cfg.data.test_min_size, cfg.data.test_max_size) == (96, 160)
     assert "train_state" not in shipped
-    # the stored metrics are those of the exported model at its stored size
+    assert shipped["model"]["proposal_boxes.weight"].dtype == torch.float16
+    # the stored metrics are those of the exported (float16) model at its stored size
     model, predictor = load_model(out)
     assert predictor.min_size == 96
     from istr_viz.data.layout import split_paths
@@ -304,4 +310,13 @@ def test_export_with_a_test_size_measures_the_metrics_again_at_it(tiny_run, tmp_
                 capsys, "go with --test-size")
     _fails_with(["export", str(ckpt), "--out", str(tmp_path / "z.pt"), "--test-size", "0",
                  "--data", str(root)], capsys, "test size")
-    assert not any((tmp_path / n).exists() for n in ("x.pt", "y.pt", "z.pt"))
+    other = cf.write_quirky_coco(tmp_path / "other")  # other classes: no metrics to measure
+    _fails_with(["export", str(ckpt), "--out", str(tmp_path / "w.pt"), "--test-size", "96",
+                 "--ann", str(other.ann_file), "--images", str(other.images_dir)],
+                capsys, str(ckpt), "do not fit")
+    assert not any((tmp_path / n).exists() for n in ("x.pt", "y.pt", "z.pt", "w.pt"))
+    # --ann / --images instead of --data
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "v.pt"), "--test-size", "80",
+                 "--ann", str(root / "val" / "annotations.json"),
+                 "--images", str(root / "val" / "images")]) == 0
+    assert Config.from_dict(load_checkpoint(tmp_path / "v.pt")["config"]).data.test_min_size == 80

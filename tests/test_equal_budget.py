@@ -111,3 +111,59 @@ def test_report_passes_over_a_run_that_trained_past_its_budget(tmp_path):
     timed = subprocess.run([sys.executable, str(SCRIPT), "--time", "--out", str(tmp_path / "none")],
                            capture_output=True, text=True, timeout=300)
     assert timed.returncode == 2 and "nothing to time" in timed.stderr
+
+
+def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run, monkeypatch,
+                                                                        tmp_path):
+    """The wiring that the end-to-end test cannot see through tiny models' near-zero AP: with
+    ``--rescore`` both models get the preset's (here overridden) test size and ``train.amp``,
+    ISTR's checkpoint included, whatever size it was trained and recorded at."""
+    import argparse
+    import importlib.util
+
+    import torch
+
+    import istr_viz.baseline as baseline
+    import istr_viz.evaluate as evaluate
+    from istr_viz.config import apply_overrides, get_preset
+
+    spec = importlib.util.spec_from_file_location("equal_budget", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, ckpt = tiny_run
+    sets = [s for s in [*TINY, "basis.dim=12"] if not s.startswith("train.lr=")]
+    out = tmp_path / "bench"
+    out.mkdir()
+    for model, lr in (("istr", 1e-3), ("mask_rcnn", 0.01)):
+        record = {**_record(model, lr, 0.2, 0.0, iterations=2, budget=0.2), "set": sets}
+        if model == "istr":
+            record["checkpoint"] = str(ckpt)
+        (out / f"{'istr' if model == 'istr' else 'peer'}_lr{lr:g}.json").write_text(
+            json.dumps(record))
+    cfg = apply_overrides(get_preset("shapes-cpu"), sets)
+    torch.save(baseline.build_mask_rcnn(cfg, 6).state_dict(), out / "peer_lr0.01.pt")
+
+    seen = {}
+    real_evaluate, real_peer = evaluate.evaluate_model, baseline.mask_rcnn_results
+
+    def spy_evaluate(model, data, cfg, **kwargs):
+        seen["istr"] = (cfg.data.test_min_size, cfg.data.test_max_size, kwargs.get("amp"))
+        return real_evaluate(model, data, cfg, **kwargs)
+
+    def spy_peer(model, dataset, amp=True, **kwargs):
+        seen["peer"] = (model.transform.min_size[0], model.transform.max_size, amp,
+                        tuple(dataset[0][0].shape[-2:]))
+        return real_peer(model, dataset, amp=amp, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", spy_evaluate)
+    monkeypatch.setattr(baseline, "mask_rcnn_results", spy_peer)
+    args = argparse.Namespace(preset="shapes-cpu", data=str(root), threads=1,
+                              set=["data.test_min_size=96", "data.test_max_size=160",
+                                   "train.amp=true"])
+    rows = bench.rescore(out, args)
+    assert seen["istr"] == (96, 160, True)
+    assert seen["peer"][:3] == (96, 160, True) and min(seen["peer"][3]) == 96  # 48 px images
+    for name in ("istr", "peer"):
+        (row,) = rows[name]
+        assert (row["test_min_size"], row["amp"]) == (96, True)
+        assert json.loads((out / f"{name}_rescored.json").read_text()) == rows[name]
