@@ -70,6 +70,12 @@ class ModelConfig:
     # stage's own output box, the frame the mask is pasted into; istr_viz.model.stage). Pair "roi"
     # with loss.mask_target_boxes="pred". The roi encoder's cells are dim_dynamic wide.
     mask_head: str = "query"
+    # With mask_head="roi": 0 (default) = the mask branch reads the P x P RoI that the next stage
+    # pools anyway; R > 0 (not in ISTR; v2's mask head pools 28 x 28) = it reads its own R x R
+    # RoI at the output box, pooled one FPN level finer than the box's (half canonical_box_size)
+    # and reduced by a stride-2 3 x 3 conv (istr_viz.model.stage.RoIMaskConvEncoder): finer
+    # features for the mask, one more pooling a stage
+    mask_roi_resolution: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_queries", "num_stages", "hidden_dim", "dim_dynamic", "dim_feedforward",
@@ -92,6 +98,12 @@ class ModelConfig:
             raise ConfigError(f"model.mask_head must be {' or '.join(MASK_HEADS)}, "
                               f"got {self.mask_head!r}",
                               entry="model.mask_head")
+        if self.mask_roi_resolution < 0 or self.mask_roi_resolution == 1:
+            raise ConfigError("model.mask_roi_resolution must be 0 (off) or at least 2, got "
+                              f"{self.mask_roi_resolution}", entry="model.mask_roi_resolution")
+        if self.mask_roi_resolution and self.mask_head != "roi":
+            raise ConfigError("model.mask_roi_resolution needs model.mask_head='roi', got "
+                              f"{self.mask_head!r}", entry="model.mask_roi_resolution")
         if self.norm not in ("frozen_bn", "gn", "bn"):
             raise ConfigError(f"model.norm must be frozen_bn, gn or bn, got {self.norm!r}")
         if self.fpn_output_conv not in FPN_OUTPUT_CONVS:

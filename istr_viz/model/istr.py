@@ -99,6 +99,9 @@ class ISTR(nn.Module):
         dn_groups, dn_box_noise, dn_label_noise: training-only query denoising
             (``istr_viz.model.denoising``); 0 groups = off.
         mask_head: "query" (v1) or "roi": where the mask embedding is read (``RefinementStage``).
+        mask_roi_resolution: with "roi", 0 = the mask branch reads the stage's P x P RoI at its
+            output box; R > 0 = its own R x R RoI there, from ``mask_pooler`` (one FPN level
+            finer: half the canonical box size; one sample a bin).
     """
 
     def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
@@ -111,7 +114,7 @@ class ISTR(nn.Module):
                  proposal_init: str = "image", proposal_box_cells: tuple[float, ...] = (2.0,),
                  aux_semantic: bool = False, aux_dense_box: bool = False,
                  dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2,
-                 mask_head: str = "query"):
+                 mask_head: str = "query", mask_roi_resolution: int = 0):
         super().__init__()
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
@@ -120,12 +123,15 @@ class ISTR(nn.Module):
         self.basis = basis
         self.backbone = backbone
         self.pooler = RoIPooler(tuple(backbone.strides), pooler_resolution, 2, canonical_box_size)
+        self.mask_pooler = (RoIPooler(tuple(backbone.strides), mask_roi_resolution, 1,
+                                      canonical_box_size / 2) if mask_roi_resolution else None)
         self.proposal_boxes = nn.Embedding(num_queries, 4)  # cxcywh normalised
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # N(0, 1), as in the official code
         self.stages = nn.ModuleList(
             RefinementStage(num_classes, basis.dim, hidden_dim, dim_dynamic, dim_feedforward,
                             num_heads, num_cls_layers, num_reg_layers, num_mask_layers, dropout,
-                            pooler_resolution, mask_head=mask_head)
+                            pooler_resolution, mask_head=mask_head,
+                            mask_roi_resolution=mask_roi_resolution)
             for _ in range(num_stages))
         with torch.no_grad():
             if proposal_init == "grid":
@@ -219,7 +225,7 @@ class ISTR(nn.Module):
             try:
                 heads = not final_only or k == self.num_stages
                 result = stage(pool_features, boxes, queries, self.pooler, return_attention,
-                               attn_mask, roi, heads=heads)
+                               attn_mask, roi, heads=heads, mask_pooler=self.mask_pooler)
             except NonFiniteError as err:  # the stage's boxes: say which stage
                 raise NonFiniteError(f"stage{k} {err.reason}") from None
             boxes = result.boxes_xyxy.detach()  # features are not detached
@@ -257,4 +263,5 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 proposal_box_cells=cfg.proposal_box_cells, aux_semantic=cfg.aux_semantic,
                 aux_dense_box=cfg.aux_dense_box,
                 dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
-                dn_label_noise=cfg.dn_label_noise, mask_head=cfg.mask_head)
+                dn_label_noise=cfg.dn_label_noise, mask_head=cfg.mask_head,
+                mask_roi_resolution=cfg.mask_roi_resolution)

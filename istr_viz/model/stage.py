@@ -88,6 +88,30 @@ class RoIMaskEncoder(nn.Module):
         return self.activation(self.norm2(self.out_layer(x.flatten(1))))
 
 
+class RoIMaskConvEncoder(nn.Module):
+    """Encode an R x R RoI pooled at a query's output box as one vector
+    (``ModelConfig.mask_roi_resolution`` = R).
+
+    A 3 x 3 stride-2 conv from D to E = ``dim_dynamic`` channels -> LN -> ELU over each of the
+    ceil(R / 2)^2 cells, which are then flattened in order (where the object lies inside the box
+    is kept) and go through Linear(ceil(R/2)^2 * E, D) -> LN -> ELU, as in ``RoIMaskEncoder``.
+    """
+
+    def __init__(self, hidden_dim: int, dim_reduced: int, resolution: int):
+        super().__init__()
+        self.conv = nn.Conv2d(hidden_dim, dim_reduced, 3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(dim_reduced)
+        self.activation = ELU()
+        cells = (resolution + 1) // 2
+        self.out_layer = nn.Linear(dim_reduced * cells * cells, hidden_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+
+    def forward(self, roi: Tensor) -> Tensor:
+        """roi (N, D, R, R) -> (N, D)."""
+        x = self.activation(self.norm1(self.conv(roi).permute(0, 2, 3, 1)))  # (N, r, r, E)
+        return self.activation(self.norm2(self.out_layer(x.flatten(1))))
+
+
 class StageResult(NamedTuple):
     """What one stage returns (``ISTR`` decodes masks and assembles ``StageOutput``)."""
 
@@ -109,7 +133,8 @@ class RefinementStage(nn.Module):
                  num_cls_layers: int = 3, num_reg_layers: int = 3, num_mask_layers: int = 3,
                  dropout: float = 0.0, pooler_resolution: int = 7,
                  delta_weights: tuple[float, float, float, float] = DEFAULT_DELTA_WEIGHTS,
-                 scale_clamp: float = DEFAULT_SCALE_CLAMP, mask_head: str = "query"):
+                 scale_clamp: float = DEFAULT_SCALE_CLAMP, mask_head: str = "query",
+                 mask_roi_resolution: int = 0):
         super().__init__()
         if mask_head not in MASK_HEADS:
             raise ValueError(f"mask_head must be one of {MASK_HEADS}, got {mask_head!r}")
@@ -126,8 +151,13 @@ class RefinementStage(nn.Module):
         self.reg_branch = mlp_branch(D, num_reg_layers)
         self.mask_branch = mlp_branch(D, num_mask_layers)
         # mask_head="roi": a RoI pooled at the output box joins the query before the mask branch
-        self.mask_roi_encoder = (RoIMaskEncoder(D, dim_dynamic, pooler_resolution)
-                                 if mask_head == "roi" else None)
+        # (its own finer RoI with mask_roi_resolution > 0, ``ISTR.mask_pooler``)
+        if mask_roi_resolution and mask_head != "roi":
+            raise ValueError("mask_roi_resolution needs mask_head='roi'")
+        self.mask_roi_resolution = mask_roi_resolution
+        self.mask_roi_encoder = (
+            None if mask_head != "roi" else RoIMaskConvEncoder(D, dim_dynamic, mask_roi_resolution)
+            if mask_roi_resolution else RoIMaskEncoder(D, dim_dynamic, pooler_resolution))
         self.mask_norm = nn.LayerNorm(D) if mask_head == "roi" else None
         self.class_logits = nn.Linear(D, num_classes)
         self.bbox_deltas = nn.Linear(D, 4)
@@ -153,7 +183,7 @@ class RefinementStage(nn.Module):
     def forward(self, features: list[Tensor], boxes_xyxy: Tensor, query_features: Tensor,
                 pooler: RoIPooler, return_attention: bool = False,
                 attn_mask: Tensor | None = None, roi: Tensor | None = None,
-                heads: bool = True) -> StageResult:
+                heads: bool = True, mask_pooler: RoIPooler | None = None) -> StageResult:
         """
         Args:
             features: FPN maps [P2..P5], each (B, D, h_l, w_l).
@@ -168,6 +198,8 @@ class RefinementStage(nn.Module):
             heads: False skips the class and mask heads (``logits`` and ``mask_embed`` are then
                 None): an intermediate stage at inference, when only the last stage's
                 predictions are wanted, refines the boxes and queries and nothing more.
+            mask_pooler: the R x R pooler of the mask branch's own RoI (``ISTR.mask_pooler``);
+                required when the stage was built with ``mask_roi_resolution`` R > 0.
         """
         B, Q, D = query_features.shape
         if roi is None:
@@ -195,7 +227,13 @@ class RefinementStage(nn.Module):
         logits = self.class_logits(self.cls_branch(x))  # (B, Q, C)
         mask_feat = x
         if self.mask_roi_encoder is not None:
-            encoded = self.mask_roi_encoder(out_roi).view(B, Q, D)
+            if self.mask_roi_resolution:
+                if mask_pooler is None:
+                    raise ValueError("this stage reads its own mask RoI: pass mask_pooler")
+                mask_roi = mask_pooler(features, boxes.detach())  # (B*Q, D, R, R)
+                encoded = self.mask_roi_encoder(mask_roi).view(B, Q, D)
+            else:
+                encoded = self.mask_roi_encoder(out_roi).view(B, Q, D)
             mask_feat = self.mask_norm(x + self.dropout(encoded))
         mask_embed = self.mask_embed(self.mask_branch(mask_feat))  # (B, Q, M)
         return StageResult(x, logits, boxes, mask_embed, attn if return_attention else None,
