@@ -214,7 +214,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from istr_viz.predictor import load_model
 
     paths = _dataset_paths(args, "val")
-    model, predictor = load_model(args.checkpoint, device=args.device, test_size=args.test_size)
+    model, predictor = load_model(args.checkpoint, device=args.device, test_size=args.test_size,
+                                  maskness_power=args.maskness_power)
     ann = load_annotations(paths.ann_file)
     _check_classes_fit(args.checkpoint, predictor, ann)
     metrics = evaluate_model(model, paths, predictor.config, device=predictor.device,
@@ -291,35 +292,47 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise DataError(f"not a readable JSON file ({err})", file=args.card) from None
         if not isinstance(card, dict):
             raise DataError("the card must be a JSON object", file=args.card)
-    if args.test_size is None and (args.data or args.ann or args.images):
-        raise DataError("--data, --ann and --images go with --test-size (the data to measure the "
-                        "metrics again on); without it the checkpoint's metrics are kept")
+    retest = args.test_size is not None or args.maskness_power is not None
+    if not retest and (args.data or args.ann or args.images):
+        raise DataError("--data, --ann and --images go with --test-size or --maskness-power (the "
+                        "data to measure the metrics again on); without them the checkpoint's "
+                        "metrics are kept")
     exported = export_for_inference(load_checkpoint(args.checkpoint), half=not args.fp32,
                                     card=card)
-    if args.test_size is not None:
+    if retest:
         from types import SimpleNamespace
 
         from istr_viz.data.coco import load_annotations
         from istr_viz.evaluate import retested_checkpoint
 
         if not (args.data or args.ann or args.images):
-            raise DataError("--test-size needs the val data to measure the metrics again at the "
-                            "new size: add --data ROOT (or --ann FILE --images DIR)",
-                            entry=f"--test-size {args.test_size}")
+            given = (f"--test-size {args.test_size}" if args.test_size is not None
+                     else f"--maskness-power {args.maskness_power}")
+            raise DataError(f"{given.split()[0]} needs the val data to measure the metrics again "
+                            "with it: add --data ROOT (or --ann FILE --images DIR)", entry=given)
         paths = _dataset_paths(args, "val")
         classes = SimpleNamespace(category_ids=exported.get("category_ids", []),
                                   class_names=exported.get("class_names", []))
         _check_classes_fit(args.checkpoint, classes, load_annotations(paths.ann_file))
         # measured on the weights as exported (float16 unless --fp32), as they will be served
-        exported = retested_checkpoint(exported, args.checkpoint, args.test_size, paths)
+        exported = retested_checkpoint(exported, args.checkpoint, args.test_size, paths,
+                                       maskness_power=args.maskness_power)
         final = exported["metrics"]["segm"]["AP"], exported["metrics"]["bbox"]["AP"]
-        print(f"at {args.test_size} px: mask AP {100 * final[0]:.1f}, box AP {100 * final[1]:.1f}")
+        from istr_viz.config import Config
+
+        stored = Config.from_dict(exported["config"])
+        print(f"at {stored.data.test_min_size} px, maskness power "
+              f"{stored.model.maskness_power:g}: mask AP {100 * final[0]:.1f}, "
+              f"box AP {100 * final[1]:.1f}")
     out = save_checkpoint(args.out, **exported)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, "
           f"{'float32' if args.fp32 else 'float16'} weights, no training state)")
     return 0
 
 
+MASKNESS_HELP = ("score each detection as its class probability x its mask's maskness to this "
+                 "power (default: the checkpoint's model.maskness_power; 0 = the class "
+                 "probability alone)")
 TEST_SIZE_HELP = ("the shorter side, in pixels, that images are resized to (default: the "
                   "checkpoint's data.test_min_size); the longer side's cap is raised to keep "
                   "800:1333 where needed")
@@ -406,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report where the AP goes: the AP with class errors corrected, "
                         "at IoU 0.1, and the share of instances that no detection touches")
     p.add_argument("--test-size", type=int, metavar="PX", help=TEST_SIZE_HELP)
+    p.add_argument("--maskness-power", type=float, metavar="P", help=MASKNESS_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_evaluate, split="val")
 
@@ -418,7 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, metavar="PX",
                    help="store another test size (the shorter side, in pixels); the stored "
                         "metrics are measured again at it on the val data given by --data")
-    p.add_argument("--data", help="a data set root (its val/ split), with --test-size")
+    p.add_argument("--maskness-power", type=float, metavar="P",
+                   help="store another maskness power (model.maskness_power); the stored "
+                        "metrics are measured again with it on the val data given by --data")
+    p.add_argument("--data", help="a data set root (its val/ split), with --test-size or "
+                                  "--maskness-power")
     p.add_argument("--ann", help="or its annotation file, with --images")
     p.add_argument("--images", help="and its image folder")
     p.set_defaults(func=_cmd_export)

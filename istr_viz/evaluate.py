@@ -235,6 +235,7 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
 
     device = default_device(device) if device is not None else _model_device(model)
     amp_dtype = autocast_dtype(torch.device(device), amp)
+    maskness_power = getattr(model, "maskness_power", 0.0)  # how the model's detections rank
     if max_images:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=False)
@@ -258,7 +259,8 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
                 for k, st in enumerate(out.stages):
                     boxes = rescale_boxes(st.boxes_xyxy[i].float().cpu(), (h, w), (h0, w0))
                     mask_probs = st.masks[i].float().cpu()
-                    det = top_detections(st.logits[i].float().cpu(), boxes, mask_probs, top_k)
+                    det = top_detections(st.logits[i].float().cpu(), boxes, mask_probs, top_k,
+                                         maskness_power)
                     # a query's classes share its box and mask: paste and encode each query once
                     queries, owner = torch.unique(det.queries, return_inverse=True)
                     masks = paste_masks(mask_probs[queries], boxes[queries], h0, w0).numpy()
@@ -350,16 +352,18 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
 __all__ += ["eval_dataset", "evaluate_model", "predict_stage_results"]
 
 
-def retested_checkpoint(ckpt: dict, path, test_size: int, data, device=None,
-                        progress: bool = True) -> dict:
+def retested_checkpoint(ckpt: dict, path, test_size: int | None, data, device=None,
+                        progress: bool = True, maskness_power: float | None = None) -> dict:
     """``ckpt`` (as ``load_checkpoint`` reads it) set to test at ``test_size`` px on the shorter
-    side (``config.with_test_size``), with its ``metrics`` measured again at that size on the
-    data set ``data`` (a ``DatasetPaths``), so that the metrics a checkpoint carries (what the
+    side (``config.with_test_size``) and to score detections with ``maskness_power``
+    (``config.with_maskness_power``), each when given, with its ``metrics`` measured again so on
+    the data set ``data`` (a ``DatasetPaths``), so that the metrics a checkpoint carries (what the
     demo shows, the score threshold it picks) always describe the configuration stored with them.
     ``path`` names the checkpoint in error messages."""
     from istr_viz.predictor import model_from_checkpoint
 
-    model, predictor = model_from_checkpoint(ckpt, path, device, test_size=test_size)
+    model, predictor = model_from_checkpoint(ckpt, path, device, test_size=test_size,
+                                             maskness_power=maskness_power)
     metrics = evaluate_model(model, data, predictor.config, device=predictor.device,
                              progress=progress, category_ids=predictor.category_ids)
     return {**ckpt, "config": predictor.config.to_dict(), "metrics": metrics}

@@ -109,15 +109,29 @@ class Detections:
         return paste_masks(self.mask_probs, self.boxes_xyxy, height, width)
 
 
-def top_detections(logits: Tensor, boxes_xyxy: Tensor, mask_probs: Tensor, top_k: int = 100
-                   ) -> Detections:
-    """Select the ``top_k`` (query, class) pairs by sigmoid score over all Q x C pairs.
+def maskness(mask_probs: Tensor, threshold: float = 0.5) -> Tensor:
+    """(N, S, S) mask probabilities -> (N,) the mean probability over the pixels at or above
+    ``threshold`` (SOLOv2's maskness): near 1 for a confident mask, lower for a hesitant one;
+    0 for a mask with no such pixel."""
+    probs = mask_probs.float().flatten(1)
+    fg = probs >= threshold
+    return (probs * fg).sum(1) / fg.sum(1).clamp(min=1)
 
-    logits (Q, C), boxes_xyxy (Q, 4), mask_probs (Q, S, S). A query can appear with several
-    classes, as in the official ISTR (no NMS, no threshold).
+
+def top_detections(logits: Tensor, boxes_xyxy: Tensor, mask_probs: Tensor, top_k: int = 100,
+                   maskness_power: float = 0.0) -> Detections:
+    """Select the ``top_k`` (query, class) pairs by score over all Q x C pairs.
+
+    logits (Q, C), boxes_xyxy (Q, 4), mask_probs (Q, S, S). A score is the class's sigmoid
+    probability, times :func:`maskness` of the query's mask to the power ``maskness_power``
+    when it is above 0 (``ModelConfig.maskness_power``). A query can appear with several classes,
+    as in the official ISTR (no NMS, no threshold).
     """
     q, c = logits.shape
-    scores = logits.float().sigmoid().flatten()
+    scores = logits.float().sigmoid()
+    if maskness_power > 0:
+        scores = scores * maskness(mask_probs)[:, None] ** maskness_power
+    scores = scores.flatten()
     k = min(top_k, scores.numel())
     top_scores, flat = scores.topk(k)
     queries = torch.div(flat, c, rounding_mode="floor")

@@ -207,7 +207,8 @@ class Predictor:
             scores, labels = probs.max(dim=1)
             attn = st.attn[0].float().cpu() if st.attn is not None else None
             stages.append(StagePrediction(
-                detections=top_detections(logits, boxes, masks, self.top_k),
+                detections=top_detections(logits, boxes, masks, self.top_k,
+                                          getattr(self.model, "maskness_power", 0.0)),
                 query_boxes_xyxy=boxes, query_scores=scores, query_labels=labels,
                 query_mask_probs=masks, attn=attn))
         proposals = rescale_boxes(output.proposal_boxes_xyxy[0].float().cpu(), input_size, orig)
@@ -262,22 +263,26 @@ def default_checkpoint(path: str | Path | None = None, must_exist: bool = True) 
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None,
-               test_size: int | None = None) -> tuple[torch.nn.Module, Predictor]:
+               test_size: int | None = None, maskness_power: float | None = None
+               ) -> tuple[torch.nn.Module, Predictor]:
     """Load a checkpoint and return ``(model, predictor)`` ready to use on CPU or CUDA.
 
     Weights stored in half precision are brought back to fp32. ``test_size``: the shorter side
     images are resized to (default: the checkpoint's ``data.test_min_size``); it also changes
     ``predictor.config``, which ``evaluate`` reads, but the checkpoint's recorded ``metrics`` stay
-    those of its own size. Raises :class:`~istr_viz.errors.CheckpointError` for a file that is not
-    a usable checkpoint, :class:`~istr_viz.errors.ConfigError` for a test size below 1.
+    those of its own size. ``maskness_power``: how detections are scored (default: the
+    checkpoint's ``model.maskness_power``), in ``predictor.config`` and on the model likewise.
+    Raises :class:`~istr_viz.errors.CheckpointError` for a file that is not a usable checkpoint,
+    :class:`~istr_viz.errors.ConfigError` for a test size below 1 or a power outside 0..16.
     """
     from istr_viz.checkpoint import load_checkpoint
 
-    return model_from_checkpoint(load_checkpoint(path), path, device, test_size)
+    return model_from_checkpoint(load_checkpoint(path), path, device, test_size, maskness_power)
 
 
 def model_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.device | None = None,
-                          test_size: int | None = None) -> tuple[torch.nn.Module, Predictor]:
+                          test_size: int | None = None, maskness_power: float | None = None
+                          ) -> tuple[torch.nn.Module, Predictor]:
     """:func:`load_model` for a checkpoint already read with ``load_checkpoint`` (``path`` names
     it in messages), so that a caller reading its other entries opens the file once."""
     from istr_viz.basis import MaskBasis
@@ -306,6 +311,11 @@ def model_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.devi
         from istr_viz.config import with_test_size
 
         cfg = with_test_size(cfg, test_size)
+    if maskness_power is not None:
+        from istr_viz.config import with_maskness_power
+
+        cfg = with_maskness_power(cfg, maskness_power)
+        model.maskness_power = cfg.model.maskness_power
     predictor = Predictor(model, ckpt["class_names"], ckpt["category_ids"], cfg.data.test_min_size,
                           cfg.data.test_max_size, device=device)
     predictor.config = cfg

@@ -274,6 +274,43 @@ def test_test_size_resizes_the_input_of_evaluate_and_predict(tiny_run, tmp_path,
                  "--test-size", "-8"], capsys, "test size")
 
 
+def test_maskness_power_in_evaluate_and_export(tiny_run, tmp_path, capsys):
+    """``--maskness-power`` rescores the detections in evaluate; export stores it, with the
+    metrics measured again with it; a power outside 0..16 exits 2 naming the entry."""
+    from istr_viz.checkpoint import load_checkpoint
+    from istr_viz.config import Config
+    from istr_viz.predictor import load_model
+
+    root, ckpt = tiny_run
+    scores = {}
+    for power in (0, 3):
+        out = tmp_path / f"r{power}.json"
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(root),
+                     "--results-out", str(out), "--maskness-power", str(power)]) == 0
+        scores[power] = sorted(r["score"] for r in json.loads(out.read_text()))
+    assert len(scores[0]) == len(scores[3]) > 0
+    assert max(scores[3]) < max(scores[0])  # maskness <= 1 only lowers scores
+    capsys.readouterr()
+    exported = tmp_path / "m.pt"
+    assert main(["export", str(ckpt), "--out", str(exported), "--maskness-power", "3",
+                 "--data", str(root)]) == 0
+    assert "maskness power 3: mask AP" in capsys.readouterr().out
+    stored = load_checkpoint(exported)
+    cfg = Config.from_dict(stored["config"])
+    assert cfg.model.maskness_power == 3.0
+    assert cfg.data.test_min_size == Config.from_dict(load_checkpoint(ckpt)["config"]).data.test_min_size
+    model, _ = load_model(exported)
+    assert model.maskness_power == 3.0
+    own = Config.from_dict(load_checkpoint(ckpt)["config"]).model.maskness_power
+    assert load_model(ckpt)[0].maskness_power == own != 3.0
+    for bad in ("-1", "17", "nan"):
+        _fails_with(["evaluate", "--checkpoint", str(ckpt), "--data", str(root),
+                     "--maskness-power", bad], capsys, "model.maskness_power")
+    _fails_with(["export", str(ckpt), "--out", str(tmp_path / "n.pt"), "--maskness-power", "2"],
+                capsys, "--maskness-power 2", "--data")
+    assert not (tmp_path / "n.pt").exists()
+
+
 def test_export_with_a_test_size_measures_the_metrics_again_at_it(tiny_run, tmp_path, capsys):
     import torch
 
@@ -286,7 +323,7 @@ def test_export_with_a_test_size_measures_the_metrics_again_at_it(tiny_run, tmp_
     out = tmp_path / "retested.pt"
     assert main(["export", str(ckpt), "--out", str(out), "--test-size", "96",
                  "--data", str(root)]) == 0  # float16 weights, measured as stored
-    assert "at 96 px: mask AP" in capsys.readouterr().out
+    assert "at 96 px, maskness power 2: mask AP" in capsys.readouterr().out  # the preset's
     shipped = load_checkpoint(out)
     cfg = Config.from_dict(shipped["config"])
     assert (cfg.data.test_min_size, cfg.data.test_max_size) == (96, 160)

@@ -40,6 +40,12 @@ def tiny_model(basis: MaskBasis, seed: int = 0, **kwargs) -> ISTR:
     return ISTR(C, basis, backbone, **{**args, **kwargs})
 
 
+# the mask heads: v1's, the roi head reading the next stage's P x P RoI, and the roi head reading
+# its own finer R x R RoI (model.mask_roi_resolution)
+MASK_HEADS = {"query": {"mask_head": "query"}, "roi": {"mask_head": "roi"},
+              "roi-fine": {"mask_head": "roi", "mask_roi_resolution": 6}}
+
+
 @pytest.fixture(scope="module")
 def model(basis) -> ISTR:
     return tiny_model(basis)
@@ -191,6 +197,68 @@ def test_roi_mask_head_hands_its_roi_to_the_next_stage(basis, mask_head, pooling
             assert torch.allclose(result.mask_embed, expected.mask_embed, atol=1e-5)
             assert torch.allclose(result.logits, expected.logits, atol=1e-5)
             boxes, queries = result.boxes_xyxy, result.query_features
+
+
+def test_fine_mask_roi_is_pooled_one_level_finer_at_the_output_box(basis):
+    """With mask_roi_resolution R the mask branch reads an R x R RoI of its own, pooled at the
+    stage's output box with half the canonical box size (one FPN level finer); only the mask
+    embedding depends on it, and the next stage still gets the P x P output RoI."""
+    R = 6
+    model = tiny_model(basis, mask_head="roi", mask_roi_resolution=R).eval()
+    assert model.mask_pooler.output_size == R
+    assert model.mask_pooler.canonical_size == model.pooler.canonical_size / 2
+    images, sizes = _images()
+    shapes = []
+    model.mask_pooler.register_forward_hook(lambda mod, args, out: shapes.append(out.shape))
+    with torch.no_grad():
+        features = model.backbone(images, valid_mask(sizes, *images.shape[-2:]))
+        boxes, queries, _ = model.initial_queries(features, sizes)
+        stage = model.stages[0]
+        before = stage(features, boxes, queries, model.pooler, mask_pooler=model.mask_pooler)
+        assert shapes == [(2 * Q, D, R, R)]
+        # the mask RoI alone read at other features: only the mask embedding changes
+        other = [f + torch.randn_like(f) for f in features]
+        after = stage(features, boxes, queries, model.pooler,
+                      mask_pooler=lambda maps, b: model.mask_pooler(other, b))
+        expected_roi = model.pooler(features, before.boxes_xyxy).flatten(2).transpose(1, 2)
+        with pytest.raises(ValueError, match="mask_pooler"):
+            stage(features, boxes, queries, model.pooler)
+        shapes.clear()
+        model(images, sizes)
+        assert len(shapes) == K  # every stage's mask branch, in training's outputs too
+        shapes.clear()
+        model(images, sizes, final_only=True)
+        assert len(shapes) == 1  # only the last stage's heads run
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.boxes_xyxy, after.boxes_xyxy)
+    assert torch.equal(before.output_roi, after.output_roi)
+    assert torch.allclose(before.output_roi, expected_roi)
+    assert not torch.allclose(before.mask_embed, after.mask_embed, atol=1e-4)
+    assert sum(p.numel() for p in stage.mask_roi_encoder.conv.parameters()) == D * 8 * 9 + 8
+
+
+def test_fine_mask_roi_passes_gradients_to_the_features(basis):
+    model = tiny_model(basis, mask_head="roi", mask_roi_resolution=6)
+    pooled = []
+    model.mask_pooler.register_forward_hook(lambda mod, args, out: pooled.append(out))
+    out = model(*_images())
+    for roi in pooled:
+        roi.retain_grad()
+    out.final.mask_embed.sum().backward()
+    assert model.stages[-1].mask_roi_encoder.conv.weight.grad.abs().sum() > 0
+    assert len(pooled) == K and pooled[-1].requires_grad  # the features are not detached
+    assert pooled[-1].grad.abs().sum() > 0
+
+
+def test_mask_roi_resolution_is_checked(basis):
+    for bad in (-1, 1):
+        with pytest.raises(ConfigError, match="model.mask_roi_resolution must be 0"):
+            ModelConfig(mask_head="roi", mask_roi_resolution=bad)
+    with pytest.raises(ConfigError, match="needs model.mask_head='roi'"):
+        ModelConfig(mask_head="query", mask_roi_resolution=14)
+    with pytest.raises(ValueError, match="needs mask_head='roi'"):
+        tiny_model(basis, mask_head="query", mask_roi_resolution=6)
+    assert ModelConfig(mask_head="roi", mask_roi_resolution=14).mask_roi_resolution == 14
 
 
 def test_mask_head_names_are_checked(basis):
@@ -399,14 +467,14 @@ def _ap50_is_one(stage: StageOutput, b: int, target: dict) -> bool:
     return bool(hits[rows, cols].all())
 
 
-@pytest.mark.parametrize("mask_head", ["query", "roi"])
+@pytest.mark.parametrize("mask_head", list(MASK_HEADS))
 def test_overfits_two_images(basis, mask_head):
     image1, target1 = _scene([("rect", 0, (4, 6, 28, 30)), ("ellipse", 1, (34, 10, 60, 40)),
                               ("ellipse", 2, (10, 38, 40, 60))])
     image2, target2 = _scene([("ellipse", 1, (6, 4, 30, 26)), ("rect", 2, (30, 30, 58, 58))])
     images, sizes = torch.stack([image1, image2]), torch.tensor([[64, 64], [64, 64]])
     targets = [target1, target2]
-    model = tiny_model(basis, seed=0, mask_head=mask_head)
+    model = tiny_model(basis, seed=0, **MASK_HEADS[mask_head])
     # the roi head pools the output box, so it learns the masks in that frame
     criterion = SetCriterion(LossConfig(mask_target_boxes="gt" if mask_head == "query" else "pred"),
                              basis)
@@ -436,12 +504,13 @@ def test_overfits_two_images(basis, mask_head):
         assert mask_iou.min() >= 0.8, mask_iou
 
 
-@pytest.mark.parametrize("mask_head", ["query", "roi"])
+@pytest.mark.parametrize("mask_head", list(MASK_HEADS))
 def test_weights_cast_for_autocast_give_the_same_outputs(basis, mask_head):
     from istr_viz.runtime import cast_weights_for_autocast
 
-    reference = tiny_model(basis, mask_head=mask_head).eval()
-    cast = cast_weights_for_autocast(tiny_model(basis, mask_head=mask_head).eval(), torch.bfloat16)
+    reference = tiny_model(basis, **MASK_HEADS[mask_head]).eval()
+    cast = cast_weights_for_autocast(tiny_model(basis, **MASK_HEADS[mask_head]).eval(),
+                                     torch.bfloat16)
     linear = cast.stages[0].dynamic_conv.dynamic_layer
     assert linear.weight.dtype == torch.bfloat16
     assert cast.stages[0].norm1.weight.dtype == torch.float32  # norms stay fp32
@@ -456,11 +525,11 @@ def test_weights_cast_for_autocast_give_the_same_outputs(basis, mask_head):
             cast(images, sizes)
 
 
-@pytest.mark.parametrize("mask_head", ["query", "roi"])
+@pytest.mark.parametrize("mask_head", list(MASK_HEADS))
 def test_final_only_gives_the_last_stage_without_the_earlier_heads(basis, mask_head):
     """``final_only`` skips the class and mask heads of stages 1..K-1 (they never run) and
     returns the last stage alone, equal to the last of all stages."""
-    model = tiny_model(basis, mask_head=mask_head).eval()
+    model = tiny_model(basis, **MASK_HEADS[mask_head]).eval()
     images, sizes = _images()
     head_calls = []
     for stage in model.stages:

@@ -18,7 +18,7 @@ from istr_viz.data.instance_masks import synthetic_instance_masks
 from istr_viz.data.transforms import TransformConfig, build_transform, resized_size
 from istr_viz.errors import DataError
 from istr_viz.model import build_model
-from istr_viz.postprocess import mask_to_rle, paste_masks, rescale_boxes, top_detections
+from istr_viz.postprocess import maskness, mask_to_rle, paste_masks, rescale_boxes, top_detections
 from istr_viz.predictor import Predictor, image_to_array, input_size_for
 
 TINY = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=10,
@@ -327,6 +327,60 @@ def test_top_detections_is_the_global_top_k_over_queries_and_classes():
     assert len(top_detections(logits, boxes, masks, top_k=1000)) == q * c
     strong = det.above(float(det.scores[3]))
     assert len(strong) == 4 and torch.equal(strong.queries, det.queries[:4])
+
+
+def test_maskness_is_the_mean_probability_of_the_mask_pixels():
+    masks = torch.zeros(3, 2, 2)
+    masks[0] = torch.tensor([[0.9, 0.7], [0.2, 0.0]])  # two pixels at or above 0.5
+    masks[1] = torch.tensor([[0.5, 0.5], [0.5, 0.5]])  # a hesitant mask
+    # masks[2] has no pixel at 0.5: empty
+    assert maskness(masks).tolist() == pytest.approx([0.8, 0.5, 0.0])
+
+
+def test_maskness_power_ranks_confident_masks_first():
+    """Two queries of equal class score: with a maskness power the one with the confident mask
+    comes first, and every score is the class probability x maskness ** power."""
+    logits = torch.tensor([[1.0, -4.0], [1.0, -4.0], [0.5, -4.0]])
+    boxes = torch.rand(3, 4)
+    masks = torch.full((3, 4, 4), 0.55)  # query 0: hesitant
+    masks[1, :2] = 0.95  # query 1: confident where it is on
+    masks[1, 2:] = 0.05
+    masks[2] = 0.99
+    plain = top_detections(logits, boxes, masks, top_k=3)
+    assert plain.scores.tolist() == pytest.approx(logits.sigmoid().flatten().sort(
+        descending=True).values[:3].tolist())
+    for power in (1.0, 2.5):
+        det = top_detections(logits, boxes, masks, top_k=6, maskness_power=power)
+        expected = logits.sigmoid() * maskness(masks)[:, None] ** power
+        assert det.scores.tolist() == pytest.approx(expected.flatten().sort(
+            descending=True).values.tolist())
+        assert det.queries.tolist()[:3] == [1, 2, 0] and det.labels.tolist()[:3] == [0, 0, 0]
+    assert top_detections(logits, boxes, masks, maskness_power=0.0).scores.tolist() == \
+        plain.scores.tolist() + top_detections(logits, boxes, masks).scores.tolist()[3:]
+
+
+def test_predictor_scores_with_the_models_maskness_power(model):
+    predictor = Predictor(model, CLASS_NAMES, CATEGORY_IDS, MIN_SIZE, MAX_SIZE, device="cpu")
+    image = _gray()
+    try:
+        model.maskness_power = 2.0
+        stage = predictor.predict(image, return_attention=False).stages[-1]
+        expected = top_detections(_logits_of(predictor, image),
+                                  stage.query_boxes_xyxy, stage.query_mask_probs,
+                                  maskness_power=2.0)
+    finally:
+        model.maskness_power = 0.0
+    assert stage.detections.scores.tolist() == pytest.approx(expected.scores.tolist())
+    plain = Predictor(model, CLASS_NAMES, CATEGORY_IDS, MIN_SIZE, MAX_SIZE, device="cpu")
+    assert plain.predict(image, return_attention=False).stages[-1].detections.scores.tolist() != \
+        pytest.approx(expected.scores.tolist())
+
+
+def _logits_of(predictor, image) -> torch.Tensor:
+    """The last stage's (Q, C) class logits of ``predictor``'s model on ``image``."""
+    images, sizes = predictor.preprocess(image_to_array(image))
+    with torch.no_grad():
+        return predictor.model(images, sizes).final.logits[0].float()
 
 
 def test_rescale_boxes_maps_to_the_original_size_and_clips():
