@@ -324,11 +324,11 @@ PRESETS: dict[str, Config] = {
         # Detections are scored by class probability x maskness ** 2 (test time only): +0.4 to
         # +0.8 mask AP on five model / val-set pairs (the shipped model, a 30-minute run, each on
         # the built-in val set and 400 held-out images; a 30-minute run on the second set), box AP
-        # within 0.1; power 3 or 4 gained as much or 0.1-0.2 more mask AP but cost the 30-minute
-        # run up to 0.5 box AP (benchmarks/results_log.md, session 27).
-        # A finer mask RoI of its own (mask_roi_resolution=14, pooled one FPN level finer) made a
-        # step 18% slower and ended below the shipped recipe at equal iterations (ship11,
-        # session 27): not used.
+        # within 0.2; power 3 or 4 gained as much or 0.1-0.2 more mask AP but cost the 30-minute
+        # run up to 0.7 box AP (benchmarks/results_log.md, session 27).
+        # A finer mask RoI of its own (mask_roi_resolution=14, pooled one FPN level finer) ran 18%
+        # fewer iterations a minute and was behind the shipped recipe at equal iterations too
+        # (ship11, session 27): not used.
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images
