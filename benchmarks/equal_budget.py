@@ -94,10 +94,12 @@ def _peer_forward(model):
     return forward
 
 
-def _istr_forward(model, network_only: bool = False):
+def _istr_forward(model, network_only: bool = False, maskness_power: float = 0.0):
     """One-image ISTR inference as it is scored: the final stage's top 100 (query, class) pairs
     (no score floor, no NMS), each query's mask pasted once at the image size (its classes share
-    it), as ``evaluate`` does; the forward pass ``final_only`` (the same final stage). ``network_only``: the forward pass alone. Under bf16 autocast the
+    it), as ``evaluate`` does, scored with the checkpoint's ``maskness_power``; the forward pass
+    ``final_only`` (the same final stage). ``network_only``: the forward pass alone. Under bf16
+    autocast the
     linear and conv weights are stored in bf16 first (``cast_weights_for_autocast``)."""
     from istr_viz.postprocess import paste_masks, top_detections
     from istr_viz.runtime import autocast_dtype, cast_weights_for_autocast
@@ -116,7 +118,7 @@ def _istr_forward(model, network_only: bool = False):
             return
         final = out.final
         boxes, masks = final.boxes_xyxy[0].float(), final.masks[0].float()
-        det = top_detections(final.logits[0].float(), boxes, masks, 100)
+        det = top_detections(final.logits[0].float(), boxes, masks, 100, maskness_power)
         queries = torch.unique(det.queries)
         paste_masks(masks[queries], boxes[queries], h, w)
     return forward
@@ -252,11 +254,13 @@ def time_best(out: Path, args) -> dict:
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset), peer["set"])  # as the peer was trained
     train, val, _ = _datasets(cfg, args.data)
-    istr_model, _ = load_model(istr["checkpoint"], device="cpu")
+    istr_model, istr_predictor = load_model(istr["checkpoint"], device="cpu")
     peer_model = build_mask_rcnn(cfg, len(train.annotations.class_names))
     peer_model.load_state_dict(torch.load(out / f"peer_lr{peer['lr']:g}.pt", map_location="cpu",
                                           weights_only=True))
-    forwards = {"istr": _istr_forward(istr_model), "mask_rcnn": _peer_forward(peer_model),
+    forwards = {"istr": _istr_forward(istr_model,
+                                      maskness_power=istr_predictor.config.model.maskness_power),
+                "mask_rcnn": _peer_forward(peer_model),
                 "istr_network": _istr_forward(istr_model, network_only=True)}
     images = [val[i][0] for i in range(min(args.time_images, len(val)))]
     for image in images[:3]:

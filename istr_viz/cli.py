@@ -293,6 +293,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if not isinstance(card, dict):
             raise DataError("the card must be a JSON object", file=args.card)
     retest = args.test_size is not None or args.maskness_power is not None
+    if args.maskness_power is not None:  # a bad power is refused before any file is read
+        from istr_viz.config import Config, with_maskness_power
+
+        with_maskness_power(Config(), args.maskness_power)
     if not retest and (args.data or args.ann or args.images):
         raise DataError("--data, --ann and --images go with --test-size or --maskness-power (the "
                         "data to measure the metrics again on); without them the checkpoint's "

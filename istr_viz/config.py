@@ -72,7 +72,7 @@ class ModelConfig:
     mask_head: str = "query"
     # With mask_head="roi": 0 (default) = the mask branch reads the P x P RoI that the next stage
     # pools anyway; R > 0 (not in ISTR; v2's mask head pools 28 x 28) = it reads its own R x R
-    # RoI at the output box, pooled one FPN level finer than the box's (half canonical_box_size)
+    # RoI at the output box, pooled one FPN level finer than the box's (twice canonical_box_size)
     # and reduced by a stride-2 3 x 3 conv (istr_viz.model.stage.RoIMaskConvEncoder): finer
     # features for the mask, one more pooling a stage
     mask_roi_resolution: int = 0
@@ -324,11 +324,10 @@ PRESETS: dict[str, Config] = {
         # Detections are scored by class probability x maskness ** 2 (test time only): +0.4 to
         # +0.8 mask AP on five model / val-set pairs (the shipped model, a 30-minute run, each on
         # the built-in val set and 400 held-out images; a 30-minute run on the second set), box AP
-        # within 0.2; power 3 or 4 gained as much or 0.1-0.2 more mask AP but cost the 30-minute
-        # run up to 0.7 box AP (benchmarks/results_log.md, session 27).
-        # A finer mask RoI of its own (mask_roi_resolution=14, pooled one FPN level finer) ran 18%
-        # fewer iterations a minute and was behind the shipped recipe at equal iterations too
-        # (ship11, session 27): not used.
+        # within 0.2; power 3 or 4 gained at most 0.2 more mask AP (the shipped model) but cost the
+        # 30-minute run up to 0.7 box AP (benchmarks/results_log.md, session 27).
+        # A 14 x 14 mask RoI of its own (mask_roi_resolution=14) costs ~25% more a step; its one
+        # long run pooled one level coarser by a bug and ended lower (ship11, session 27): off.
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images

@@ -217,14 +217,15 @@ __all__ = ["StageResults", "coco_eval", "coco_result", "evaluate_results", "form
 def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_k: int = 100,
                           max_images: int | None = None, progress: bool = True,
                           category_ids: list[int] | None = None,
-                          amp: bool = False) -> StageResults:
+                          amp: bool = False, maskness_power: float = 0.0) -> StageResults:
     """Run ``model`` over a :class:`~istr_viz.data.coco.CocoDataset` (eval transform) and collect
     every stage's top-``top_k`` detections as COCO results at each image's original size (each
     with the ``"query"`` that made it).
     ``device``: where the model's inputs go (default: the device of the model's parameters).
     ``amp``: run the network under autocast where the device supports a low precision
     (``runtime.autocast_dtype``; bf16 on a CPU with AVX512-BF16), as a benchmark times it;
-    default fp32."""
+    default fp32. ``maskness_power``: how detections are scored
+    (``ModelConfig.maskness_power``, :func:`istr_viz.postprocess.top_detections`)."""
     import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
@@ -235,7 +236,6 @@ def predict_stage_results(model, dataset, batch_size: int = 4, device=None, top_
 
     device = default_device(device) if device is not None else _model_device(model)
     amp_dtype = autocast_dtype(torch.device(device), amp)
-    maskness_power = getattr(model, "maskness_power", 0.0)  # how the model's detections rank
     if max_images:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=False)
@@ -329,7 +329,8 @@ def evaluate_model(model, data, cfg, device=None, max_images: int | None = None,
     dataset = eval_dataset(data, cfg, category_ids)
     ann = dataset.annotations
     results = predict_stage_results(model, dataset, batch_size, device, max_images=max_images,
-                                    progress=progress, category_ids=category_ids, amp=amp)
+                                    progress=progress, category_ids=category_ids, amp=amp,
+                                    maskness_power=cfg.model.maskness_power)
     names = dict(zip(ann.label_to_cat_id, ann.class_names))
     metrics = evaluate_results(ann.coco, results, names)
     if ceilings:

@@ -158,12 +158,13 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, class_names: list[str], category_ids: list[int],
                  min_size: int, max_size: int, device: str | torch.device | None = None,
-                 top_k: int = 100):
+                 top_k: int = 100, maskness_power: float = 0.0):
         self.device = default_device(device)
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
         self.category_ids = list(category_ids)
         self.min_size, self.max_size, self.top_k = min_size, max_size, top_k
+        self.maskness_power = maskness_power  # how detections are scored (top_detections)
         self._cache_key: str | None = None
         self._cache: Prediction | None = None
 
@@ -208,7 +209,7 @@ class Predictor:
             attn = st.attn[0].float().cpu() if st.attn is not None else None
             stages.append(StagePrediction(
                 detections=top_detections(logits, boxes, masks, self.top_k,
-                                          getattr(self.model, "maskness_power", 0.0)),
+                                          self.maskness_power),
                 query_boxes_xyxy=boxes, query_scores=scores, query_labels=labels,
                 query_mask_probs=masks, attn=attn))
         proposals = rescale_boxes(output.proposal_boxes_xyxy[0].float().cpu(), input_size, orig)
@@ -271,7 +272,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     images are resized to (default: the checkpoint's ``data.test_min_size``); it also changes
     ``predictor.config``, which ``evaluate`` reads, but the checkpoint's recorded ``metrics`` stay
     those of its own size. ``maskness_power``: how detections are scored (default: the
-    checkpoint's ``model.maskness_power``), in ``predictor.config`` and on the model likewise.
+    checkpoint's ``model.maskness_power``), in ``predictor.config`` and ``predictor.maskness_power``.
     Raises :class:`~istr_viz.errors.CheckpointError` for a file that is not a usable checkpoint,
     :class:`~istr_viz.errors.ConfigError` for a test size below 1 or a power outside 0..16.
     """
@@ -315,9 +316,9 @@ def model_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.devi
         from istr_viz.config import with_maskness_power
 
         cfg = with_maskness_power(cfg, maskness_power)
-        model.maskness_power = cfg.model.maskness_power
     predictor = Predictor(model, ckpt["class_names"], ckpt["category_ids"], cfg.data.test_min_size,
-                          cfg.data.test_max_size, device=device)
+                          cfg.data.test_max_size, device=device,
+                          maskness_power=cfg.model.maskness_power)
     predictor.config = cfg
     predictor.metrics = ckpt.get("metrics", {})
     predictor.checkpoint_path = Path(path)

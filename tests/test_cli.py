@@ -299,15 +299,25 @@ def test_maskness_power_in_evaluate_and_export(tiny_run, tmp_path, capsys):
     cfg = Config.from_dict(stored["config"])
     assert cfg.model.maskness_power == 3.0
     assert cfg.data.test_min_size == Config.from_dict(load_checkpoint(ckpt)["config"]).data.test_min_size
-    model, _ = load_model(exported)
-    assert model.maskness_power == 3.0
+    model, predictor = load_model(exported)
+    assert predictor.maskness_power == 3.0
     own = Config.from_dict(load_checkpoint(ckpt)["config"]).model.maskness_power
-    assert load_model(ckpt)[0].maskness_power == own != 3.0
+    assert load_model(ckpt)[1].maskness_power == own != 3.0
+    # the stored metrics are those of scoring with the stored power
+    from istr_viz.data.layout import split_paths
+    from istr_viz.evaluate import evaluate_model
+
+    again = evaluate_model(model, split_paths(root, "val"), predictor.config, progress=False,
+                           category_ids=predictor.category_ids)
+    assert stored["metrics"]["segm"]["AP"] == pytest.approx(again["segm"]["AP"], abs=1e-9)
+    assert again["score_threshold"] == stored["metrics"]["score_threshold"]
     for bad in ("-1", "17", "nan"):
         _fails_with(["evaluate", "--checkpoint", str(ckpt), "--data", str(root),
                      "--maskness-power", bad], capsys, "model.maskness_power")
     _fails_with(["export", str(ckpt), "--out", str(tmp_path / "n.pt"), "--maskness-power", "2"],
                 capsys, "--maskness-power 2", "--data")
+    _fails_with(["export", str(ckpt), "--out", str(tmp_path / "n.pt"), "--maskness-power", "-2"],
+                capsys, "model.maskness_power")  # refused before asking for the data
     assert not (tmp_path / "n.pt").exists()
 
 

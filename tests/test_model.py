@@ -206,7 +206,13 @@ def test_fine_mask_roi_is_pooled_one_level_finer_at_the_output_box(basis):
     R = 6
     model = tiny_model(basis, mask_head="roi", mask_roi_resolution=R).eval()
     assert model.mask_pooler.output_size == R
-    assert model.mask_pooler.canonical_size == model.pooler.canonical_size / 2
+    # one FPN level finer than the box's own, down to P2
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 56.0, 56.0], [0, 0, 120.0, 120.0],
+                          [0.0, 0.0, 400.0, 400.0]])
+    box_levels = assign_fpn_levels(boxes, canonical_size=model.pooler.canonical_size)
+    mask_levels = assign_fpn_levels(boxes, canonical_size=model.mask_pooler.canonical_size)
+    assert box_levels.tolist() == [2, 4, 5, 5]
+    assert mask_levels.tolist() == [2, 3, 4, 5]
     images, sizes = _images()
     shapes = []
     model.mask_pooler.register_forward_hook(lambda mod, args, out: shapes.append(out.shape))

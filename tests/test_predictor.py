@@ -359,18 +359,16 @@ def test_maskness_power_ranks_confident_masks_first():
         plain.scores.tolist() + top_detections(logits, boxes, masks).scores.tolist()[3:]
 
 
-def test_predictor_scores_with_the_models_maskness_power(model):
-    predictor = Predictor(model, CLASS_NAMES, CATEGORY_IDS, MIN_SIZE, MAX_SIZE, device="cpu")
+def test_predictor_scores_with_its_maskness_power(model):
     image = _gray()
-    try:
-        model.maskness_power = 2.0
-        stage = predictor.predict(image, return_attention=False).stages[-1]
-        expected = top_detections(_logits_of(predictor, image),
-                                  stage.query_boxes_xyxy, stage.query_mask_probs,
-                                  maskness_power=2.0)
-    finally:
-        model.maskness_power = 0.0
+    powered = Predictor(model, CLASS_NAMES, CATEGORY_IDS, MIN_SIZE, MAX_SIZE, device="cpu",
+                        maskness_power=2.0)
+    stage = powered.predict(image, return_attention=False).stages[-1]
+    expected = top_detections(_logits_of(powered, image), stage.query_boxes_xyxy,
+                              stage.query_mask_probs, maskness_power=2.0)
+    assert expected.scores.max() > 0
     assert stage.detections.scores.tolist() == pytest.approx(expected.scores.tolist())
+    assert stage.detections.queries.tolist() == expected.queries.tolist()
     plain = Predictor(model, CLASS_NAMES, CATEGORY_IDS, MIN_SIZE, MAX_SIZE, device="cpu")
     assert plain.predict(image, return_attention=False).stages[-1].detections.scores.tolist() != \
         pytest.approx(expected.scores.tolist())

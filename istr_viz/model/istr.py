@@ -101,10 +101,7 @@ class ISTR(nn.Module):
         mask_head: "query" (v1) or "roi": where the mask embedding is read (``RefinementStage``).
         mask_roi_resolution: with "roi", 0 = the mask branch reads the stage's P x P RoI at its
             output box; R > 0 = its own R x R RoI there, from ``mask_pooler`` (one FPN level
-            finer: half the canonical box size; one sample a bin).
-        maskness_power: how detections are scored at test time (``ModelConfig.maskness_power``),
-            kept here for :func:`istr_viz.postprocess.top_detections`'s callers; the outputs do
-            not depend on it.
+            finer: twice the canonical box size; one sample a bin).
     """
 
     def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
@@ -117,19 +114,19 @@ class ISTR(nn.Module):
                  proposal_init: str = "image", proposal_box_cells: tuple[float, ...] = (2.0,),
                  aux_semantic: bool = False, aux_dense_box: bool = False,
                  dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2,
-                 mask_head: str = "query", mask_roi_resolution: int = 0,
-                 maskness_power: float = 0.0):
+                 mask_head: str = "query", mask_roi_resolution: int = 0):
         super().__init__()
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
                               f"is {hidden_dim}; they must be equal", entry="model.hidden_dim")
         self.num_classes, self.num_queries = num_classes, num_queries
-        self.maskness_power = float(maskness_power)
         self.basis = basis
         self.backbone = backbone
         self.pooler = RoIPooler(tuple(backbone.strides), pooler_resolution, 2, canonical_box_size)
+        # a box's level is floor(4 + log2(size / canonical)): twice the canonical size puts
+        # every box one level finer (down to P2)
         self.mask_pooler = (RoIPooler(tuple(backbone.strides), mask_roi_resolution, 1,
-                                      canonical_box_size / 2) if mask_roi_resolution else None)
+                                      canonical_box_size * 2) if mask_roi_resolution else None)
         self.proposal_boxes = nn.Embedding(num_queries, 4)  # cxcywh normalised
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # N(0, 1), as in the official code
         self.stages = nn.ModuleList(
@@ -269,4 +266,4 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 aux_dense_box=cfg.aux_dense_box,
                 dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
                 dn_label_noise=cfg.dn_label_noise, mask_head=cfg.mask_head,
-                mask_roi_resolution=cfg.mask_roi_resolution, maskness_power=cfg.maskness_power)
+                mask_roi_resolution=cfg.mask_roi_resolution)

@@ -92,8 +92,8 @@ class RoIMaskConvEncoder(nn.Module):
     """Encode an R x R RoI pooled at a query's output box as one vector
     (``ModelConfig.mask_roi_resolution`` = R).
 
-    A 3 x 3 stride-2 conv from D to E = ``dim_dynamic`` channels -> LN -> ELU over each of the
-    ceil(R / 2)^2 cells, which are then flattened in order (where the object lies inside the box
+    A 3 x 3 stride-2 conv (padding 1) from D to E = ``dim_dynamic`` channels -> LN -> ELU over
+    each of the ceil(R / 2)^2 cells (any R >= 2; an odd R's last row and column are padded), which are then flattened in order (where the object lies inside the box
     is kept) and go through Linear(ceil(R/2)^2 * E, D) -> LN -> ELU, as in ``RoIMaskEncoder``.
     """
 
@@ -155,9 +155,11 @@ class RefinementStage(nn.Module):
         if mask_roi_resolution and mask_head != "roi":
             raise ValueError("mask_roi_resolution needs mask_head='roi'")
         self.mask_roi_resolution = mask_roi_resolution
-        self.mask_roi_encoder = (
-            None if mask_head != "roi" else RoIMaskConvEncoder(D, dim_dynamic, mask_roi_resolution)
-            if mask_roi_resolution else RoIMaskEncoder(D, dim_dynamic, pooler_resolution))
+        self.mask_roi_encoder: nn.Module | None = None
+        if mask_head == "roi" and mask_roi_resolution:
+            self.mask_roi_encoder = RoIMaskConvEncoder(D, dim_dynamic, mask_roi_resolution)
+        elif mask_head == "roi":
+            self.mask_roi_encoder = RoIMaskEncoder(D, dim_dynamic, pooler_resolution)
         self.mask_norm = nn.LayerNorm(D) if mask_head == "roi" else None
         self.class_logits = nn.Linear(D, num_classes)
         self.bbox_deltas = nn.Linear(D, 4)
