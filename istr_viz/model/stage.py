@@ -93,8 +93,9 @@ class RoIMaskConvEncoder(nn.Module):
     (``ModelConfig.mask_roi_resolution`` = R).
 
     A 3 x 3 stride-2 conv (padding 1) from D to E = ``dim_dynamic`` channels -> LN -> ELU over
-    each of the ceil(R / 2)^2 cells (any R >= 2; an odd R's last row and column are padded), which are then flattened in order (where the object lies inside the box
-    is kept) and go through Linear(ceil(R/2)^2 * E, D) -> LN -> ELU, as in ``RoIMaskEncoder``.
+    each of the ceil(R / 2)^2 cells (any R >= 2), which are then flattened in order (where the
+    object lies inside the box is kept) and go through Linear(ceil(R/2)^2 * E, D) -> LN -> ELU,
+    as in ``RoIMaskEncoder``.
     """
 
     def __init__(self, hidden_dim: int, dim_reduced: int, resolution: int):
