@@ -254,12 +254,13 @@ def time_best(out: Path, args) -> dict:
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset), peer["set"])  # as the peer was trained
     train, val, _ = _datasets(cfg, args.data)
-    istr_model, istr_predictor = load_model(istr["checkpoint"], device="cpu")
+    istr_model, _ = load_model(istr["checkpoint"], device="cpu")
+    # scored as the preset scores, as --rescore does
+    istr_power = apply_overrides(get_preset(args.preset), istr["set"]).model.maskness_power
     peer_model = build_mask_rcnn(cfg, len(train.annotations.class_names))
     peer_model.load_state_dict(torch.load(out / f"peer_lr{peer['lr']:g}.pt", map_location="cpu",
                                           weights_only=True))
-    forwards = {"istr": _istr_forward(istr_model,
-                                      maskness_power=istr_predictor.config.model.maskness_power),
+    forwards = {"istr": _istr_forward(istr_model, maskness_power=istr_power),
                 "mask_rcnn": _peer_forward(peer_model),
                 "istr_network": _istr_forward(istr_model, network_only=True)}
     images = [val[i][0] for i in range(min(args.time_images, len(val)))]
@@ -328,10 +329,12 @@ def rescore(out: Path, args) -> dict[str, list[dict]]:
             continue
         cfg = apply_overrides(get_preset(args.preset), record["set"] + extra)
         model, predictor = load_model(record["checkpoint"], device="cpu")
-        # the checkpoint's own configuration, tested at the preset's size as the peer is
+        # the checkpoint's own configuration, tested at the preset's size as the peer is and
+        # scored as the preset scores (model.maskness_power)
         tested = replace(predictor.config, data=replace(
             predictor.config.data, test_min_size=cfg.data.test_min_size,
-            test_max_size=cfg.data.test_max_size))
+            test_max_size=cfg.data.test_max_size), model=replace(
+            predictor.config.model, maskness_power=cfg.model.maskness_power))
         ap = evaluate_model(model, val_paths, tested, max_images=record.get("eval_images"),
                             progress=False, category_ids=predictor.category_ids,
                             amp=cfg.train.amp)  # the peer's precision (and the timing's)

@@ -117,7 +117,8 @@ def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run
                                                                         tmp_path):
     """The wiring that the end-to-end test cannot see through tiny models' near-zero AP: with
     ``--rescore`` both models get the preset's (here overridden) test size and ``train.amp``,
-    ISTR's checkpoint included, whatever size it was trained and recorded at."""
+    ISTR's checkpoint included, whatever size it was trained and recorded at, and ISTR the
+    preset's maskness power."""
     import argparse
     import importlib.util
 
@@ -147,7 +148,8 @@ def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run
     real_evaluate, real_peer = evaluate.evaluate_model, baseline.mask_rcnn_results
 
     def spy_evaluate(model, data, cfg, **kwargs):
-        seen["istr"] = (cfg.data.test_min_size, cfg.data.test_max_size, kwargs.get("amp"))
+        seen["istr"] = (cfg.data.test_min_size, cfg.data.test_max_size, kwargs.get("amp"),
+                        cfg.model.maskness_power)
         return real_evaluate(model, data, cfg, **kwargs)
 
     def spy_peer(model, dataset, amp=True, **kwargs):
@@ -159,9 +161,9 @@ def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run
     monkeypatch.setattr(baseline, "mask_rcnn_results", spy_peer)
     args = argparse.Namespace(preset="shapes-cpu", data=str(root), threads=1,
                               set=["data.test_min_size=96", "data.test_max_size=160",
-                                   "train.amp=true"])
+                                   "train.amp=true", "model.maskness_power=3"])
     rows = bench.rescore(out, args)
-    assert seen["istr"] == (96, 160, True)
+    assert seen["istr"] == (96, 160, True, 3.0)  # scored as the preset (here overridden) scores
     assert seen["peer"][:3] == (96, 160, True) and min(seen["peer"][3]) == 96  # 48 px images
     for name in ("istr", "peer"):
         (row,) = rows[name]
