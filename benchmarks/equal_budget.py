@@ -97,7 +97,7 @@ def _peer_forward(model):
 def _istr_forward(model, network_only: bool = False, maskness_power: float = 0.0):
     """One-image ISTR inference as it is scored: the final stage's top 100 (query, class) pairs
     (no score floor, no NMS), each query's mask pasted once at the image size (its classes share
-    it), as ``evaluate`` does, scored with the checkpoint's ``maskness_power``; the forward pass
+    it), as ``evaluate`` does, scored with ``maskness_power`` (the preset's); the forward pass
     ``final_only`` (the same final stage). ``network_only``: the forward pass alone. Under bf16
     autocast the
     linear and conv weights are stored in bf16 first (``cast_weights_for_autocast``)."""
