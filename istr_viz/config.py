@@ -76,6 +76,10 @@ class ModelConfig:
     # and reduced by a stride-2 3 x 3 conv (istr_viz.model.stage.RoIMaskConvEncoder): finer
     # features for the mask, one more pooling a stage
     mask_roi_resolution: int = 0
+    # With mask_roi_resolution R > 0: the first stage (1-based) whose mask branch reads that R x R
+    # RoI; earlier stages read the P x P one. 1 = every stage; num_stages = the last stage only,
+    # whose masks are the output, for a fraction of the extra pooling's cost
+    mask_roi_first_stage: int = 1
     # Test time only (not in ISTR; SOLOv2's "maskness"): a detection's score is its class
     # probability x maskness ** this, maskness = the mean of its mask's probabilities over the
     # pixels at or above 0.5 (0 for an empty mask), so that confident masks rank first.
@@ -109,6 +113,10 @@ class ModelConfig:
         if self.mask_roi_resolution and self.mask_head != "roi":
             raise ConfigError("model.mask_roi_resolution needs model.mask_head='roi', got "
                               f"{self.mask_head!r}", entry="model.mask_roi_resolution")
+        if not 1 <= self.mask_roi_first_stage <= self.num_stages:
+            raise ConfigError(f"model.mask_roi_first_stage must be in 1..{self.num_stages} "
+                              f"(model.num_stages), got {self.mask_roi_first_stage}",
+                              entry="model.mask_roi_first_stage")
         if isinstance(self.maskness_power, bool) or not (
                 isinstance(self.maskness_power, numbers.Real) and 0 <= self.maskness_power <= 16):
             raise ConfigError("model.maskness_power must be a number in 0..16, got "

@@ -256,6 +256,24 @@ def test_fine_mask_roi_passes_gradients_to_the_features(basis):
     assert pooled[-1].grad.abs().sum() > 0
 
 
+def test_fine_mask_roi_can_start_at_a_later_stage(basis):
+    """mask_roi_first_stage=k: stages before k keep the P x P mask RoI encoder and never call the
+    mask pooler; stages k.. pool and encode their own R x R RoI."""
+    model = tiny_model(basis, mask_head="roi", mask_roi_resolution=6, mask_roi_first_stage=K)
+    kinds = [type(stage.mask_roi_encoder).__name__ for stage in model.stages]
+    assert kinds == ["RoIMaskEncoder"] * (K - 1) + ["RoIMaskConvEncoder"]
+    calls = []
+    model.mask_pooler.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    out = model(*_images())
+    assert len(calls) == 1  # the last stage's only
+    out.final.mask_embed.sum().backward()
+    assert model.stages[-1].mask_roi_encoder.conv.weight.grad.abs().sum() > 0
+    for bad in (0, 4):
+        with pytest.raises(ConfigError, match="model.mask_roi_first_stage must be in 1..3"):
+            ModelConfig(num_stages=3, mask_head="roi", mask_roi_resolution=14,
+                        mask_roi_first_stage=bad)
+
+
 def test_mask_roi_resolution_is_checked(basis):
     for bad in (-1, 1):
         with pytest.raises(ConfigError, match="model.mask_roi_resolution must be 0"):

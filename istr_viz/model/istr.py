@@ -102,6 +102,8 @@ class ISTR(nn.Module):
         mask_roi_resolution: with "roi", 0 = the mask branch reads the stage's P x P RoI at its
             output box; R > 0 = its own R x R RoI there, from ``mask_pooler`` (one FPN level
             finer: twice the canonical box size; one sample a bin).
+        mask_roi_first_stage: with R > 0, the first stage (1-based) that reads the R x R RoI;
+            earlier stages read the P x P one.
     """
 
     def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
@@ -114,7 +116,8 @@ class ISTR(nn.Module):
                  proposal_init: str = "image", proposal_box_cells: tuple[float, ...] = (2.0,),
                  aux_semantic: bool = False, aux_dense_box: bool = False,
                  dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2,
-                 mask_head: str = "query", mask_roi_resolution: int = 0):
+                 mask_head: str = "query", mask_roi_resolution: int = 0,
+                 mask_roi_first_stage: int = 1):
         super().__init__()
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
@@ -133,8 +136,9 @@ class ISTR(nn.Module):
             RefinementStage(num_classes, basis.dim, hidden_dim, dim_dynamic, dim_feedforward,
                             num_heads, num_cls_layers, num_reg_layers, num_mask_layers, dropout,
                             pooler_resolution, mask_head=mask_head,
-                            mask_roi_resolution=mask_roi_resolution)
-            for _ in range(num_stages))
+                            mask_roi_resolution=(mask_roi_resolution
+                                                 if k >= mask_roi_first_stage else 0))
+            for k in range(1, num_stages + 1))
         with torch.no_grad():
             if proposal_init == "grid":
                 self.proposal_boxes.weight.copy_(grid_proposals(num_queries, proposal_box_cells))
@@ -266,4 +270,5 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                 aux_dense_box=cfg.aux_dense_box,
                 dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
                 dn_label_noise=cfg.dn_label_noise, mask_head=cfg.mask_head,
-                mask_roi_resolution=cfg.mask_roi_resolution)
+                mask_roi_resolution=cfg.mask_roi_resolution,
+                mask_roi_first_stage=cfg.mask_roi_first_stage)
