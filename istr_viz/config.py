@@ -78,7 +78,7 @@ class ModelConfig:
     mask_roi_resolution: int = 0
     # With mask_roi_resolution R > 0: the first stage (1-based) whose mask branch reads that R x R
     # RoI; earlier stages read the P x P one. 1 = every stage; num_stages = the last stage only,
-    # whose masks are the output, for a fraction of the extra pooling's cost
+    # whose masks are the output, for a fraction of the extra pooling's cost. No effect when R = 0
     mask_roi_first_stage: int = 1
     # Test time only (not in ISTR; SOLOv2's "maskness"): a detection's score is its class
     # probability x maskness ** this, maskness = the mean of its mask's probabilities over the
@@ -335,7 +335,10 @@ PRESETS: dict[str, Config] = {
         # within 0.2; power 3 or 4 gained at most 0.2 more mask AP (the shipped model) but cost the
         # 30-minute run up to 0.7 box AP (benchmarks/results_log.md, session 27).
         # A 14 x 14 mask RoI of its own (mask_roi_resolution=14) costs ~25% more a step; its one
-        # long run pooled one level coarser by a bug and ended lower (ship11, session 27): off.
+        # long run pooled one level coarser by a bug and ended lower (ship11, session 27). In the
+        # last stage only (mask_roi_first_stage=3; 9% fewer iterations a minute), pooled one level
+        # finer: +0.8 / +1.0 mask and -1.3 / -0.8 box AP against the shipped model on the val set /
+        # 400 held-out images (ship12, 110 against 108 minutes, session 28): off.
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images

@@ -257,17 +257,35 @@ def test_fine_mask_roi_passes_gradients_to_the_features(basis):
 
 
 def test_fine_mask_roi_can_start_at_a_later_stage(basis):
-    """mask_roi_first_stage=k: stages before k keep the P x P mask RoI encoder and never call the
-    mask pooler; stages k.. pool and encode their own R x R RoI."""
-    model = tiny_model(basis, mask_head="roi", mask_roi_resolution=6, mask_roi_first_stage=K)
+    """model.mask_roi_first_stage=k, through build_model: stages before k keep the P x P mask RoI
+    encoder and never call the mask pooler; stages k.. pool and encode their own R x R RoI (in
+    training with denoising queries, and in final_only inference, the last stage alone)."""
+    cfg = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=Q,
+                      num_stages=3, hidden_dim=D, dim_dynamic=8, dim_feedforward=2 * D,
+                      num_heads=4, canonical_box_size=56.0, mask_head="roi",
+                      mask_roi_resolution=6, mask_roi_first_stage=2, dn_groups=1)
+    torch.manual_seed(0)
+    model = build_model(cfg, C, basis)
     kinds = [type(stage.mask_roi_encoder).__name__ for stage in model.stages]
-    assert kinds == ["RoIMaskEncoder"] * (K - 1) + ["RoIMaskConvEncoder"]
+    assert kinds == ["RoIMaskEncoder", "RoIMaskConvEncoder", "RoIMaskConvEncoder"]
     calls = []
     model.mask_pooler.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
-    out = model(*_images())
-    assert len(calls) == 1  # the last stage's only
+    images, sizes = _images()
+    targets = [{"labels": torch.tensor([1]), "boxes_xyxy": torch.tensor([[10.0, 8.0, 40.0, 30.0]]),
+                "size": sizes[0]},
+               {"labels": torch.tensor([0, 2]), "size": sizes[1],
+                "boxes_xyxy": torch.tensor([[5.0, 5.0, 30.0, 25.0], [20.0, 10.0, 60.0, 45.0]])}]
+    out = model(images, sizes, targets=targets)
+    assert out.dn_stages  # the denoising queries ran
+    assert len(calls) == 2  # stages 2 and 3
     out.final.mask_embed.sum().backward()
     assert model.stages[-1].mask_roi_encoder.conv.weight.grad.abs().sum() > 0
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(images, sizes, final_only=True)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="mask_roi_first_stage"):
+        tiny_model(basis, mask_head="roi", mask_roi_resolution=6, mask_roi_first_stage=K + 1)
     for bad in (0, 4):
         with pytest.raises(ConfigError, match="model.mask_roi_first_stage must be in 1..3"):
             ModelConfig(num_stages=3, mask_head="roi", mask_roi_resolution=14,

@@ -122,6 +122,9 @@ class ISTR(nn.Module):
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
                               f"is {hidden_dim}; they must be equal", entry="model.hidden_dim")
+        if mask_roi_resolution and not 1 <= mask_roi_first_stage <= num_stages:
+            raise ValueError(f"mask_roi_first_stage must be in 1..{num_stages}, "
+                             f"got {mask_roi_first_stage}")
         self.num_classes, self.num_queries = num_classes, num_queries
         self.basis = basis
         self.backbone = backbone
