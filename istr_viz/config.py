@@ -164,6 +164,13 @@ class LossConfig:
     # the positives early on; later stages stay one-to-one, so inference needs no NMS. 1 = off.
     o2m_k: int = 1
     o2m_stages: int = 0
+    # Training-only aid (not in ISTR; Mask R-CNN trains its mask head on every positive RoI): the
+    # mask losses of a stage also cover each unmatched query whose (detached) output box overlaps
+    # a GT box by at least this IoU, against the GT it overlaps most; each instance's mask loss
+    # is then the mean over its queries (the matched one and these), so the loss keeps its scale.
+    # Class and box losses stay one-to-one: scores, duplicates and inference are unchanged.
+    # 0 = off (ISTR).
+    mask_overlap_iou: float = 0.0
 
     def __post_init__(self) -> None:
         if self.embed_weighting not in ("uniform", "variance"):
@@ -175,6 +182,10 @@ class LossConfig:
         if self.o2m_k < 1 or self.o2m_stages < 0:
             raise ConfigError(f"loss.o2m_k must be >= 1 and loss.o2m_stages >= 0, got "
                               f"{self.o2m_k} and {self.o2m_stages}")
+        if isinstance(self.mask_overlap_iou, bool) or not (
+                isinstance(self.mask_overlap_iou, numbers.Real) and 0 <= self.mask_overlap_iou <= 1):
+            raise ConfigError(f"loss.mask_overlap_iou must be an IoU in 0..1 (0 = off), got "
+                              f"{self.mask_overlap_iou!r}", entry="loss.mask_overlap_iou")
 
     def cost_weights(self) -> dict[str, float]:
         """Weights of the matching cost terms, keyed by term name (see ``istr_viz.matcher``)."""

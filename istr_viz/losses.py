@@ -10,6 +10,10 @@ Each stage is matched on its own (deep supervision) and gets the same five weigh
     loss_mask_embed  MSE between predicted and GT embedding, summed, / M
     loss_mask_dice   dice (squared sums, eps 1e-5) of the decoded S x S mask vs the GT crop
 
+With ``loss.mask_overlap_iou`` > 0 (training-only, not in ISTR) the two mask terms also cover the
+unmatched queries whose boxes overlap a GT box (:func:`overlap_pairs`), each instance's terms
+averaged over its queries.
+
 Every term is a sum over the batch divided by the number of GT instances (clamped >= 1). Losses
 and matching run in fp32 with autocast off, even when the model runs under bf16 autocast.
 """
@@ -108,10 +112,12 @@ def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def mask_losses(pred_embed: Tensor, gt_embed: Tensor, pred_masks: Tensor, gt_crops: Tensor,
-                num_instances: float, embed_weights: Tensor | None = None) -> dict[str, Tensor]:
-    """Embedding MSE (/ M) and dice over N matched pairs: embeds (N, M), decoded masks and GT
-    crops (N, S, S); ``embed_weights`` (M,) weights each component's squared error (default 1).
-    Returns {"mask_embed", "mask_dice"}, each a sum / ``num_instances``."""
+                num_instances: float, embed_weights: Tensor | None = None,
+                pair_weights: Tensor | None = None) -> dict[str, Tensor]:
+    """Embedding MSE (/ M) and dice over N (query, GT) pairs: embeds (N, M), decoded masks and
+    GT crops (N, S, S); ``embed_weights`` (M,) weights each component's squared error, and
+    ``pair_weights`` (N,) each pair (both default 1).
+    Returns {"mask_embed", "mask_dice"}, each a (weighted) sum / ``num_instances``."""
     if pred_embed.shape[0] == 0:
         zero = pred_embed.sum() * 0
         return {"mask_embed": zero, "mask_dice": zero}
@@ -119,9 +125,36 @@ def mask_losses(pred_embed: Tensor, gt_embed: Tensor, pred_masks: Tensor, gt_cro
     squared = (pred_embed.float() - gt_embed.float()) ** 2  # (N, M)
     if embed_weights is not None:
         squared = squared * embed_weights.to(squared.device, squared.dtype)
-    mse = squared.sum() / M
-    dice = dice_loss(pred_masks, gt_crops).sum()
-    return {"mask_embed": mse / num_instances, "mask_dice": dice / num_instances}
+    mse = squared.sum(1) / M  # (N,)
+    dice = dice_loss(pred_masks, gt_crops)  # (N,)
+    if pair_weights is not None:
+        mse, dice = mse * pair_weights, dice * pair_weights
+    return {"mask_embed": mse.sum() / num_instances, "mask_dice": dice.sum() / num_instances}
+
+
+def overlap_pairs(boxes_xyxy: Tensor, gt_boxes_xyxy: Tensor, matched_query_idx: Tensor,
+                  min_iou: float) -> tuple[Tensor, Tensor]:
+    """The unmatched queries of one image whose boxes overlap a GT box by ``min_iou`` or more,
+    each with the GT it overlaps most (``loss.mask_overlap_iou``).
+
+    Args:
+        boxes_xyxy: (Q, 4) the queries' (detached) boxes.
+        gt_boxes_xyxy: (G, 4) the image's GT boxes.
+        matched_query_idx: (K,) the queries the one-to-one match already gave a GT; left out.
+        min_iou: the IoU a box needs, in (0, 1].
+
+    Returns:
+        query_idx (E,) and gt_idx (E,), long, ascending in query.
+    """
+    device = boxes_xyxy.device
+    if gt_boxes_xyxy.shape[0] == 0 or boxes_xyxy.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    best_iou, best_gt = box_iou(boxes_xyxy.float(), gt_boxes_xyxy.float()).max(1)  # (Q,)
+    keep = best_iou >= min_iou
+    keep[matched_query_idx.to(device)] = False
+    query_idx = torch.nonzero(keep).squeeze(1)
+    return query_idx, best_gt[query_idx]
 
 
 def _cell_centres(height: int, width: int, stride: int, image_hw: tuple[int, int]
@@ -388,11 +421,16 @@ class SetCriterion:
                             for t, g in zip(targets, gt_idx)]).to(device)
         boxes = box_losses(pred_boxes, gt_boxes, scales, num_instances)
 
-        pred_embed = stage.mask_embed[batch_idx, query_idx].float()  # (N, M)
-        gt_crops, gt_embed = self.mask_targets(targets, gt_idx, pred_boxes.detach(), batch_idx)
-        pred_masks = self.basis.decode(pred_embed)  # (N, S, S) probabilities, fp32
+        mask_batch, mask_query, mask_gt, pair_weights = batch_idx, query_idx, gt_idx, None
+        if cfg.mask_overlap_iou > 0 and query_mask is None:  # not for the denoising queries
+            mask_batch, mask_query, mask_gt, pair_weights = self.mask_pairs(stage, targets,
+                                                                            matches)
+        pred_embed = stage.mask_embed[mask_batch, mask_query].float()  # (N', M)
+        mask_boxes = stage.boxes_xyxy[mask_batch, mask_query].detach().float()  # (N', 4)
+        gt_crops, gt_embed = self.mask_targets(targets, mask_gt, mask_boxes, mask_batch)
+        pred_masks = self.basis.decode(pred_embed)  # (N', S, S) probabilities, fp32
         masks = mask_losses(pred_embed, gt_embed, pred_masks, gt_crops, num_instances,
-                            self.embed_weights)
+                            self.embed_weights, pair_weights)
 
         if cfg.class_loss == "varifocal":
             iou = box_iou(pred_boxes.detach(), gt_boxes.float()).diagonal()  # (N,)
@@ -408,6 +446,29 @@ class SetCriterion:
                 "loss_giou": cfg.giou_weight * boxes["giou"],
                 "loss_mask_embed": cfg.mask_embed_weight * masks["mask_embed"],
                 "loss_mask_dice": cfg.mask_dice_weight * masks["mask_dice"]}
+
+    def mask_pairs(self, stage: StageOutput, targets: Sequence[MatchTarget],
+                   matches: Sequence[Match]) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
+        """The (query, GT) pairs whose masks are trained with ``loss.mask_overlap_iou``: per
+        image the matched pairs, then :func:`overlap_pairs`.
+
+        Returns batch_idx (N',) and query_idx (N',), gt_idx (one tensor per image), and
+        pair weights (N',): 1 / the number of the image's pairs with the same GT, so that each
+        instance's mask loss is the mean over its queries.
+        """
+        device = stage.logits.device
+        batches, queries, gts, weights = [], [], [], []
+        for b, (t, m) in enumerate(zip(targets, matches)):
+            extra_q, extra_g = overlap_pairs(stage.boxes_xyxy[b].detach(), t.boxes_xyxy,
+                                             m.query_idx, self.cfg.mask_overlap_iou)
+            q = torch.cat([m.query_idx.to(device), extra_q])
+            g = torch.cat([m.gt_idx.to(device), extra_g])
+            count = torch.bincount(g, minlength=max(t.num_gt, 1)).float()
+            batches.append(torch.full_like(q, b))
+            queries.append(q)
+            gts.append(g)
+            weights.append(1.0 / count[g])
+        return torch.cat(batches), torch.cat(queries), gts, torch.cat(weights)
 
     def mask_targets(self, targets: Sequence[MatchTarget], gt_idx: Sequence[Tensor],
                      pred_boxes: Tensor, batch_idx: Tensor) -> tuple[Tensor, Tensor]:

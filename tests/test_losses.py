@@ -14,6 +14,7 @@ from istr_viz.config import LossConfig
 from istr_viz.data.instance_masks import synthetic_instance_masks
 from istr_viz.errors import ConfigError
 from istr_viz.losses import (LOSS_TERMS, SetCriterion, box_losses, dice_loss, embedding_weights,
+                             overlap_pairs,
                              focal_class_loss, mask_losses, varifocal_class_loss)
 from istr_viz.matcher import hungarian_match, prepare_target
 from istr_viz.model import ISTR, build_backbone
@@ -311,6 +312,82 @@ def test_configs_saved_before_the_new_loss_options_load_with_the_old_behaviour()
 def test_one_to_many_settings_are_checked():
     with pytest.raises(ConfigError):
         LossConfig(o2m_k=0)
+
+
+def test_overlap_pairs_take_unmatched_queries_over_the_iou_with_their_best_gt():
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]])
+    boxes = torch.tensor([[0.0, 0, 10, 10],   # 0: GT 0 exactly (matched below)
+                          [0.0, 0, 10, 20],   # 1: IoU 0.5 with GT 0
+                          [0.0, 0, 10, 21],   # 2: IoU 100 / 210 < 0.5
+                          [21.0, 21, 40, 40],  # 3: IoU 361 / 400 with GT 1
+                          [5.0, 5, 30, 30],   # 4: overlaps both, neither by 0.5
+                          [50.0, 50, 60, 60]])  # 5: nothing
+    q, g = overlap_pairs(boxes, gt, torch.tensor([0]), 0.5)
+    assert q.tolist() == [1, 3] and g.tolist() == [0, 1]
+    q, g = overlap_pairs(boxes, gt, torch.tensor([0, 3]), 0.9)
+    assert q.tolist() == [] and g.tolist() == []
+    q, g = overlap_pairs(boxes, gt[:0], torch.tensor([], dtype=torch.long), 0.5)
+    assert q.shape == (0,) and g.shape == (0,)
+
+
+def _overlap_case(basis: MaskBasis):
+    """One image, one GT; query 0 sits on it, query 1 is the same box a pixel wider, query 2 is
+    far away; the rest are empty corners."""
+    target = _target([[8, 8, 40, 40]], [1])
+    out = _output(basis, B=1, K=1)
+    stage = out.stages[0]
+    with torch.no_grad():
+        stage.boxes_xyxy[0] = torch.tensor([[60.0, 0, 63, 3]] * Q)
+        stage.boxes_xyxy[0, :3] = torch.tensor([[8.0, 8, 40, 40], [8, 8, 41, 40],
+                                                [44, 0, 64, 20]])
+        stage.logits[0, 0, 1] = 8.0  # the match picks query 0
+    return out, target
+
+
+def test_overlap_masks_train_more_queries_and_keep_class_and_box_losses(basis):
+    out, target = _overlap_case(basis)
+    cfg = LossConfig(embed_target_noise=False, mask_target_boxes="pred")
+    plain = SetCriterion(cfg, basis)(out, [target])
+    wide = SetCriterion(dataclasses.replace(cfg, mask_overlap_iou=0.5), basis)(out, [target])
+    assert plain.matches[0][0].query_idx.tolist() == [0]
+    for name in ("loss_class", "loss_l1", "loss_giou"):
+        assert torch.equal(plain.losses[f"stage1/{name}"], wide.losses[f"stage1/{name}"])
+    assert not torch.isclose(plain.losses["stage1/loss_mask_embed"],
+                             wide.losses["stage1/loss_mask_embed"])
+    wide.total.backward()
+    grad = out.stages[0].mask_embed.grad[0].abs().sum(-1)
+    assert grad[0] > 0 and grad[1] > 0 and grad[2:].sum() == 0  # query 1 trained too, 2 not
+
+
+def test_overlap_masks_average_each_instance_over_its_queries(basis):
+    """Query 1 (overlapping, unmatched) gets its GT's exact code and query 0 (matched) a wrong
+    one: the instance's mask loss is the mean of the two queries' losses."""
+    out, target = _overlap_case(basis)
+    cfg = LossConfig(embed_target_noise=False, mask_target_boxes="pred", mask_overlap_iou=0.5)
+    criterion = SetCriterion(cfg, basis)
+    prepared = [prepare_target(target, basis)]
+    stage = out.stages[0]
+    crops, codes = criterion.mask_targets(prepared, [torch.tensor([0, 0])],
+                                          stage.boxes_xyxy[0, :2].detach(), torch.zeros(2).long())
+    with torch.no_grad():
+        stage.mask_embed[0, 0] = codes[0] + 1.0
+        stage.mask_embed[0, 1] = codes[1]
+    wide = criterion(out, [target])
+    per_query = [mask_losses(stage.mask_embed[0, i:i + 1], codes[i:i + 1],
+                             basis.decode(stage.mask_embed[0, i:i + 1]), crops[i:i + 1], 1.0,
+                             criterion.embed_weights) for i in (0, 1)]
+    weights = {"mask_embed": cfg.mask_embed_weight, "mask_dice": cfg.mask_dice_weight}
+    for key, weight in weights.items():
+        mean = (per_query[0][key] + per_query[1][key]) / 2 * weight
+        assert torch.isclose(wide.losses[f"stage1/loss_{key}"], mean, rtol=1e-4), key
+    assert per_query[1]["mask_embed"] == 0 and per_query[0]["mask_embed"] > 0
+
+
+def test_mask_overlap_iou_is_checked():
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ConfigError, match="mask_overlap_iou"):
+            LossConfig(mask_overlap_iou=bad)
+    assert LossConfig().mask_overlap_iou == 0.0
 
 
 def test_semantic_target_map_classes_background_crowd_and_padding():
