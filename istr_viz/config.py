@@ -17,6 +17,15 @@ LR_DECAYS = ("step", "linear")  # TrainConfig.lr_decay
 CLASS_LOSSES = ("focal", "varifocal")  # LossConfig.class_loss
 
 
+def first_mask_roi_stage(value: int, num_stages: int) -> int | None:
+    """``ModelConfig.mask_roi_first_stage`` as a 1-based stage number (negative values count
+    from the end: -1 is ``num_stages``), or None when it names no stage."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    stage = int(value) if value > 0 else num_stages + 1 + int(value)
+    return stage if 1 <= stage <= num_stages else None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The ISTR architecture (see ``istr_viz.model.build_model``)."""
@@ -78,7 +87,9 @@ class ModelConfig:
     mask_roi_resolution: int = 0
     # With mask_roi_resolution R > 0: the first stage (1-based) whose mask branch reads that R x R
     # RoI; earlier stages read the P x P one. 1 = every stage; num_stages = the last stage only,
-    # whose masks are the output, for a fraction of the extra pooling's cost. No effect when R = 0
+    # whose masks are the output, for a fraction of the extra pooling's cost. Negative values
+    # count from the end, as Python indices do: -1 = the last stage, whatever num_stages is.
+    # No effect when R = 0
     mask_roi_first_stage: int = 1
     # Test time only (not in ISTR; SOLOv2's "maskness"): a detection's score is its class
     # probability x maskness ** this, maskness = the mean of its mask's probabilities over the
@@ -113,9 +124,10 @@ class ModelConfig:
         if self.mask_roi_resolution and self.mask_head != "roi":
             raise ConfigError("model.mask_roi_resolution needs model.mask_head='roi', got "
                               f"{self.mask_head!r}", entry="model.mask_roi_resolution")
-        if not 1 <= self.mask_roi_first_stage <= self.num_stages:
-            raise ConfigError(f"model.mask_roi_first_stage must be in 1..{self.num_stages} "
-                              f"(model.num_stages), got {self.mask_roi_first_stage}",
+        if first_mask_roi_stage(self.mask_roi_first_stage, self.num_stages) is None:
+            raise ConfigError(f"model.mask_roi_first_stage must be in 1..{self.num_stages} or "
+                              f"-{self.num_stages}..-1 (model.num_stages; -1 = the last stage), "
+                              f"got {self.mask_roi_first_stage}",
                               entry="model.mask_roi_first_stage")
         if isinstance(self.maskness_power, bool) or not (
                 isinstance(self.maskness_power, numbers.Real) and 0 <= self.maskness_power <= 16):
@@ -327,7 +339,7 @@ PRESETS: dict[str, Config] = {
         # its variance (loss.embed_weighting): 3.4 against 2.7 mask AP at 12 minutes (session 8).
         # BatchNorm rather than GroupNorm in the ResNet (the FPN then has no norm): 33.4 against
         # 28.4 mask AP at 30 minutes (r23, r22, session 9; one process, batch 4; under DDP each
-        # process normalises over its share of the batch). The EMA averages BN's running stats.
+        # process normalises over its share of the batch).
         # Depthwise-separable FPN output convs: the 3x3 ones cost as much as the whole ResNet;
         # 26% more iterations and 10.6 against 6.4 mask AP at 30 minutes on an fp32-only CPU
         # (c12_sep, c12_base, session 12). Each stage's mask branch also reads a RoI pooled at
@@ -340,25 +352,31 @@ PRESETS: dict[str, Config] = {
                           dim_feedforward=512, num_heads=4, canonical_box_size=112.0,
                           zero_box_deltas=True, dn_groups=1, proposal_init="grid",
                           aux_semantic=True, mask_head="roi", maskness_power=2.0,
-                          mask_roi_resolution=14, mask_roi_first_stage=3),
+                          mask_roi_resolution=14, mask_roi_first_stage=-1),
         # Detections are scored by class probability x maskness ** 2 (test time only): +0.4 to
         # +0.8 mask AP on five model / val-set pairs (the shipped model, a 30-minute run, each on
         # the built-in val set and 400 held-out images; a 30-minute run on the second set), box AP
         # within 0.2; power 3 or 4 gained at most 0.2 more mask AP (the shipped model) but cost the
         # 30-minute run up to 0.7 box AP (benchmarks/results_log.md, session 27).
-        # A 14 x 14 mask RoI of its own (mask_roi_resolution=14) costs ~25% more a step; its one
-        # long run pooled one level coarser by a bug and ended lower (ship11, session 27). In the
-        # last stage only (mask_roi_first_stage=3; 9% fewer iterations a minute), pooled one level
-        # finer: +0.8 / +1.0 mask and -1.3 / -0.8 box AP against the shipped model on the val set /
-        # 400 held-out images (ship12, 110 against 108 minutes, session 28): off.
+        # The last stage's mask branch reads a 14 x 14 RoI of its own, one FPN level finer
+        # (mask_roi_resolution=14, mask_roi_first_stage=-1; 9% fewer iterations a minute): +0.8 /
+        # +1.0 mask and -1.3 / -0.8 box AP against the shipped model on the val set / 400
+        # held-out images (ship12, 110 against 108 minutes, session 28), +1.3 mask AP at 30
+        # minutes (b8fine against b8lr). In every stage it cost ~25% a step (ship11, session 27).
+        # RoIs pooled one FPN level finer than the 56 px canonical size gave (canonical_box_size
+        # 112: a 56-111 px box reads P3, stride 8, rather than P4): 12.8 / 29.8 / 42.5 / 48.2
+        # mask AP at 7.5 / 15 / 22.5 / 30 minutes against 8.3 / 24.7 / 40.2 / 47.4, box AP 56.4
+        # against 53.7 at the end, in 7% fewer iterations (c112 against ov5, session 29).
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images
         # wider than 5:3 (a 224 cap shrank 360 x 200 images to 224 x 124)
-        # Tested at the largest training size, 224: +2.8 / +1.5 / +0.9 mask AP over 192 for the
-        # shipped model, a 30-minute run and a 30-minute run on the second set, each re-scored
-        # (ship9, b8lr, s8lr; benchmarks/results_log.md, session 26). 240, outside the training
-        # sizes, scored 0.5-0.9 higher on two of them; 256 and 288 lower. Chosen on the val sets.
+        # Tested at 240, a step above the largest training size: 224 gave +2.8 / +1.5 / +0.9
+        # mask AP over 192 for the shipped model, a 30-minute run and a 30-minute run on the
+        # second set (ship9, b8lr, s8lr; session 26); 240 gave 0.5-0.9 more on two of them, 256
+        # and 288 less. On 400 images no choice had seen (make-shapes --seed 11), 240 against 224:
+        # +0.8 mask AP for the shipped model (68.8 / 68.0), +0.9 for a 30-minute run (c112,
+        # 52.2 / 51.3) (session 29). The longer-side cap keeps the 800:1333 ratio.
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=373,
                         test_min_size=240, test_max_size=400, num_workers=0),
         # The varifocal class loss (a matched query's class target is its box's IoU, so scores
@@ -370,6 +388,10 @@ PRESETS: dict[str, Config] = {
         # iterations (ship8 against ship7, session 21): the shipped model keeps the focal loss.
         # Its scores are expected IoUs, on another scale than the focal loss's (best-F1 thresholds
         # 0.60 and 0.34): the display threshold follows the model (evaluate.best_f1_threshold).
+        # The mask losses also train every unmatched query whose box overlaps a GT by IoU 0.5,
+        # each instance's loss the mean over its queries (loss.mask_overlap_iou, training only):
+        # 47.4 against 45.8 mask AP at 30 minutes (48.4 against 47.1 with the raw weights),
+        # ahead at 15 and 22.5 minutes by 0.2 and 0.7 (ov5 against b8fine, session 29).
         loss=LossConfig(embed_weighting="variance", mask_target_boxes="pred",
                         class_loss="varifocal", mask_overlap_iou=0.5),
         # one thread: on 2 cores, 2 OpenMP threads were no faster (benchmarks/bench_model.py).
@@ -385,6 +407,11 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(batch_size=8, lr=2.8e-4, backbone_lr_mult=3.0, max_iters=1500,
                           warmup_iters=100,
                           lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1),
+        # No weight EMA (train.ema_decay=0): at 30 minutes a 0.998 average lags the raw weights,
+        # which scored +1.3 / +1.0 / +0.8 mask AP over it at the end of three runs (b8fine, ov5,
+        # c112: each the same run's two sets of weights); at 110 minutes the two were level (ship12
+        # raw 75.1 / 68.2 against 75.3 / 68.3; session 29).
+
     ),
 }
 

@@ -226,8 +226,11 @@ def test_predict_defaults_to_the_threshold_the_checkpoint_records(tiny_run, tmp_
 def test_with_test_size_keeps_or_raises_the_cap_and_rejects_bad_sizes():
     from istr_viz.config import ConfigError, get_preset, with_test_size
 
-    preset = get_preset("shapes-cpu")
-    assert (preset.data.test_min_size, preset.data.test_max_size) == (224, 373)
+    import dataclasses
+
+    shapes = get_preset("shapes-cpu")
+    preset = dataclasses.replace(shapes, data=dataclasses.replace(shapes.data, test_min_size=224,
+                                                                  test_max_size=373))
     smaller = with_test_size(preset, 160)
     assert (smaller.data.test_min_size, smaller.data.test_max_size) == (160, 373)  # cap kept
     larger = with_test_size(preset, 256)

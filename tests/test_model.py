@@ -286,10 +286,27 @@ def test_fine_mask_roi_can_start_at_a_later_stage(basis):
     assert len(calls) == 1
     with pytest.raises(ValueError, match="mask_roi_first_stage"):
         tiny_model(basis, mask_head="roi", mask_roi_resolution=6, mask_roi_first_stage=K + 1)
-    for bad in (0, 4):
+    for bad in (0, 4, -4, 1.5, True):
         with pytest.raises(ConfigError, match="model.mask_roi_first_stage must be in 1..3"):
             ModelConfig(num_stages=3, mask_head="roi", mask_roi_resolution=14,
                         mask_roi_first_stage=bad)
+    with pytest.raises(ValueError, match="mask_roi_first_stage"):
+        tiny_model(basis, mask_head="roi", mask_roi_resolution=6, mask_roi_first_stage=-K - 1)
+
+
+@pytest.mark.parametrize("num_stages, first, fine", [(3, -1, [3]), (2, -1, [2]), (4, -2, [3, 4]),
+                                                     (3, -3, [1, 2, 3]), (3, 2, [2, 3])])
+def test_negative_mask_roi_first_stage_counts_from_the_last_stage(basis, num_stages, first, fine):
+    """-1 is the last stage whatever num_stages is, so a preset that reads the fine mask RoI in
+    its last stage stays valid when a user changes the number of stages."""
+    cfg = ModelConfig(backbone="resnet18", backbone_base_channels=8, norm="gn", num_queries=Q,
+                      num_stages=num_stages, hidden_dim=D, dim_dynamic=8, dim_feedforward=2 * D,
+                      num_heads=4, canonical_box_size=56.0, mask_head="roi",
+                      mask_roi_resolution=6, mask_roi_first_stage=first)
+    model = build_model(cfg, C, basis)
+    got = [k for k, stage in enumerate(model.stages, start=1)
+           if type(stage.mask_roi_encoder).__name__ == "RoIMaskConvEncoder"]
+    assert got == fine
 
 
 def test_mask_roi_resolution_is_checked(basis):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from istr_viz.boxes import denormalize_boxes, normalize_boxes
-from istr_viz.config import ModelConfig
+from istr_viz.config import ModelConfig, first_mask_roi_stage
 from istr_viz.errors import ConfigError, NonFiniteError
 from istr_viz.model.backbone import build_backbone
 from istr_viz.model.denoising import make_denoising_queries
@@ -102,8 +102,8 @@ class ISTR(nn.Module):
         mask_roi_resolution: with "roi", 0 = the mask branch reads the stage's P x P RoI at its
             output box; R > 0 = its own R x R RoI there, from ``mask_pooler`` (one FPN level
             finer: twice the canonical box size; one sample a bin).
-        mask_roi_first_stage: with R > 0, the first stage (1-based) that reads the R x R RoI;
-            earlier stages read the P x P one.
+        mask_roi_first_stage: with R > 0, the first stage (1-based; negative counts from the
+            end, -1 = the last) that reads the R x R RoI; earlier stages read the P x P one.
     """
 
     def __init__(self, num_classes: int, basis: MaskCodec, backbone: nn.Module,
@@ -122,9 +122,10 @@ class ISTR(nn.Module):
         if backbone.out_channels != hidden_dim:
             raise ConfigError(f"backbone gives {backbone.out_channels} channels but hidden_dim "
                               f"is {hidden_dim}; they must be equal", entry="model.hidden_dim")
-        if mask_roi_resolution and not 1 <= mask_roi_first_stage <= num_stages:
-            raise ValueError(f"mask_roi_first_stage must be in 1..{num_stages}, "
-                             f"got {mask_roi_first_stage}")
+        first_fine = first_mask_roi_stage(mask_roi_first_stage, num_stages)
+        if mask_roi_resolution and first_fine is None:
+            raise ValueError(f"mask_roi_first_stage must be in 1..{num_stages} or "
+                             f"-{num_stages}..-1, got {mask_roi_first_stage}")
         self.num_classes, self.num_queries = num_classes, num_queries
         self.basis = basis
         self.backbone = backbone
@@ -140,7 +141,7 @@ class ISTR(nn.Module):
                             num_heads, num_cls_layers, num_reg_layers, num_mask_layers, dropout,
                             pooler_resolution, mask_head=mask_head,
                             mask_roi_resolution=(mask_roi_resolution
-                                                 if k >= mask_roi_first_stage else 0))
+                                                 if first_fine and k >= first_fine else 0))
             for k in range(1, num_stages + 1))
         with torch.no_grad():
             if proposal_init == "grid":
