@@ -179,9 +179,9 @@ class LossConfig:
     # Training-only aid (not in ISTR; Mask R-CNN trains its mask head on every positive RoI): the
     # mask losses of a stage also cover each unmatched query whose (detached) output box overlaps
     # a GT box by at least this IoU, against the GT it overlaps most; each instance's mask loss
-    # is then the mean over its queries (the matched one and these), so the loss keeps its scale.
-    # Class and box losses stay one-to-one: scores, duplicates and inference are unchanged.
-    # 0 = off (ISTR).
+    # is then the mean over its queries (the matched one and these) times its matched count (1;
+    # o2m_k on a one-to-many stage), so the loss keeps its scale. The class and box targets stay
+    # one-to-one; the denoising queries are left as they are. 0 = off (ISTR).
     mask_overlap_iou: float = 0.0
 
     def __post_init__(self) -> None:
@@ -363,10 +363,12 @@ PRESETS: dict[str, Config] = {
         # +1.0 mask and -1.3 / -0.8 box AP against the shipped model on the val set / 400
         # held-out images (ship12, 110 against 108 minutes, session 28), +1.3 mask AP at 30
         # minutes (b8fine against b8lr). In every stage it cost ~25% a step (ship11, session 27).
-        # RoIs pooled one FPN level finer than the 56 px canonical size gave (canonical_box_size
-        # 112: a 56-111 px box reads P3, stride 8, rather than P4): 12.8 / 29.8 / 42.5 / 48.2
-        # mask AP at 7.5 / 15 / 22.5 / 30 minutes against 8.3 / 24.7 / 40.2 / 47.4, box AP 56.4
-        # against 53.7 at the end, in 7% fewer iterations (c112 against ov5, session 29).
+        # RoIs pooled one FPN level finer than with the 56 px canonical size (canonical_box_size
+        # 112: a 56-111 px box reads P3, stride 8, rather than P4; the levels stop at P2, so the
+        # last stage's mask RoI, at twice the canonical size, reads P2 for every box under 112
+        # px): 12.8 / 29.8 / 42.5 / 48.2 mask AP at 7.5 / 15 / 22.5 / 30 minutes against 8.3 /
+        # 24.7 / 40.2 / 47.4, box AP 56.4 against 53.7 at the end, in 7% fewer iterations (c112
+        # against ov5, session 29; EMA weights, as both runs evaluated; raw: 49.0 against 48.4).
         basis=BasisConfig(dim=60, mask_size=28),
         # 256 px shapes seen at 160-224 px: the backbone's cost grows with the pixels. The caps on
         # the longer side keep detectron2's 800:1333 ratio, so that they bind only for images
@@ -480,7 +482,12 @@ def _coerce(text: str, current, annotation: str):
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``["model.num_stages=4", "train.lr=1e-4", ...]``; unknown keys list the valid ones."""
+    """Apply ``["model.num_stages=4", "train.lr=1e-4", ...]``; unknown keys list the valid ones.
+
+    Each section is checked once, with all its overrides in place, so their order does not
+    matter (``model.mask_head=query`` may come before ``model.mask_roi_resolution=0``); a later
+    override of the same key wins."""
+    changes: dict[str, dict] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. model.num_stages=4)")
@@ -495,5 +502,6 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             new_value = _coerce(value.strip(), getattr(sub, name), f.type)
         except ValueError as err:
             raise ConfigError(f"bad value {value!r} for {key}: {err}") from None
-        cfg = replace(cfg, **{section: replace(sub, **{name: new_value})})
-    return cfg
+        changes.setdefault(section, {})[name] = new_value
+    return replace(cfg, **{section: replace(getattr(cfg, section), **named)
+                           for section, named in changes.items()})

@@ -125,11 +125,12 @@ def mask_losses(pred_embed: Tensor, gt_embed: Tensor, pred_masks: Tensor, gt_cro
     squared = (pred_embed.float() - gt_embed.float()) ** 2  # (N, M)
     if embed_weights is not None:
         squared = squared * embed_weights.to(squared.device, squared.dtype)
-    mse = squared.sum(1) / M  # (N,)
     dice = dice_loss(pred_masks, gt_crops)  # (N,)
-    if pair_weights is not None:
-        mse, dice = mse * pair_weights, dice * pair_weights
-    return {"mask_embed": mse.sum() / num_instances, "mask_dice": dice.sum() / num_instances}
+    if pair_weights is None:
+        mse, dice = squared.sum() / M, dice.sum()
+    else:
+        mse, dice = (squared.sum(1) * pair_weights).sum() / M, (dice * pair_weights).sum()
+    return {"mask_embed": mse / num_instances, "mask_dice": dice / num_instances}
 
 
 def overlap_pairs(boxes_xyxy: Tensor, gt_boxes_xyxy: Tensor, matched_query_idx: Tensor,
@@ -369,7 +370,7 @@ class SetCriterion:
                 repeats = self.cfg.o2m_k if k <= self.cfg.o2m_stages else 1
                 stage_matches = self.match(stage, prepared, repeats)
                 for name, value in self.stage_losses(stage, prepared, stage_matches,
-                                                     num_instances).items():
+                                                     num_instances, overlap=True).items():
                     losses[f"stage{k}/{name}"] = value
                 matches.append(stage_matches)
             if output.dn_stages is not None:
@@ -402,9 +403,11 @@ class SetCriterion:
 
     def stage_losses(self, stage: StageOutput, targets: Sequence[MatchTarget],
                      matches: Sequence[Match], num_instances: float,
-                     query_mask: Tensor | None = None) -> dict[str, Tensor]:
+                     query_mask: Tensor | None = None, overlap: bool = False
+                     ) -> dict[str, Tensor]:
         """The five weighted losses of one stage (keys in ``LOSS_TERMS``); ``query_mask``
-        (B, Q) bool leaves queries out of the class loss (denoising padding)."""
+        (B, Q) bool leaves queries out of the class loss (denoising padding); ``overlap`` also
+        trains the masks of the queries that overlap an instance (``loss.mask_overlap_iou``)."""
         cfg, device = self.cfg, stage.logits.device
         B, Q, C = stage.logits.shape
         batch_idx = torch.cat([torch.full_like(m.query_idx, b) for b, m in enumerate(matches)])
@@ -422,7 +425,7 @@ class SetCriterion:
         boxes = box_losses(pred_boxes, gt_boxes, scales, num_instances)
 
         mask_batch, mask_query, mask_gt, pair_weights = batch_idx, query_idx, gt_idx, None
-        if cfg.mask_overlap_iou > 0 and query_mask is None:  # not for the denoising queries
+        if overlap and cfg.mask_overlap_iou > 0:
             mask_batch, mask_query, mask_gt, pair_weights = self.mask_pairs(stage, targets,
                                                                             matches)
         pred_embed = stage.mask_embed[mask_batch, mask_query].float()  # (N', M)
@@ -453,8 +456,9 @@ class SetCriterion:
         image the matched pairs, then :func:`overlap_pairs`.
 
         Returns batch_idx (N',) and query_idx (N',), gt_idx (one tensor per image), and
-        pair weights (N',): 1 / the number of the image's pairs with the same GT, so that each
-        instance's mask loss is the mean over its queries.
+        pair weights (N',): for a GT with m matched queries (1; k on a one-to-many stage) and
+        n pairs in all, m / n, so that its mask loss is m times the mean over its queries and
+        keeps the weight the match gives it.
         """
         device = stage.logits.device
         batches, queries, gts, weights = [], [], [], []
@@ -463,11 +467,13 @@ class SetCriterion:
                                              m.query_idx, self.cfg.mask_overlap_iou)
             q = torch.cat([m.query_idx.to(device), extra_q])
             g = torch.cat([m.gt_idx.to(device), extra_g])
-            count = torch.bincount(g, minlength=max(t.num_gt, 1)).float()
+            minlength = max(t.num_gt, 1)
+            matched = torch.bincount(m.gt_idx.to(device), minlength=minlength).float()
+            count = torch.bincount(g, minlength=minlength).float()
             batches.append(torch.full_like(q, b))
             queries.append(q)
             gts.append(g)
-            weights.append(1.0 / count[g])
+            weights.append(matched[g] / count[g])
         return torch.cat(batches), torch.cat(queries), gts, torch.cat(weights)
 
     def mask_targets(self, targets: Sequence[MatchTarget], gt_idx: Sequence[Tensor],

@@ -483,6 +483,21 @@ def test_zero_init_residual_is_refused_with_frozen_or_pretrained_norms():
                            ["model.zero_init_residual=true"]).model.zero_init_residual
 
 
+def test_overrides_are_checked_together_whatever_their_order():
+    """The preset reads a fine mask RoI, which needs the roi mask head: switching to the query
+    head works with the RoI turned off in the same command, before or after it."""
+    from istr_viz.errors import ConfigError
+
+    for order in (["model.mask_head=query", "model.mask_roi_resolution=0"],
+                  ["model.mask_roi_resolution=0", "model.mask_head=query"]):
+        cfg = apply_overrides(get_preset("shapes-cpu"), order)
+        assert (cfg.model.mask_head, cfg.model.mask_roi_resolution) == ("query", 0)
+    with pytest.raises(ConfigError, match="needs model.mask_head='roi'"):
+        apply_overrides(get_preset("shapes-cpu"), ["model.mask_head=query"])
+    cfg = apply_overrides(get_preset("shapes-cpu"), ["train.lr=1e-4", "train.lr=2e-4"])
+    assert cfg.train.lr == 2e-4  # the last one wins
+
+
 def test_preset_overrides_in_a_notebook_style():
     cfg = apply_overrides(get_preset("shapes-cpu"), ["model.num_stages=4", "train.lr=1e-4"])
     assert cfg.model.num_stages == 4 and cfg.train.lr == 1e-4

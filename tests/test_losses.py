@@ -302,11 +302,12 @@ def test_configs_saved_before_the_new_loss_options_load_with_the_old_behaviour()
     from istr_viz.config import Config, get_preset
 
     saved = get_preset("shapes-cpu").to_dict()
-    for key in ("embed_weighting", "dense_box_weight"):
+    for key in ("embed_weighting", "dense_box_weight", "mask_overlap_iou"):
         del saved["loss"][key]
     del saved["model"]["aux_dense_box"]
     cfg = Config.from_dict(saved)
     assert cfg.loss.embed_weighting == "uniform" and not cfg.model.aux_dense_box
+    assert cfg.loss.mask_overlap_iou == 0.0
 
 
 def test_one_to_many_settings_are_checked():
@@ -381,6 +382,62 @@ def test_overlap_masks_average_each_instance_over_its_queries(basis):
         mean = (per_query[0][key] + per_query[1][key]) / 2 * weight
         assert torch.isclose(wide.losses[f"stage1/loss_{key}"], mean, rtol=1e-4), key
     assert per_query[1]["mask_embed"] == 0 and per_query[0]["mask_embed"] > 0
+
+
+def test_overlap_pair_weights_are_per_instance_and_per_image(basis):
+    """Two images: in the first, GT 0 has its matched query and two overlapping ones, GT 1 only
+    its matched one; in the second, one GT with its matched query and one overlapping query.
+    Each instance's weights sum to its matched count; pairs come image by image."""
+    from istr_viz.matcher import Match
+
+    targets = [prepare_target(_target([[0, 0, 20, 20], [30, 10, 60, 40]], [0, 2]), basis),
+               prepare_target(_target([[10, 10, 40, 40]], [1]), basis)]
+    out = _output(basis, B=2, K=1)
+    stage = out.stages[0]
+    with torch.no_grad():
+        stage.boxes_xyxy[:] = torch.tensor([63.0, 47, 64, 48])  # nothing overlaps
+        stage.boxes_xyxy[0, :4] = torch.tensor([[0.0, 0, 20, 20], [30, 10, 60, 40],
+                                                [0, 0, 21, 20], [1, 0, 20, 20]])
+        stage.boxes_xyxy[1, 5:7] = torch.tensor([[10.0, 10, 40, 40], [10, 10, 40, 41]])
+    empty = torch.zeros(Q, 0)
+    matches = [Match(torch.tensor([0, 1]), torch.tensor([0, 1]), empty, {}, {}),
+               Match(torch.tensor([5]), torch.tensor([0]), empty, {}, {})]
+    criterion = SetCriterion(LossConfig(mask_overlap_iou=0.5), basis)
+    batch, query, gts, weights = criterion.mask_pairs(stage, targets, matches)
+    assert batch.tolist() == [0, 0, 0, 0, 1, 1]
+    assert query.tolist() == [0, 1, 2, 3, 5, 6]
+    assert [g.tolist() for g in gts] == [[0, 1, 0, 0], [0, 0]]
+    assert torch.allclose(weights, torch.tensor([1 / 3, 1, 1 / 3, 1 / 3, 1 / 2, 1 / 2]))
+    # one-to-many: GT 0 matched twice keeps twice an instance's weight
+    matches[0] = Match(torch.tensor([0, 2, 1]), torch.tensor([0, 0, 1]), empty, {}, {})
+    _, query, _, weights = criterion.mask_pairs(stage, targets, matches)
+    assert query[:4].tolist() == [0, 2, 1, 3]
+    assert torch.allclose(weights[:4], torch.tensor([2 / 3, 2 / 3, 1, 2 / 3]))
+
+
+def test_overlap_masks_leave_denoising_losses_and_the_off_state_exact(basis):
+    targets = [_target([[5, 5, 20, 30], [30, 10, 60, 40]], [0, 2]), _target([[0, 0, 30, 30]], [1])]
+    out = _output(basis, K=2)
+    dn = _output(basis, K=2, seed=5)
+    out.dn_stages = dn.stages
+    out.dn_gt_index = torch.tensor([[0, 1] + [-1] * (Q - 2), [0] + [-1] * (Q - 1)])
+    for stage in out.stages:  # every query overlaps an instance somewhat
+        with torch.no_grad():
+            stage.boxes_xyxy[0] = torch.tensor([5.0, 5, 20, 30]) + torch.rand(Q, 4)
+    cfg = LossConfig(embed_target_noise=False, mask_target_boxes="pred")
+    off = SetCriterion(cfg, basis)(out, targets)
+    on = SetCriterion(dataclasses.replace(cfg, mask_overlap_iou=0.5), basis)(out, targets)
+    dn_keys = [k for k in off.losses if "/dn_" in k]
+    assert dn_keys and all(torch.equal(off.losses[k], on.losses[k]) for k in dn_keys)
+    assert not torch.equal(off.losses["stage1/loss_mask_dice"], on.losses["stage1/loss_mask_dice"])
+    # 0 is the code path of before: the sums of mask_losses without pair weights
+    again = SetCriterion(dataclasses.replace(cfg, mask_overlap_iou=0.0), basis)(out, targets)
+    assert all(torch.equal(off.losses[k], again.losses[k]) for k in off.losses)
+    z, g = torch.randn(5, M), torch.rand(5, S, S).round()
+    plain = mask_losses(z, z * 0, basis.decode(z), g, 2.0)
+    ones = mask_losses(z, z * 0, basis.decode(z), g, 2.0, pair_weights=torch.ones(5))
+    for key in plain:
+        assert torch.isclose(plain[key], ones[key])
 
 
 def test_mask_overlap_iou_is_checked():
