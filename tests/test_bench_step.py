@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step.py"
 def test_bench_step_times_every_part_of_an_iteration(tmp_path):
     root = tmp_path / "shapes"
     make_shapes(root, num_train=6, num_val=2, size=64, seed=1, progress=False)
-    sets = [a for s in [*TINY, "basis.dim=12"] for a in ("--set", s)]
+    sets = [a for s in [*TINY, "basis.dim=12", "train.ema_decay=0.998"] for a in ("--set", s)]
     out = tmp_path / "step.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(root), "--iters", "4",
                            "--warmup", "1", "--json-out", str(out), *sets],
@@ -42,7 +42,7 @@ def test_bench_step_refuses_fewer_iterations_than_warmup(tmp_path):
 def test_bench_step_under_torchrun_times_the_waiting_and_the_collectives(tmp_path):
     root = tmp_path / "shapes"
     make_shapes(root, num_train=8, num_val=2, size=64, seed=1, progress=False)
-    sets = [a for s in [*TINY, "basis.dim=12"] for a in ("--set", s)]
+    sets = [a for s in [*TINY, "basis.dim=12", "train.ema_decay=0.998"] for a in ("--set", s)]
     out = tmp_path / "step_ddp.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", str(SCRIPT), "--data", str(root),
