@@ -322,9 +322,11 @@ def _check_batch_fits(batch_size: int, world_size: int, num_images: int, ann_fil
 
 def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
     """A line suggesting to start from the shipped model, for a run from scratch (no ImageNet
-    weights) of the shipped model's architecture on data with other classes; ``None`` otherwise
-    (or when there is no shipped file). ``ann``: the training annotations (``CocoAnnotations``);
-    ``shipped``: the shipped checkpoint (default ``istr_viz.predictor.SHIPPED_CHECKPOINT``)."""
+    weights) whose weights have the shipped model's names and shapes (settings that shape no
+    weight, such as the canonical box size or the scoring, may differ) on data with other classes;
+    ``None`` otherwise (or when there is no shipped file). ``ann``: the training annotations
+    (``CocoAnnotations``); ``shipped``: the shipped checkpoint (default
+    ``istr_viz.predictor.SHIPPED_CHECKPOINT``)."""
     from istr_viz.predictor import SHIPPED_CHECKPOINT
 
     shipped = Path(shipped) if shipped is not None else SHIPPED_CHECKPOINT
@@ -332,16 +334,35 @@ def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
         return None
     try:
         source = load_checkpoint(shipped)
-        source_model = Config.from_dict(source["config"]).model
+        basis = MaskBasis.from_dict(source["basis"])
     except IstrVizError:
         return None
     same_classes = (list(source["class_names"]) == list(ann.class_names)
                     and list(source["category_ids"]) == list(ann.label_to_cat_id))
-    if same_classes or source_model != cfg.model:
+    if same_classes or not _same_weight_shapes(cfg, len(ann.class_names), basis, source["model"]):
         return None
     return (f"hint: this model starts from scratch; init_from={shipped} (train --init-from) "
             f"starts from the shipped model's weights, with new class heads ({FINE_TUNE_EVIDENCE} "
             f"on the second data set of benchmarks/)")
+
+
+_PER_CLASS_WEIGHTS = ("class_logits", "semantic_head.", "label_embed.")
+
+
+def _same_weight_shapes(cfg: Config, num_classes: int, basis: MaskBasis, state: dict) -> bool:
+    """Whether the model ``cfg`` builds for ``num_classes`` classes has exactly the weights of
+    ``state`` (a checkpoint's model state), by name and shape, apart from the basis and the
+    per-class weights that ``_init_from`` leaves as initialised."""
+    def shapes(tensors: dict) -> dict:
+        return {k: tuple(v.shape) for k, v in tensors.items()
+                if torch.is_tensor(v) and not k.startswith("basis.")
+                and not any(part in k for part in _PER_CLASS_WEIGHTS)}
+
+    try:
+        model = build_model(replace(cfg.model, pretrained_path=None), num_classes, basis)
+    except (IstrVizError, ValueError, RuntimeError):
+        return False
+    return shapes(model.state_dict()) == shapes(state)
 
 
 def _init_from(model: nn.Module, ckpt: dict, keep_class_head: bool = False) -> list[str]:
@@ -350,7 +371,7 @@ def _init_from(model: nn.Module, ckpt: dict, keep_class_head: bool = False) -> l
     head's, the denoising label embedding: other classes may have the same count); return the
     names left as initialised."""
     own = model.state_dict()
-    per_class = ("class_logits", "semantic_head.", "label_embed.")
+    per_class = _PER_CLASS_WEIGHTS
     fitting = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
                for k, v in ckpt["model"].items()
                if torch.is_tensor(v) and not k.startswith("basis.") and k in own

@@ -655,6 +655,10 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     assert fine_tune_hint(cfg, same, shipped) is None  # the shipped model's own classes
     other_model = replace(cfg, model=replace(cfg.model, num_queries=cfg.model.num_queries + 1))
     assert fine_tune_hint(other_model, other, shipped) is None  # --init-from would change it
+    # settings that shape no weight do not matter: the weights would all be copied
+    weight_free = replace(cfg, model=replace(cfg.model, canonical_box_size=2 * cfg.model.canonical_box_size,
+                                             maskness_power=cfg.model.maskness_power + 1))
+    assert fine_tune_hint(weight_free, other, shipped) == hint
     imagenet = replace(cfg, model=replace(cfg.model, pretrained_path=str(tmp_path / "r18.pth")))
     assert fine_tune_hint(imagenet, other, shipped) is None
     assert fine_tune_hint(cfg, other, tmp_path / "missing.pt") is None
