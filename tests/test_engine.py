@@ -659,6 +659,9 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     weight_free = replace(cfg, model=replace(cfg.model, canonical_box_size=2 * cfg.model.canonical_box_size,
                                              maskness_power=cfg.model.maskness_power + 1))
     assert fine_tune_hint(weight_free, other, shipped) == hint
+    state = torch.get_rng_state()  # building the model to compare must not move the run's seed
+    fine_tune_hint(cfg, other, shipped)
+    assert torch.equal(torch.get_rng_state(), state)
     imagenet = replace(cfg, model=replace(cfg.model, pretrained_path=str(tmp_path / "r18.pth")))
     assert fine_tune_hint(imagenet, other, shipped) is None
     assert fine_tune_hint(cfg, other, tmp_path / "missing.pt") is None
