@@ -241,6 +241,21 @@ def _best(records: list[dict]) -> dict | None:
                default=None)
 
 
+def time_interleaved(forwards: dict, images: list) -> dict[str, list[float]]:
+    """Milliseconds per image of each one-image ``forwards[name](image)``, run back to back on
+    the same images (alternating image by image, after a warm-up of each on the first three)."""
+    for image in images[:3]:
+        for forward in forwards.values():
+            forward(image)
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for image in images:
+        for name, forward in forwards.items():
+            t0 = time.perf_counter()
+            forward(image)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def time_best(out: Path, args) -> dict:
     """Time the best ISTR and the best Mask R-CNN back to back on the same val images (one image
     at a time, alternating, after a warm-up of each); write OUT/timing.json."""
@@ -264,15 +279,7 @@ def time_best(out: Path, args) -> dict:
                 "mask_rcnn": _peer_forward(peer_model),
                 "istr_network": _istr_forward(istr_model, network_only=True)}
     images = [val[i][0] for i in range(min(args.time_images, len(val)))]
-    for image in images[:3]:
-        for forward in forwards.values():
-            forward(image)
-    times: dict[str, list[float]] = {name: [] for name in forwards}
-    for image in images:
-        for name, forward in forwards.items():
-            t0 = time.perf_counter()
-            forward(image)
-            times[name].append((time.perf_counter() - t0) * 1000)
+    times = time_interleaved(forwards, images)
     timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "images": len(images),
               "threads": args.threads, "test_min_size": cfg.data.test_min_size,
               "test_max_size": cfg.data.test_max_size,

@@ -17,14 +17,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from equal_budget import _datasets, _istr_forward  # noqa: E402
+from equal_budget import _datasets, _istr_forward, time_interleaved  # noqa: E402
 
 
 def time_checkpoints(checkpoints: list[str], sizes: list[int], data: str | None = None,
@@ -42,15 +41,7 @@ def time_checkpoints(checkpoints: list[str], sizes: list[int], data: str | None 
         for path in checkpoints:
             model, predictor = load_model(path, device="cpu")
             forwards[path] = _istr_forward(model, maskness_power=predictor.config.model.maskness_power)
-        for image in batch[:3]:
-            for forward in forwards.values():
-                forward(image)
-        times: dict[str, list[float]] = {path: [] for path in forwards}
-        for image in batch:
-            for path, forward in forwards.items():
-                t0 = time.perf_counter()
-                forward(image)
-                times[path].append((time.perf_counter() - t0) * 1000)
+        times = time_interleaved(forwards, batch)
         result[size] = {path: statistics.median(t) for path, t in times.items()}
     return result
 
