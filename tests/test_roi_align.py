@@ -213,3 +213,25 @@ def test_csr_pair_equals_the_dense_sum_of_its_entries(num_rows):
     for m in (matrix, transposed):
         torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape,
                                 check_invariants=True)
+
+
+def test_pooler_picks_the_inference_kernel_by_canonical_size(monkeypatch):
+    """Small windows (canonical size <= 64) pool with the separable kernel, larger ones with
+    torchvision's per level; both give the same features."""
+    import istr_viz.model.pooler as pooler_module
+    separable_calls = []
+    monkeypatch.setattr(pooler_module, "separable_roi_align",
+                        lambda *args: separable_calls.append(1) or separable_roi_align(*args))
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(1, 4, 128 // s, 128 // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = torch.tensor([[[0.0, 0, 30, 20], [10, 5, 120, 90], [40, 40, 70, 100]]])
+    fine = RoIPooler(canonical_size=112.0)
+    assert not fine.separable_inference and RoIPooler(canonical_size=56.0).separable_inference
+    assert isinstance(fine.prepare(feats), list)
+    with torch.no_grad():
+        by_level = fine(fine.prepare(feats), boxes)
+        assert not separable_calls
+        forced = RoIPooler(canonical_size=112.0, separable_inference=True)
+        separable = forced(forced.prepare(feats), boxes)
+    assert len(separable_calls) == 1
+    assert torch.allclose(by_level, separable, atol=1e-5)

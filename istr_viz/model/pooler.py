@@ -5,7 +5,8 @@ different level formula, so this small pooler is used instead. The operator is t
 every path, the kernel is chosen for speed: when gradients flow on the CPU (training), each level
 pools with :func:`istr_viz.model.roi_align.sparse_roi_align` (a faster backward); without them on
 the CPU (inference), every box in one call with :func:`~istr_viz.model.roi_align.separable_roi_align`
-(a faster forward); on other devices with torchvision's ``roi_align``.
+where its windows are small (``SEPARABLE_MAX_CANONICAL``), else each level with torchvision's
+``roi_align``, as on other devices.
 """
 
 from __future__ import annotations
@@ -33,31 +34,47 @@ def assign_fpn_levels(boxes_xyxy: Tensor, min_level: int = 2, max_level: int = 5
     return levels.nan_to_num(float(min_level)).clamp(min_level, max_level).long()
 
 
+# The separable kernel gathers each box's window of cells, and a box that lands on its own level
+# spans canonical / 16 to canonical / 8 cells a side there: up to a canonical size of 64 every such
+# window fits the kernel's shared small-window group (8 cells), beyond it torchvision's kernel,
+# whose cost follows the samples alone, is the faster. Measured on whole forward passes (one
+# thread, bf16, the built-in val images; benchmarks/results_log.md, session 31): canonical 56
+# (ship9) separable 2% faster; canonical 112 with a 224 mask pooler (ship13) torchvision's 5-7%.
+SEPARABLE_MAX_CANONICAL = 64.0
+
+
 class RoIPooler(nn.Module):
-    """Pool a fixed-size feature per box from the FPN level its size selects (no parameters)."""
+    """Pool a fixed-size feature per box from the FPN level its size selects (no parameters).
+
+    ``separable_inference``: whether CPU inference uses the separable kernel (default: when
+    ``canonical_size`` <= ``SEPARABLE_MAX_CANONICAL``); either way the same values up to float
+    rounding.
+    """
 
     def __init__(self, strides: tuple[int, ...] = (4, 8, 16, 32), output_size: int = 7,
-                 sampling_ratio: int = 2, canonical_size: float = 224.0):
+                 sampling_ratio: int = 2, canonical_size: float = 224.0,
+                 separable_inference: bool | None = None):
         super().__init__()
         self.strides = tuple(strides)
         self.levels = tuple(int(round(math.log2(s))) for s in self.strides)
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.canonical_size = canonical_size
+        self.separable_inference = (canonical_size <= SEPARABLE_MAX_CANONICAL
+                                    if separable_inference is None else separable_inference)
 
     @staticmethod
     def _sparse(feat: Tensor) -> bool:
         """Whether pooling ``feat`` uses the sparse-matrix kernel (CPU training)."""
         return feat.requires_grad and feat.device.type == "cpu"
 
-    @staticmethod
-    def _separable(feat: Tensor) -> bool:
-        """Whether pooling ``feat`` uses the separable kernel (CPU inference)."""
-        return not feat.requires_grad and feat.device.type == "cpu"
+    def _separable(self, feat: Tensor) -> bool:
+        """Whether pooling ``feat`` uses the separable kernel (CPU inference, small windows)."""
+        return self.separable_inference and not feat.requires_grad and feat.device.type == "cpu"
 
     def prepare(self, features: list[Tensor]) -> list[Tensor] | FlatMaps:
         """The maps as the kernel reads them, in float32 (pooling runs in fp32, as torchvision's
-        ``roi_align`` autocasts): for CPU inference all levels as one channels-last matrix
+        ``roi_align`` autocasts): for the separable kernel all levels as one channels-last matrix
         (:class:`~istr_viz.model.roi_align.FlatMaps`), for CPU training channels-last maps (the
         sparse kernel's (B*H*W, C) matrix is then a view), else NCHW maps. A forward pass that
         pools the same maps several times converts them once here; ``forward`` takes raw maps
