@@ -9,6 +9,11 @@ val/), alternating image by image after a warm-up, so a change of architecture s
 measured under the same conditions. Weights do not change ISTR's inference time (a fixed number
 of queries, no NMS), so any checkpoint of an architecture stands for it. Prints one line per size
 and writes the medians as JSON with ``--json-out``. Run it on a quiet machine.
+
+``--kernels separable,torchvision`` times each checkpoint once with each CPU RoIAlign kernel at
+inference (``RoIPooler.separable_inference``; by default the pooler picks by its canonical size):
+
+    python benchmarks/time_istr.py --checkpoints checkpoints/istr_shapes.pt --kernels separable,torchvision
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from equal_budget import _datasets, _istr_forward, time_interleaved  # noqa: E402
 
 
+KERNELS = ("separable", "torchvision")
+
+
 def time_checkpoints(checkpoints: list[str], sizes: list[int], data: str | None = None,
-                     images: int = 100, threads: int = 1) -> dict[int, dict[str, float]]:
-    """Median milliseconds per image of each checkpoint, by test size."""
+                     images: int = 100, threads: int = 1,
+                     kernels: list[str] | None = None) -> dict[int, dict[str, float]]:
+    """Median milliseconds per image of each checkpoint, by test size; with ``kernels``, of each
+    (checkpoint, RoIAlign kernel) pair, keyed ``"PATH [KERNEL]"``."""
     from istr_viz.config import get_preset, with_test_size
     from istr_viz.predictor import load_model
 
+    unknown = sorted(set(kernels or ()) - set(KERNELS))
+    if unknown:
+        raise ValueError(f"unknown kernel {unknown[0]!r}; valid: {', '.join(KERNELS)}")
     torch.set_num_threads(threads)
     result: dict[int, dict[str, float]] = {}
     for size in sizes:
@@ -39,8 +52,15 @@ def time_checkpoints(checkpoints: list[str], sizes: list[int], data: str | None 
         batch = [val[i][0] for i in range(min(images, len(val)))]
         forwards = {}
         for path in checkpoints:
-            model, predictor = load_model(path, device="cpu")
-            forwards[path] = _istr_forward(model, maskness_power=predictor.config.model.maskness_power)
+            for kernel in kernels or [None]:
+                model, predictor = load_model(path, device="cpu")
+                if kernel is not None:
+                    for pooler in (model.pooler, model.mask_pooler):
+                        if pooler is not None:
+                            pooler.separable_inference = kernel == "separable"
+                name = path if kernel is None else f"{path} [{kernel}]"
+                forwards[name] = _istr_forward(
+                    model, maskness_power=predictor.config.model.maskness_power)
         times = time_interleaved(forwards, batch)
         result[size] = {path: statistics.median(t) for path, t in times.items()}
     return result
@@ -53,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data set root with val/ (default: the built-in shapes)")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kernels", help="CPU RoIAlign kernels to time each checkpoint with, "
+                        f"comma-separated, of {', '.join(KERNELS)} (default: the pooler's choice)")
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
     from istr_viz.errors import IstrVizError
 
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
-        result = time_checkpoints(args.checkpoints, sizes, args.data, args.images, args.threads)
+        kernels = args.kernels.split(",") if args.kernels else None
+        result = time_checkpoints(args.checkpoints, sizes, args.data, args.images, args.threads,
+                                  kernels)
     except (IstrVizError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -67,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{size} px: " + ", ".join(f"{path} {ms:.1f} ms" for path, ms in row.items()))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(
-            {"threads": args.threads, "images": args.images, "ms_per_image": result}, indent=2))
+            {"threads": args.threads, "images": args.images, "kernels": args.kernels,
+             "ms_per_image": result}, indent=2))
     return 0
 
 

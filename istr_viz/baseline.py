@@ -47,7 +47,8 @@ ANCHOR_SIZES = ((16,), (32,), (64,), (128,), (256,))  # P2..P5 and the pooled P6
 
 class CpuRoIAlign(MultiScaleRoIAlign):
     """torchvision's ``MultiScaleRoIAlign`` (same levels, ``aligned=False``) with ISTR's CPU
-    kernels, as ISTR's pooler uses them: :func:`istr_viz.model.roi_align.sparse_roi_align` when
+    kernels, each pooler with the faster one for its boxes, as ISTR's pooler does
+    (``istr_viz.model.pooler``): :func:`istr_viz.model.roi_align.sparse_roi_align` when
     gradients flow (training), :func:`~istr_viz.model.roi_align.separable_roi_align` when they do
     not (inference; returned NCHW in the maps' dtype, as torchvision's) if ``separable_inference``
     (else torchvision's kernel there); on other devices torchvision's own ``forward``. Square

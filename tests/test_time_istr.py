@@ -28,3 +28,18 @@ def test_a_missing_checkpoint_is_one_line_and_status_2(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--checkpoints", str(tmp_path / "none.pt")],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "none.pt" in run.stderr and len(run.stderr.splitlines()) == 1
+
+
+def test_times_a_checkpoint_with_each_roialign_kernel(tiny_run, tmp_path):
+    root, checkpoint = tiny_run
+    out = tmp_path / "kernels.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--checkpoints", str(checkpoint),
+                          "--sizes", "48", "--data", str(root), "--images", "2",
+                          "--kernels", "separable,torchvision", "--json-out", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(out.read_text())["ms_per_image"]["48"]
+    assert list(row) == [f"{checkpoint} [separable]", f"{checkpoint} [torchvision]"]
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--checkpoints", str(checkpoint),
+                          "--data", str(root), "--kernels", "fast"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "fast" in bad.stderr and len(bad.stderr.splitlines()) == 1

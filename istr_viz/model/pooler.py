@@ -39,7 +39,7 @@ def assign_fpn_levels(boxes_xyxy: Tensor, min_level: int = 2, max_level: int = 5
 # window fits the kernel's shared small-window group (8 cells), beyond it torchvision's kernel,
 # whose cost follows the samples alone, is the faster. Measured on whole forward passes (one
 # thread, bf16, the built-in val images; benchmarks/results_log.md, session 31): canonical 56
-# (ship9) separable 2% faster; canonical 112 with a 224 mask pooler (ship13) torchvision's 5-7%.
+# (ship9) separable 2% faster; canonical 112 with a 224 mask pooler (ship13) torchvision's 4.6-5.9%.
 SEPARABLE_MAX_CANONICAL = 64.0
 
 
@@ -48,7 +48,8 @@ class RoIPooler(nn.Module):
 
     ``separable_inference``: whether CPU inference uses the separable kernel (default: when
     ``canonical_size`` <= ``SEPARABLE_MAX_CANONICAL``); either way the same values up to float
-    rounding.
+    rounding. Maps that another pooler's ``prepare`` flattened for the separable kernel are pooled
+    with it either way (ISTR's mask pooler reads the maps its box pooler prepared).
     """
 
     def __init__(self, strides: tuple[int, ...] = (4, 8, 16, 32), output_size: int = 7,
