@@ -45,6 +45,8 @@ def time_checkpoints(checkpoints: list[str], sizes: list[int], data: str | None 
     unknown = sorted(set(kernels or ()) - set(KERNELS))
     if unknown:
         raise ValueError(f"unknown kernel {unknown[0]!r}; valid: {', '.join(KERNELS)}")
+    if kernels and len(set(kernels)) < len(kernels):
+        raise ValueError(f"each kernel once, got {','.join(kernels)}")
     torch.set_num_threads(threads)
     result: dict[int, dict[str, float]] = {}
     for size in sizes:

@@ -58,6 +58,8 @@ class CpuRoIAlign(MultiScaleRoIAlign):
     on the peer's 150 proposals (mostly on P2, large windows) it was the slower one (12.0 against
     8.3 ms an image), on its ~34 detections' 14 x 14 mask RoIs the faster (6.4 against 7.2 ms;
     ``benchmarks/results_log.md``, session 18), so the peer pools each with the faster kernel.
+    At 240 px in session 31 torchvision's was the faster for its mask RoIs too (1.5-4% of the
+    peer's image); the equal-budget timing now tries both there and keeps the faster.
     """
 
     def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int,

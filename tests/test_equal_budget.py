@@ -41,6 +41,10 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
     timing = summary["timing"]
     assert timing["images"] == 2 and timing["istr_ms"] > 0 and timing["mask_rcnn_ms"] > 0
     assert 0 < timing["istr_network_ms"]
+    for model in ("istr", "mask_rcnn"):  # each timed with both RoIAlign kernels, the faster kept
+        by_kernel = timing[f"{model}_kernels_ms"]
+        assert set(by_kernel) == {"separable", "torchvision"}
+        assert timing[f"{model}_ms"] == min(by_kernel.values()) == by_kernel[timing[f"{model}_kernel"]]
     assert (out / "ap_vs_minutes.png").stat().st_size > 0
     assert (out / f"peer_lr0.01.pt").exists()
     # --report alone re-reads the folder and gives the same numbers

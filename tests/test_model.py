@@ -605,3 +605,21 @@ def test_final_only_gives_the_last_stage_without_the_earlier_heads(basis, mask_h
         assert torch.equal(getattr(fast.final, name), getattr(full.final, name)), name
     with pytest.raises(ValueError, match="inference"):
         model.train()(images, sizes, final_only=True)
+
+
+def test_inference_is_the_same_with_either_roialign_kernel(basis):
+    """At the shipped canonical size (112; its mask pooler 224) CPU inference pools with
+    torchvision's kernel per level; forcing the separable kernel on both poolers gives the same
+    boxes, classes and masks up to float rounding."""
+    model = tiny_model(basis, canonical_box_size=112.0, mask_head="roi",
+                       mask_roi_resolution=6).eval()
+    assert not model.pooler.separable_inference and not model.mask_pooler.separable_inference
+    images, sizes = _images()
+    with torch.no_grad():
+        by_level = model(images, sizes, final_only=True).final
+        for pooler in (model.pooler, model.mask_pooler):
+            pooler.separable_inference = True
+        separable = model(images, sizes, final_only=True).final
+    assert torch.allclose(by_level.boxes_xyxy, separable.boxes_xyxy, atol=1e-3)
+    assert torch.allclose(by_level.logits, separable.logits, atol=1e-4)
+    assert torch.allclose(by_level.masks, separable.masks, atol=1e-4)

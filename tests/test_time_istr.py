@@ -43,3 +43,20 @@ def test_times_a_checkpoint_with_each_roialign_kernel(tiny_run, tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--checkpoints", str(checkpoint),
                           "--data", str(root), "--kernels", "fast"], capture_output=True, text=True)
     assert bad.returncode == 2 and "fast" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_each_kernel_is_the_one_that_pools(tiny_run, monkeypatch):
+    """``--kernels`` sets the poolers' kernel: the separable one pools only in its own timing."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import istr_viz.model.pooler as pooler_module
+    from time_istr import time_checkpoints
+    from istr_viz.model.roi_align import separable_roi_align
+
+    calls = []
+    monkeypatch.setattr(pooler_module, "separable_roi_align",
+                        lambda *args: calls.append(1) or separable_roi_align(*args))
+    root, checkpoint = tiny_run
+    for kernel, pooled in (("torchvision", False), ("separable", True)):
+        calls.clear()
+        time_checkpoints([str(checkpoint)], [48], str(root), images=2, kernels=[kernel])
+        assert bool(calls) == pooled, kernel
