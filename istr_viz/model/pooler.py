@@ -39,7 +39,8 @@ def assign_fpn_levels(boxes_xyxy: Tensor, min_level: int = 2, max_level: int = 5
 # window fits the kernel's shared small-window group (8 cells), beyond it torchvision's kernel,
 # whose cost follows the samples alone, is the faster. Measured on whole forward passes (one
 # thread, bf16, the built-in val images; benchmarks/results_log.md, session 31): canonical 56
-# (ship9) separable 2% faster; canonical 112 with a 224 mask pooler (ship13) torchvision's 4.6-5.9%.
+# (ship9) separable 2% faster; canonical 112 with a 224 mask pooler (ship13) torchvision's 4.6-5.9%
+# (a 20-minute model of ship13's architecture, whose boxes differ, timed level with either).
 SEPARABLE_MAX_CANONICAL = 64.0
 
 
