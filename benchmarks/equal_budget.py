@@ -259,6 +259,13 @@ def time_interleaved(forwards: dict, images: list) -> dict[str, list[float]]:
 KERNELS = ("separable", "torchvision")  # the CPU RoIAlign kernels at inference
 
 
+def set_istr_kernel(model, kernel: str) -> None:
+    """Make both of an ISTR model's poolers use ``kernel`` (one of ``KERNELS``) at CPU inference."""
+    for pooler in (model.pooler, model.mask_pooler):
+        if pooler is not None:
+            pooler.separable_inference = kernel == "separable"
+
+
 def time_best(out: Path, args) -> dict:
     """Time the best ISTR and the best Mask R-CNN back to back on the same val images (one image
     at a time, alternating, after a warm-up of each); write OUT/timing.json.
@@ -282,9 +289,7 @@ def time_best(out: Path, args) -> dict:
     forwards = {}
     for kernel in KERNELS:
         istr_model, _ = load_model(istr["checkpoint"], device="cpu")
-        for pooler in (istr_model.pooler, istr_model.mask_pooler):
-            if pooler is not None:
-                pooler.separable_inference = kernel == "separable"
+        set_istr_kernel(istr_model, kernel)
         forwards[f"istr_{kernel}"] = _istr_forward(istr_model, maskness_power=istr_power)
         peer_model = build_mask_rcnn(cfg, len(train.annotations.class_names))
         peer_model.load_state_dict(peer_state)

@@ -28,10 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from equal_budget import _datasets, _istr_forward, time_interleaved  # noqa: E402
-
-
-KERNELS = ("separable", "torchvision")
+from equal_budget import (KERNELS, _datasets, _istr_forward, set_istr_kernel,  # noqa: E402
+                          time_interleaved)
 
 
 def time_checkpoints(checkpoints: list[str], sizes: list[int], data: str | None = None,
@@ -57,9 +55,7 @@ def time_checkpoints(checkpoints: list[str], sizes: list[int], data: str | None 
             for kernel in kernels or [None]:
                 model, predictor = load_model(path, device="cpu")
                 if kernel is not None:
-                    for pooler in (model.pooler, model.mask_pooler):
-                        if pooler is not None:
-                            pooler.separable_inference = kernel == "separable"
+                    set_istr_kernel(model, kernel)
                 name = path if kernel is None else f"{path} [{kernel}]"
                 forwards[name] = _istr_forward(
                     model, maskness_power=predictor.config.model.maskness_power)
