@@ -178,21 +178,34 @@ def test_roi_mask_head_reads_the_output_box_and_only_the_mask_branch_does(basis)
     assert torch.allclose(before.output_roi, expected)
 
 
-@pytest.mark.parametrize("mask_head, poolings", [("query", K), ("roi", K + 1)])
-def test_roi_mask_head_hands_its_roi_to_the_next_stage(basis, mask_head, poolings):
+@pytest.mark.parametrize("kwargs, poolings", [
+    ({"mask_head": "query"}, K), ({"mask_head": "roi"}, K + 1),
+    # the last stage's mask branch reads its own finer RoI: nobody reads its output RoI
+    ({"mask_head": "roi", "mask_roi_resolution": 6}, K),
+    ({"mask_head": "roi", "mask_roi_resolution": 6, "mask_roi_first_stage": -1}, K)])
+def test_roi_mask_head_hands_its_roi_to_the_next_stage(basis, kwargs, poolings):
     """Each stage takes the previous one's output RoI instead of pooling the same boxes again
-    (K + 1 poolings for K stages, not 2K), and gives what pooling them again would."""
-    model = tiny_model(basis, mask_head=mask_head).eval()
+    (K + 1 poolings for K stages, not 2K; K when the last stage's is read by no one), and gives
+    what pooling them again would."""
+    mask_head = kwargs["mask_head"]
+    model = tiny_model(basis, **kwargs).eval()
     images, sizes = _images()
     calls = []
     model.pooler.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
-        out = model(images, sizes)
+        for final_only in (True, False):
+            calls.clear()
+            out = model(images, sizes, final_only=final_only)
+            assert len(calls) == poolings
+        calls.clear()
+        model.train()(images, sizes)  # training pools the same boxes
+        model.eval()
         assert len(calls) == poolings
         features = model.backbone(images, valid_mask(sizes, *images.shape[-2:]))
         boxes, queries, _ = model.initial_queries(features, sizes)
         for stage, expected in zip(model.stages, out.stages):
-            result = stage(features, boxes, queries, model.pooler)  # pools its boxes itself
+            result = stage(features, boxes, queries, model.pooler,  # pools its boxes itself
+                           mask_pooler=model.mask_pooler)
             assert (result.output_roi is None) == (mask_head == "query")
             assert torch.allclose(result.mask_embed, expected.mask_embed, atol=1e-5)
             assert torch.allclose(result.logits, expected.logits, atol=1e-5)

@@ -235,7 +235,8 @@ class ISTR(nn.Module):
             try:
                 heads = not final_only or k == self.num_stages
                 result = stage(pool_features, boxes, queries, self.pooler, return_attention,
-                               attn_mask, roi, heads=heads, mask_pooler=self.mask_pooler)
+                               attn_mask, roi, heads=heads, mask_pooler=self.mask_pooler,
+                               next_roi=k < self.num_stages)
             except NonFiniteError as err:  # the stage's boxes: say which stage
                 raise NonFiniteError(f"stage{k} {err.reason}") from None
             boxes = result.boxes_xyxy.detach()  # features are not detached

@@ -186,7 +186,8 @@ class RefinementStage(nn.Module):
     def forward(self, features: list[Tensor], boxes_xyxy: Tensor, query_features: Tensor,
                 pooler: RoIPooler, return_attention: bool = False,
                 attn_mask: Tensor | None = None, roi: Tensor | None = None,
-                heads: bool = True, mask_pooler: RoIPooler | None = None) -> StageResult:
+                heads: bool = True, mask_pooler: RoIPooler | None = None,
+                next_roi: bool = True) -> StageResult:
         """
         Args:
             features: FPN maps [P2..P5], each (B, D, h_l, w_l).
@@ -203,6 +204,8 @@ class RefinementStage(nn.Module):
                 predictions are wanted, refines the boxes and queries and nothing more.
             mask_pooler: the R x R pooler of the mask branch's own RoI (``ISTR.mask_pooler``);
                 required when the stage was built with ``mask_roi_resolution`` R > 0.
+            next_roi: whether a next stage takes ``output_roi``. False (the last stage) skips
+                that pooling where the mask branch does not read it either (its own R x R RoI).
         """
         B, Q, D = query_features.shape
         if roi is None:
@@ -223,7 +226,10 @@ class RefinementStage(nn.Module):
         if not torch.isfinite(boxes).all():  # the next pooling (here or the next stage) can't
             raise NonFiniteError("predicted non-finite boxes")
         out_roi = None
-        if self.mask_roi_encoder is not None:  # the next stage's input RoI too
+        # pooled at the output boxes: the next stage's input RoI, and the mask branch's unless it
+        # reads its own finer one
+        if self.mask_roi_encoder is not None and (
+                next_roi or (heads and not self.mask_roi_resolution)):
             out_roi = pooler(features, boxes.detach()).flatten(2).transpose(1, 2)  # (B*Q, P*P, D)
         if not heads:
             return StageResult(x, None, boxes, None, attn if return_attention else None, out_roi)
