@@ -1,15 +1,19 @@
-"""ELU with the same values and gradients as ``torch.nn.ELU`` (alpha 1), faster on the CPU.
+"""ELU with the same values and gradients as ``torch.nn.ELU`` (alpha 1), on the CPU by the faster of
+torch's own kernel and a formula, chosen once per process by timing both. On other devices it is
+torch's own ELU.
 
-On other devices it is torch's own ELU.
-
-ISTR's refinement stages use ELU after every layer. torch's CPU ELU computes ``expm1`` one value
-at a time: 7.4 ms for a (128, 6272) float32 tensor on one core, against 0.7 ms for ``exp``
-(and ``torch.where`` another 5.8 ms). Here ``elu(x) = relu(x) + exp(min(x, 0)) - 1`` in float32
-(within 3e-7 of ``expm1``), and the gradient is the saved ``exp(min(x, 0))``: 1 where x > 0.
+ISTR's refinement stages use ELU after every layer. How fast torch's CPU ELU is depends on the CPU:
+on a 2-core AMD EPYC (2026-12-01) it took 7.7 ms forward + backward for a (128, 49, 128) float32
+tensor against 2.0 ms for the formula below, on a 2-core Intel Xeon with AMX (2026-12-06) 1.8
+against 2.2 ms. The formula: ``elu(x) = relu(x) + exp(min(x, 0)) - 1`` in float32 (within 3e-7 of
+``expm1``), its gradient the saved ``exp(min(x, 0))``: 1 where x > 0.
 ``python benchmarks/bench_kernels.py`` times the two.
 """
 
 from __future__ import annotations
+
+import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +34,14 @@ class _ELUFunction(torch.autograd.Function):
         return (grad.float() * slope).to(grad.dtype)
 
 
-def elu(x: Tensor) -> Tensor:
-    """ELU (alpha 1) of any shape and floating dtype; see the module docstring. Without a
-    gradient to keep (inference) the same formula runs outside the autograd function, whose own
-    overhead is most of the cost on inference's small tensors (24 x 128: 15 against 10 us)."""
-    if x.device.type != "cpu":
+def elu(x: Tensor, library: bool | None = None) -> Tensor:
+    """ELU (alpha 1) of any shape and floating dtype; see the module docstring. ``library``: use
+    torch's kernel on the CPU too (default: ``library_elu_is_faster()``). Without a gradient to
+    keep (inference) the formula runs outside the autograd function, whose own overhead is most
+    of the cost on inference's small tensors (24 x 128: 15 against 10 us)."""
+    if library is None:
+        library = library_elu_is_faster()
+    if x.device.type != "cpu" or library:
         return F.elu(x)
     if x.requires_grad and torch.is_grad_enabled():
         return _ELUFunction.apply(x)
@@ -42,8 +49,33 @@ def elu(x: Tensor) -> Tensor:
     return (torch.relu(x32) + (torch.exp(torch.clamp(x32, max=0.0)) - 1.0)).to(x.dtype)
 
 
+@functools.cache
+def library_elu_is_faster() -> bool:
+    """Whether torch's CPU ELU beats the formula on this machine: forward + backward of each on a
+    (64, 49, 128) float32 tensor (a dynamic conv's activation), alternating, best of 5 after a
+    warm-up; timed once per process (about 20 ms). The two agree to 3e-7, so where they are
+    about as fast either choice will do."""
+    x = torch.randn(64, 49, 128, generator=torch.Generator().manual_seed(0))
+    grad = torch.ones_like(x)
+    kernels = {"library": F.elu, "formula": _ELUFunction.apply}
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    with torch.inference_mode(False), torch.enable_grad():
+        for _ in range(6):  # the first round is the warm-up
+            for name, fn in kernels.items():
+                leaf = x.detach().requires_grad_()
+                start = time.perf_counter()
+                fn(leaf).backward(grad)
+                times[name].append(time.perf_counter() - start)
+    return min(times["library"][1:]) < min(times["formula"][1:])
+
+
 class ELU(nn.Module):
-    """Drop-in for ``nn.ELU()`` (no parameters, so checkpoints do not change)."""
+    """Drop-in for ``nn.ELU()`` (no parameters, so checkpoints do not change). The CPU kernel is
+    chosen when the module is built (``library_elu_is_faster``), not in ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.library = library_elu_is_faster()
 
     def forward(self, x: Tensor) -> Tensor:
-        return elu(x)
+        return elu(x, self.library)
