@@ -139,12 +139,12 @@ def test_different_images_give_different_stage1_queries(model):
 
 
 def test_global_feature_averages_only_the_valid_region():
-    feat = torch.full((2, 4, 8, 8), 1000.0)  # padding holds garbage
+    feat = torch.full((3, 4, 8, 8), 1000.0)  # padding holds garbage
     feat[0, :, :5, :3] = 1.0  # image 0: valid region 17 x 9 px at stride 4 -> 5 x 3 cells
     feat[1] = 2.0
-    sizes = torch.tensor([[17, 9], [32, 32]])
+    sizes = torch.tensor([[17, 9], [32, 32], [0, 9]])  # image 2: no valid cell
     out = global_image_feature([feat, feat], (4, 4), sizes)
-    assert torch.allclose(out, torch.tensor([[2.0] * 4, [4.0] * 4]))  # summed over 2 levels
+    assert torch.allclose(out, torch.tensor([[2.0] * 4, [4.0] * 4, [0.0] * 4]))  # 2 levels
 
 
 def test_boxes_are_detached_between_stages(basis):
