@@ -51,32 +51,63 @@ def test_inference_skips_the_autograd_function_and_training_uses_it(monkeypatch)
 
 
 def test_the_kernel_is_the_faster_one_timed_once(monkeypatch):
-    """The choice is made once per process by timing both, and the module keeps it: a kernel
-    made slow is not chosen."""
+    """The choice is made once per process by timing both kernels: a kernel made slow is not
+    chosen, and a second call times nothing."""
     from istr_viz.model import activations
 
-    real = activations.F.elu
+    real_elu, real_apply = activations.F.elu, activations._ELUFunction.apply
+    calls = {"library": 0, "formula": 0}
 
-    def slow_elu(t):
-        time.sleep(0.005)
-        return real(t)
+    def timed(name, fn, slow):
+        def run(t):
+            calls[name] += 1
+            if slow:
+                time.sleep(0.005)
+            return fn(t)
+        return run
+
+    for slow_one, expected in (("library", False), ("formula", True)):
+        activations.library_elu_is_faster.cache_clear()
+        monkeypatch.setattr(activations.F, "elu", timed("library", real_elu, slow_one == "library"))
+        monkeypatch.setattr(activations._ELUFunction, "apply",
+                            timed("formula", real_apply, slow_one == "formula"))
+        try:
+            assert activations.library_elu_is_faster() is expected
+            assert calls["library"] > 0 and calls["formula"] > 0
+            calls.update(library=0, formula=0)
+            assert activations.library_elu_is_faster() is expected  # cached
+            assert ELU().library is expected
+            assert calls == {"library": 0, "formula": 0}
+        finally:
+            activations.library_elu_is_faster.cache_clear()
+
+
+@pytest.mark.parametrize("library", [False, True])
+def test_module_uses_the_kernel_it_was_built_with(monkeypatch, library):
+    from istr_viz.model import activations
+
+    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: library)
+    module = ELU()
+    formula_calls = []
+    real = activations._ELUFunction.apply
+    monkeypatch.setattr(activations._ELUFunction, "apply",
+                        lambda t: formula_calls.append(1) or real(t))
+    x = torch.randn(8, 16, requires_grad=True)
+    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: not library)  # not re-read
+    out = module(x)
+    out.sum().backward()
+    assert torch.allclose(out, F.elu(x), atol=1e-6)
+    assert formula_calls == ([] if library else [1])
+
+
+def test_the_timing_works_under_inference_mode():
+    """The first model of a process may be built under ``torch.inference_mode()``."""
+    from istr_viz.model import activations
 
     activations.library_elu_is_faster.cache_clear()
     try:
-        monkeypatch.setattr(activations.F, "elu", slow_elu)
-        assert activations.library_elu_is_faster() is False
-        assert ELU().library is False
-        monkeypatch.setattr(activations.F, "elu", real)
-        assert activations.library_elu_is_faster() is False  # cached: not timed again
-        activations.library_elu_is_faster.cache_clear()
-        real_apply = activations._ELUFunction.apply
-
-        def slow_apply(t):
-            time.sleep(0.005)
-            return real_apply(t)
-
-        monkeypatch.setattr(activations._ELUFunction, "apply", slow_apply)
-        assert activations.library_elu_is_faster() is True
-        assert ELU().library is True
+        with torch.inference_mode():
+            assert isinstance(activations.library_elu_is_faster(), bool)
+            assert isinstance(ELU().library, bool)
     finally:
         activations.library_elu_is_faster.cache_clear()

@@ -138,13 +138,27 @@ def test_different_images_give_different_stage1_queries(model):
     assert (differ[0] - differ[1]).abs().max() > 1e-2
 
 
-def test_global_feature_averages_only_the_valid_region():
+@pytest.mark.parametrize("training", [False, True])
+def test_global_feature_averages_only_the_valid_region(training):
+    """Inference slices each image's valid cells, training masks the map (a cheaper backward):
+    the same means either way."""
     feat = torch.full((3, 4, 8, 8), 1000.0)  # padding holds garbage
     feat[0, :, :5, :3] = 1.0  # image 0: valid region 17 x 9 px at stride 4 -> 5 x 3 cells
     feat[1] = 2.0
-    sizes = torch.tensor([[17, 9], [32, 32], [0, 9]])  # image 2: no valid cell
+    # image 2: no valid cell; image 3: larger than the map (all of it)
+    feat = torch.cat([feat, torch.full((1, 4, 8, 8), 3.0)])
+    sizes = torch.tensor([[17, 9], [32, 32], [0, 9], [40, 36]])
+    feat.requires_grad_(training)
     out = global_image_feature([feat, feat], (4, 4), sizes)
-    assert torch.allclose(out, torch.tensor([[2.0] * 4, [4.0] * 4, [0.0] * 4]))  # 2 levels
+    assert out.requires_grad == training
+    assert torch.allclose(out, torch.tensor([[2.0] * 4, [4.0] * 4, [0.0] * 4, [6.0] * 4]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the maps' dtype, as before
+        assert global_image_feature([feat.bfloat16()], (4,), sizes).dtype == torch.bfloat16
+    if training:  # the gradient: 2 / cells on the valid cells (2 levels), 0 elsewhere
+        out.sum().backward()
+        assert torch.allclose(feat.grad[0, :, :5, :3], torch.tensor(2 / 15))
+        assert feat.grad[0].sum().item() == pytest.approx(2 * 4)
+        assert feat.grad[2].abs().sum() == 0 and torch.allclose(feat.grad[3], torch.tensor(2 / 64))
 
 
 def test_boxes_are_detached_between_stages(basis):

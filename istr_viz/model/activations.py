@@ -4,8 +4,8 @@ torch's own ELU.
 
 ISTR's refinement stages use ELU after every layer. How fast torch's CPU ELU is depends on the CPU:
 on a 2-core AMD EPYC (2026-12-01) it took 7.7 ms forward + backward for a (128, 49, 128) float32
-tensor against 2.0 ms for the formula below, on a 2-core Intel Xeon with AMX (2026-12-06) 1.8
-against 2.2 ms. The formula: ``elu(x) = relu(x) + exp(min(x, 0)) - 1`` in float32 (within 3e-7 of
+tensor against 2.0 ms for the formula below, on a 2-core Intel Xeon with AMX (2026-12-06) 1.7
+against 1.9-2.2 ms. The formula: ``elu(x) = relu(x) + exp(min(x, 0)) - 1`` in float32 (within 3e-7 of
 ``expm1``), its gradient the saved ``exp(min(x, 0))``: 1 where x > 0.
 ``python benchmarks/bench_kernels.py`` times the two.
 """
@@ -39,9 +39,11 @@ def elu(x: Tensor, library: bool | None = None) -> Tensor:
     torch's kernel on the CPU too (default: ``library_elu_is_faster()``). Without a gradient to
     keep (inference) the formula runs outside the autograd function, whose own overhead is most
     of the cost on inference's small tensors (24 x 128: 15 against 10 us)."""
+    if x.device.type != "cpu":
+        return F.elu(x)
     if library is None:
         library = library_elu_is_faster()
-    if x.device.type != "cpu" or library:
+    if library:
         return F.elu(x)
     if x.requires_grad and torch.is_grad_enabled():
         return _ELUFunction.apply(x)
@@ -55,11 +57,12 @@ def library_elu_is_faster() -> bool:
     (64, 49, 128) float32 tensor (a dynamic conv's activation), alternating, best of 5 after a
     warm-up; timed once per process (about 20 ms). The two agree to 3e-7, so where they are
     about as fast either choice will do."""
-    x = torch.randn(64, 49, 128, generator=torch.Generator().manual_seed(0))
-    grad = torch.ones_like(x)
     kernels = {"library": F.elu, "formula": _ELUFunction.apply}
     times: dict[str, list[float]] = {name: [] for name in kernels}
+    # normal CPU tensors whatever the caller's mode or default device
     with torch.inference_mode(False), torch.enable_grad():
+        x = torch.randn(64, 49, 128, generator=torch.Generator().manual_seed(0), device="cpu")
+        grad = torch.ones_like(x)
         for _ in range(6):  # the first round is the warm-up
             for name, fn in kernels.items():
                 leaf = x.detach().requires_grad_()

@@ -50,14 +50,26 @@ def global_image_feature(features: list[Tensor], strides: tuple[int, ...],
     that other images in the batch impose. Returns (B, D).
     """
     total = 0
-    sizes = image_sizes.tolist()
+    sizes = None
     for feat, stride in zip(features, strides):
-        # each image's valid cells, a slice summed as (D, cells) rows: cheaper than masking the
-        # padded map (0.9 against 0.2 ms an image at inference); an image with none gives zeros
-        cells = [(-(-h // stride), -(-w // stride)) for h, w in sizes]
-        means = [feat[b, :, :ch, :cw].flatten(1).sum(1) / max(ch * cw, 1)
-                 for b, (ch, cw) in enumerate(cells)]
-        total = total + torch.stack(means)
+        h, w = feat.shape[-2:]
+        if feat.requires_grad and torch.is_grad_enabled():
+            # training: a masked sum, whose backward is one product with the mask
+            cells = torch.div(image_sizes + stride - 1, stride, rounding_mode="floor")
+            mask = valid_mask(cells, h, w).to(feat.dtype)  # (B, 1, h, w)
+            total = total + (feat * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1)
+            continue
+        # inference: each image's valid cells as a slice, summed as (D, cells) rows, without
+        # the masked copy of the map (one image, 240 px: 0.18 against 0.72 ms over the four
+        # levels; in training the slices' backward writes a whole map per image, 10.2 against
+        # 3.8 ms forward + backward for 4 images)
+        if sizes is None:
+            sizes = image_sizes.tolist()
+        sums = []
+        for b, (ih, iw) in enumerate(sizes):
+            ch, cw = min(-(-int(ih) // stride), h), min(-(-int(iw) // stride), w)
+            sums.append(feat[b, :, :ch, :cw].flatten(1).sum(1) / max(ch * cw, 1))
+        total = total + torch.stack(sums)
     return total
 
 

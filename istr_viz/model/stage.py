@@ -122,7 +122,8 @@ class StageResult(NamedTuple):
     mask_embed: Tensor | None  # (B, Q, M); None when the stage ran without its heads
     attn: Tensor | None  # (B, Q, Q) self-attention weights averaged over heads
     # (B*Q, P*P, D) RoI features at the detached output boxes (mask_head="roi"), which are the
-    # next stage's input boxes: it takes them instead of pooling the same boxes again
+    # next stage's input boxes: it takes them instead of pooling the same boxes again; None
+    # from the last stage (``next_roi=False``) when its mask branch reads its own finer RoI
     output_roi: Tensor | None = None
 
 
