@@ -1,7 +1,7 @@
 """ISTR against torchvision's Mask R-CNN at the same CPU training budget, from scratch.
 
     python benchmarks/equal_budget.py [--minutes 20] [--lrs 0.11,0.16,0.22]
-                                      [--istr-lrs 4e-4,5.6e-4,8e-4] [--data ROOT]
+                                      [--istr-lrs 2.8e-4,4e-4,5.6e-4] [--data ROOT]
                                       [--out runs/equal_budget] [--points 3] [--jobs 2]
 
 Trains ISTR (the ``shapes-cpu`` preset, its own ``--max-minutes`` budget, AdamW) and Mask R-CNN
@@ -460,10 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=20.0)
     # the default sweeps, steps of x1.4 around each model's best at batch 8: the peer's 0.16 was
     # the top of its sweep in eb24 and the middle in eb31 (0.22 diverged); with the session-29
-    # preset ISTR's best was the top of its sweep in eb31 (4e-4 over 2.8e-4 and 2e-4) and 5.6e-4
-    # beat that in its own pair (eb31b, session 31), so ISTR's sweep is centred on 5.6e-4 now
+    # preset ISTR's 4e-4 won eb31 at the top of its sweep (over 2.8e-4 and 2e-4) and eb32 at the
+    # bottom (over 5.6e-4 and 8e-4; eb31b's single 5.6e-4 run had beaten it): centred on 4e-4
     p.add_argument("--lrs", default="0.11,0.16,0.22", help="Mask R-CNN SGD learning rates")
-    p.add_argument("--istr-lrs", default="4e-4,5.6e-4,8e-4", help="ISTR AdamW learning rates")
+    p.add_argument("--istr-lrs", default="2.8e-4,4e-4,5.6e-4", help="ISTR AdamW learning rates")
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--data", help="data set root with train/ and val/ (default: built-in shapes)")
     p.add_argument("--preset", default="shapes-cpu")

@@ -144,6 +144,7 @@ def test_global_feature_averages_only_the_valid_region(training):
     the same means either way."""
     feat = torch.full((3, 4, 8, 8), 1000.0)  # padding holds garbage
     feat[0, :, :5, :3] = 1.0  # image 0: valid region 17 x 9 px at stride 4 -> 5 x 3 cells
+    feat[0, :, 4, :3] = 4.0  # its last row, which only ceil(17 / 4) = 5 rows reaches: mean 1.6
     feat[1] = 2.0
     # image 2: no valid cell; image 3: larger than the map (all of it)
     feat = torch.cat([feat, torch.full((1, 4, 8, 8), 3.0)])
@@ -151,7 +152,7 @@ def test_global_feature_averages_only_the_valid_region(training):
     feat.requires_grad_(training)
     out = global_image_feature([feat, feat], (4, 4), sizes)
     assert out.requires_grad == training
-    assert torch.allclose(out, torch.tensor([[2.0] * 4, [4.0] * 4, [0.0] * 4, [6.0] * 4]))
+    assert torch.allclose(out, torch.tensor([[3.2] * 4, [4.0] * 4, [0.0] * 4, [6.0] * 4]))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the maps' dtype, as before
         assert global_image_feature([feat.bfloat16()], (4,), sizes).dtype == torch.bfloat16
     if training:  # the gradient: 2 / cells on the valid cells (2 levels), 0 elsewhere
