@@ -241,6 +241,23 @@ def _best(records: list[dict]) -> dict | None:
                default=None)
 
 
+def edge_of_sweep(records: list[dict], best: dict | None) -> str | None:
+    """A warning when ``best`` is the lowest or highest learning rate of a sweep of two or more
+    (the best may lie beyond it), or when every run of the sweep diverged; else None."""
+    lrs = sorted({r["lr"] for r in records})
+    if not records:
+        return None
+    name = "ISTR" if records[0]["model"] == "istr" else "Mask R-CNN"
+    if all(r.get("diverged") for r in records):
+        return (f"warning: every {name} run diverged (lr {', '.join(f'{v:g}' for v in lrs)}): "
+                f"sweep lower learning rates")
+    if best is None or len(lrs) < 2 or lrs[0] < best["lr"] < lrs[-1]:
+        return None
+    side, step = ("lowest", "lower") if best["lr"] == lrs[0] else ("highest", "higher")
+    return (f"warning: {name}'s best lr {best['lr']:g} is the {side} of its sweep "
+            f"({', '.join(f'{v:g}' for v in lrs)}): a {step} one may be better")
+
+
 def time_interleaved(forwards: dict, images: list) -> dict[str, list[float]]:
     """Milliseconds per image of each one-image ``forwards[name](image)``, run back to back on
     the same images (alternating image by image, after a warm-up of each on the first three)."""
@@ -437,6 +454,10 @@ def report(out: Path) -> dict:
                   f"x{summary['mask_AP_ratio_rescored']:.2f}")
         if best["mask_AP"] < 0.05:
             print("warning: the peer is below 0.05 mask AP: broken, not beaten")
+    for records, kept in ((istr_runs, istr), (peers, best)):
+        warning = edge_of_sweep(records, kept)
+        if warning:
+            print(warning, file=sys.stderr)
     fig, axes = new_figure(1, 2, size_per_panel=(4.2, 3.2))
     for ax, key, title in zip(axes.flat, ("mask_AP", "box_AP"), ("mask AP", "box AP")):
         for r in istr_runs + peers:

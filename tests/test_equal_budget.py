@@ -173,3 +173,31 @@ def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run
         (row,) = rows[name]
         assert (row["test_min_size"], row["amp"]) == (96, True)
         assert json.loads((out / f"{name}_rescored.json").read_text()) == rows[name]
+
+
+def test_report_warns_when_the_best_lr_sits_at_the_edge_of_its_sweep(tmp_path):
+    """On the second data set the peer's built-in sweep diverged at its upper values and its best
+    was the lowest lr tried: the report must say that the sweep should move, not stay silent."""
+    diverged = dict(_record("mask_rcnn", 0.16, 0.9, 0.0, iterations=32), diverged=True)
+    runs = {"istr_lr0.0002": _record("istr", 2e-4, 20.0, 0.05),
+            "istr_lr0.0004": _record("istr", 4e-4, 20.0, 0.07),
+            "istr_lr0.0008": _record("istr", 8e-4, 20.0, 0.06),  # best in the middle: no warning
+            "peer_lr0.06": _record("mask_rcnn", 0.06, 20.0, 0.06),
+            "peer_lr0.11": dict(_record("mask_rcnn", 0.11, 3.0, 0.0, iterations=104),
+                                diverged=True),
+            "peer_lr0.16": diverged}
+    for name, record in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Mask R-CNN's best lr 0.06 is the lowest of its sweep (0.06, 0.11, 0.16)" in proc.stderr
+    assert "ISTR's best lr" not in proc.stderr
+
+    for name in ("peer_lr0.06", "istr_lr0.0002", "istr_lr0.0008"):
+        (tmp_path / f"{name}.json").unlink()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "every Mask R-CNN run diverged (lr 0.11, 0.16): sweep lower" in proc.stderr
+    assert "ISTR's best lr" not in proc.stderr  # one lr is no sweep
