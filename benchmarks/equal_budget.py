@@ -241,21 +241,29 @@ def _best(records: list[dict]) -> dict | None:
                default=None)
 
 
-def edge_of_sweep(records: list[dict], best: dict | None) -> str | None:
-    """A warning when ``best`` is the lowest or highest learning rate of a sweep of two or more
-    (the best may lie beyond it), or when every run of the sweep diverged; else None."""
-    lrs = sorted({r["lr"] for r in records})
-    if not records:
+def sweep_warning(records: list[dict]) -> str | None:
+    """A warning about one model's learning-rate sweep (``records``: its runs), or None when
+    the sweep looks sound. Only runs that kept to the budget count. Warns when every run
+    diverged, when fewer than two learning rates trained, and when the best run's lr (the best
+    final mask AP among the runs that did not diverge) is the lowest or highest of the sweep,
+    so that the best may lie beyond it."""
+    eligible = [r for r in records if not _over_budget(r)]
+    if not eligible:
         return None
-    name = "ISTR" if records[0]["model"] == "istr" else "Mask R-CNN"
-    if all(r.get("diverged") for r in records):
-        return (f"warning: every {name} run diverged (lr {', '.join(f'{v:g}' for v in lrs)}): "
-                f"sweep lower learning rates")
-    if best is None or len(lrs) < 2 or lrs[0] < best["lr"] < lrs[-1]:
+    name = "ISTR" if eligible[0]["model"] == "istr" else "Mask R-CNN"
+    lrs = sorted({r["lr"] for r in eligible})
+    listed = ", ".join(f"{v:g}" for v in lrs)
+    trained = [r for r in eligible if not r.get("diverged")]
+    if not trained:
+        return f"warning: every {name} run diverged (lr {listed}): sweep lower learning rates"
+    if len(lrs) < 2:
+        return f"warning: {name} trained at one lr only ({listed}): that is not a sweep"
+    best = max(trained, key=lambda r: r["mask_AP"])
+    if lrs[0] < best["lr"] < lrs[-1]:
         return None
     side, step = ("lowest", "lower") if best["lr"] == lrs[0] else ("highest", "higher")
-    return (f"warning: {name}'s best lr {best['lr']:g} is the {side} of its sweep "
-            f"({', '.join(f'{v:g}' for v in lrs)}): a {step} one may be better")
+    return (f"warning: {name}'s best lr {best['lr']:g} is the {side} of its sweep ({listed}): "
+            f"a {step} one may be better")
 
 
 def time_interleaved(forwards: dict, images: list) -> dict[str, list[float]]:
@@ -454,8 +462,8 @@ def report(out: Path) -> dict:
                   f"x{summary['mask_AP_ratio_rescored']:.2f}")
         if best["mask_AP"] < 0.05:
             print("warning: the peer is below 0.05 mask AP: broken, not beaten")
-    for records, kept in ((istr_runs, istr), (peers, best)):
-        warning = edge_of_sweep(records, kept)
+    for records in (istr_runs, peers):
+        warning = sweep_warning(records)
         if warning:
             print(warning, file=sys.stderr)
     fig, axes = new_figure(1, 2, size_per_panel=(4.2, 3.2))

@@ -175,29 +175,47 @@ def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run
         assert json.loads((out / f"{name}_rescored.json").read_text()) == rows[name]
 
 
-def test_report_warns_when_the_best_lr_sits_at_the_edge_of_its_sweep(tmp_path):
-    """On the second data set the peer's built-in sweep diverged at its upper values and its best
-    was the lowest lr tried: the report must say that the sweep should move, not stay silent."""
-    diverged = dict(_record("mask_rcnn", 0.16, 0.9, 0.0, iterations=32), diverged=True)
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("equal_budget", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_sweep_warning_names_the_edge_the_best_lr_sits_on():
+    warn = _bench().sweep_warning
+    diverged = lambda model, lr: dict(_record(model, lr, 1.0, 0.0, iterations=30), diverged=True)
+    istr = [_record("istr", lr, 20.0, ap) for lr, ap in ((2e-4, 0.05), (4e-4, 0.07), (8e-4, 0.06))]
+    assert warn(istr) is None  # best in the middle
+    assert warn(istr[:2]) == ("warning: ISTR's best lr 0.0004 is the highest of its sweep "
+                              "(0.0002, 0.0004): a higher one may be better")
+    # the second data set's peer: the upper lrs diverged, the best is the lowest
+    peers = [_record("mask_rcnn", 0.06, 20.0, 0.06), diverged("mask_rcnn", 0.11),
+             diverged("mask_rcnn", 0.16)]
+    assert warn(peers) == ("warning: Mask R-CNN's best lr 0.06 is the lowest of its sweep "
+                           "(0.06, 0.11, 0.16): a lower one may be better")
+    assert warn(peers[1:]) == ("warning: every Mask R-CNN run diverged (lr 0.11, 0.16): "
+                               "sweep lower learning rates")
+    assert warn([istr[1]]) == "warning: ISTR trained at one lr only (0.0004): that is not a sweep"
+    # a run past its budget is no part of the sweep: 4e-4 is then the top of it
+    over = _record("istr", 8e-4, 22.8, 0.09)
+    assert "0.0004 is the highest of its sweep (0.0002, 0.0004)" in warn(istr[:2] + [over])
+    assert warn([]) is None and warn([over]) is None
+
+
+def test_report_prints_the_sweep_warnings(tmp_path):
     runs = {"istr_lr0.0002": _record("istr", 2e-4, 20.0, 0.05),
             "istr_lr0.0004": _record("istr", 4e-4, 20.0, 0.07),
-            "istr_lr0.0008": _record("istr", 8e-4, 20.0, 0.06),  # best in the middle: no warning
+            "istr_lr0.0008": _record("istr", 8e-4, 20.0, 0.06),
             "peer_lr0.06": _record("mask_rcnn", 0.06, 20.0, 0.06),
             "peer_lr0.11": dict(_record("mask_rcnn", 0.11, 3.0, 0.0, iterations=104),
-                                diverged=True),
-            "peer_lr0.16": diverged}
+                                diverged=True)}
     for name, record in runs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(record))
     proc = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "Mask R-CNN's best lr 0.06 is the lowest of its sweep (0.06, 0.11, 0.16)" in proc.stderr
-    assert "ISTR's best lr" not in proc.stderr
-
-    for name in ("peer_lr0.06", "istr_lr0.0002", "istr_lr0.0008"):
-        (tmp_path / f"{name}.json").unlink()
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "every Mask R-CNN run diverged (lr 0.11, 0.16): sweep lower" in proc.stderr
-    assert "ISTR's best lr" not in proc.stderr  # one lr is no sweep
+    assert "Mask R-CNN's best lr 0.06 is the lowest of its sweep (0.06, 0.11)" in proc.stderr
+    assert "ISTR's" not in proc.stderr and "ISTR trained" not in proc.stderr
