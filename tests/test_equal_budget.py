@@ -76,6 +76,16 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
         assert row["test_min_size"] == 96
 
 
+def _bench():
+    """benchmarks/equal_budget.py loaded as a module (it is a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("equal_budget", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def _record(model: str, lr: float, minutes: float, mask_ap: float, iterations: int = 2000,
             budget: float = 20.0) -> dict:
     return {"model": model, "lr": lr, "iterations": iterations, "minutes": minutes,
@@ -88,11 +98,7 @@ def test_one_step_past_a_short_budget_is_not_over_it():
     """A clock-kept run stops at the first step boundary after its minutes: in a 12-second
     budget one slow last step (2.5 s, seen on a loaded machine) is 14% and must not disqualify
     the run; 14% over a 20-minute budget of 0.6-second steps does."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("equal_budget", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     assert not bench._over_budget(_record("istr", 1e-3, 0.227, 0.0, iterations=81, budget=0.2))
     assert bench._over_budget(_record("istr", 1e-3, 0.3, 0.0, iterations=81, budget=0.2))
     assert bench._over_budget(_record("istr", 2e-4, 22.8, 0.0))
@@ -124,7 +130,6 @@ def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run
     ISTR's checkpoint included, whatever size it was trained and recorded at, and ISTR the
     preset's maskness power."""
     import argparse
-    import importlib.util
 
     import torch
 
@@ -132,9 +137,7 @@ def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run
     import istr_viz.evaluate as evaluate
     from istr_viz.config import apply_overrides, get_preset
 
-    spec = importlib.util.spec_from_file_location("equal_budget", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     root, ckpt = tiny_run
     sets = [s for s in [*TINY, "basis.dim=12"] if not s.startswith("train.lr=")]
     out = tmp_path / "bench"
@@ -173,15 +176,6 @@ def test_rescore_scores_both_models_at_the_same_test_size_and_precision(tiny_run
         (row,) = rows[name]
         assert (row["test_min_size"], row["amp"]) == (96, True)
         assert json.loads((out / f"{name}_rescored.json").read_text()) == rows[name]
-
-
-def _bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("equal_budget", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_sweep_warning_names_the_edge_the_best_lr_sits_on():
