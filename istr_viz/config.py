@@ -13,6 +13,7 @@ from istr_viz.errors import ConfigError
 
 FPN_OUTPUT_CONVS = ("3x3", "separable")  # ModelConfig.fpn_output_conv
 MASK_HEADS = ("query", "roi")  # ModelConfig.mask_head
+ELU_KERNELS = ("auto", "library", "formula")  # ModelConfig.elu
 LR_DECAYS = ("step", "linear")  # TrainConfig.lr_decay
 CLASS_LOSSES = ("focal", "varifocal")  # LossConfig.class_loss
 
@@ -96,6 +97,10 @@ class ModelConfig:
     # pixels at or above 0.5 (0 for an empty mask), so that confident masks rank first.
     # 0 = the class probability alone (ISTR). istr_viz.postprocess.top_detections
     maskness_power: float = 0.0
+    # The CPU kernel of the stages' ELU (same values up to rounding; istr_viz.model.activations):
+    # "auto" (the faster on this machine, timed once per process), "library" (torch's) or
+    # "formula". Pin one where runs must repeat to the last bit; no effect on other devices
+    elu: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("num_queries", "num_stages", "hidden_dim", "dim_dynamic", "dim_feedforward",
@@ -114,6 +119,9 @@ class ModelConfig:
         if not 1 <= len(self.proposal_box_cells) <= 2 or min(self.proposal_box_cells) <= 0:
             raise ConfigError("model.proposal_box_cells must be one or two positive cell counts, "
                               f"got {self.proposal_box_cells}")
+        if self.elu not in ELU_KERNELS:
+            raise ConfigError(f"model.elu must be {', '.join(ELU_KERNELS)}, got {self.elu!r}",
+                              entry="model.elu")
         if self.mask_head not in MASK_HEADS:
             raise ConfigError(f"model.mask_head must be {' or '.join(MASK_HEADS)}, "
                               f"got {self.mask_head!r}",

@@ -34,6 +34,7 @@ from istr_viz.data.transforms import TransformConfig, build_transform
 from istr_viz.errors import ConfigError, DataError, IstrVizError, NonFiniteError
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
+from istr_viz.model.activations import library_elu_for, set_elu_kernel
 from istr_viz.runtime import autocast_dtype, default_device
 
 
@@ -479,6 +480,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     model_cfg = cfg.model if (ckpt is None and source is None) else \
         replace(cfg.model, pretrained_path=None)  # the weights come from a checkpoint
     model = build_model(model_cfg, len(ann.class_names), basis).to(device)
+    if info.world_size > 1 and device.type == "cpu":  # one ELU kernel in every process: rank 0's
+        set_elu_kernel(model, bool(_broadcast_from_main(float(library_elu_for(model_cfg.elu)),
+                                                        info, device)))
     if source is not None:
         same = (list(source["category_ids"]) == ann.label_to_cat_id
                 and list(source["class_names"]) == ann.class_names)

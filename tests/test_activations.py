@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +124,35 @@ def test_other_devices_use_torch_elu_without_timing(monkeypatch):
     monkeypatch.setattr(activations, "library_elu_is_faster", no_timing)
     out = elu(torch.empty(4, 8, device="meta"))
     assert out.device.type == "meta" and out.shape == (4, 8)
+
+
+@pytest.mark.parametrize("kernel", ["library", "formula"])
+def test_model_elu_pins_the_kernel_of_every_stage_without_timing(monkeypatch, kernel):
+    """``model.elu`` = library / formula: every ELU of the built model uses that kernel, whatever
+    the timing would say; "auto" takes the timing's answer."""
+    from istr_viz.basis import MaskBasis
+    from istr_viz.config import ModelConfig
+    from istr_viz.model import activations, build_model
+
+    rng = np.random.default_rng(0)
+    basis = MaskBasis.fit((rng.random((40, 28, 28)) > 0.5).astype(np.float32), dim=4)
+    small = dict(backbone="resnet18", backbone_base_channels=8, num_queries=4, num_stages=2,
+                 hidden_dim=16, dim_dynamic=4, dim_feedforward=32, num_heads=2, norm="gn")
+    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: kernel == "formula")
+    model = build_model(ModelConfig(**small, elu=kernel), 3, basis)
+    flags = [m.library for m in model.modules() if isinstance(m, ELU)]
+    assert flags and all(f is (kernel == "library") for f in flags)
+    auto = build_model(ModelConfig(**small), 3, basis)
+    assert all(m.library is (kernel == "formula") for m in auto.modules() if isinstance(m, ELU))
+
+
+def test_model_elu_rejects_an_unknown_kernel():
+    from istr_viz.config import ModelConfig
+    from istr_viz.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.elu must be auto, library, formula"):
+        ModelConfig(elu="fast")
+    from istr_viz.model.activations import library_elu_for
+
+    with pytest.raises(ValueError, match="'fast'"):
+        library_elu_for("fast")

@@ -8,6 +8,11 @@ tensor against 2.0 ms for the formula below, on a 2-core Intel Xeon with AMX (20
 against 1.9-2.2 ms. The formula: ``elu(x) = relu(x) + exp(min(x, 0)) - 1`` in float32 (within 3e-7 of
 ``expm1``), its gradient the saved ``exp(min(x, 0))``: 1 where x > 0.
 ``python benchmarks/bench_kernels.py`` times the two.
+
+``ModelConfig.elu`` pins the kernel ("library" or "formula") where runs must repeat to the last bit:
+the two differ by rounding, so two "auto" runs on a machine where they are about as fast can take
+different kernels and drift apart. A multi-process training takes process 0's choice in every
+process (``istr_viz.engine``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from istr_viz.config import ELU_KERNELS
 
 
 class _ELUFunction(torch.autograd.Function):
@@ -51,6 +58,23 @@ def elu(x: Tensor, library: bool | None = None) -> Tensor:
     return (torch.relu(x32) + (torch.exp(torch.clamp(x32, max=0.0)) - 1.0)).to(x.dtype)
 
 
+def library_elu_for(kernel: str) -> bool:
+    """Whether ``kernel`` (one of ``ELU_KERNELS``) means torch's kernel on this machine: "auto"
+    times the two (``library_elu_is_faster``)."""
+    if kernel not in ELU_KERNELS:
+        raise ValueError(f"ELU kernel must be one of {ELU_KERNELS}, got {kernel!r}")
+    return library_elu_is_faster() if kernel == "auto" else kernel == "library"
+
+
+def set_elu_kernel(model: nn.Module, library: bool) -> int:
+    """Make every ``ELU`` module inside ``model`` use torch's CPU kernel (``library``) or the
+    formula; returns how many modules it set."""
+    modules = [m for m in model.modules() if isinstance(m, ELU)]
+    for m in modules:
+        m.library = library
+    return len(modules)
+
+
 @functools.cache
 def library_elu_is_faster() -> bool:
     """Whether torch's CPU ELU beats the formula on this machine: forward + backward of each on a
@@ -74,11 +98,12 @@ def library_elu_is_faster() -> bool:
 
 class ELU(nn.Module):
     """Drop-in for ``nn.ELU()`` (no parameters, so checkpoints do not change). The CPU kernel is
-    chosen when the module is built (``library_elu_is_faster``), not in ``forward``."""
+    chosen when the module is built (``library``; None: ``library_elu_is_faster()``), not in
+    ``forward``; ``set_elu_kernel`` changes it afterwards."""
 
-    def __init__(self):
+    def __init__(self, library: bool | None = None):
         super().__init__()
-        self.library = library_elu_is_faster()
+        self.library = library_elu_is_faster() if library is None else library
 
     def forward(self, x: Tensor) -> Tensor:
         return elu(x, self.library)

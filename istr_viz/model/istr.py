@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from istr_viz.boxes import denormalize_boxes, normalize_boxes
 from istr_viz.config import ModelConfig, first_mask_roi_stage
 from istr_viz.errors import ConfigError, NonFiniteError
+from istr_viz.model.activations import library_elu_for, set_elu_kernel
 from istr_viz.model.backbone import build_backbone
 from istr_viz.model.denoising import make_denoising_queries
 from istr_viz.model.outputs import ISTROutput, StageOutput
@@ -278,17 +279,19 @@ def build_model(cfg: ModelConfig, num_classes: int, basis: MaskCodec) -> ISTR:
                               pretrained_path=cfg.pretrained_path,
                               fpn_output_conv=cfg.fpn_output_conv,
                               zero_init_residual=cfg.zero_init_residual)
-    return ISTR(num_classes, basis, backbone, num_queries=cfg.num_queries,
-                num_stages=cfg.num_stages, hidden_dim=cfg.hidden_dim,
-                dim_dynamic=cfg.dim_dynamic, dim_feedforward=cfg.dim_feedforward,
-                num_heads=cfg.num_heads, num_cls_layers=cfg.num_cls_layers,
-                num_reg_layers=cfg.num_reg_layers, num_mask_layers=cfg.num_mask_layers,
-                dropout=cfg.dropout, pooler_resolution=cfg.pooler_resolution,
-                canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob,
-                zero_box_deltas=cfg.zero_box_deltas, proposal_init=cfg.proposal_init,
-                proposal_box_cells=cfg.proposal_box_cells, aux_semantic=cfg.aux_semantic,
-                aux_dense_box=cfg.aux_dense_box,
-                dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
-                dn_label_noise=cfg.dn_label_noise, mask_head=cfg.mask_head,
-                mask_roi_resolution=cfg.mask_roi_resolution,
-                mask_roi_first_stage=cfg.mask_roi_first_stage)
+    model = ISTR(num_classes, basis, backbone, num_queries=cfg.num_queries,
+                  num_stages=cfg.num_stages, hidden_dim=cfg.hidden_dim,
+                  dim_dynamic=cfg.dim_dynamic, dim_feedforward=cfg.dim_feedforward,
+                  num_heads=cfg.num_heads, num_cls_layers=cfg.num_cls_layers,
+                  num_reg_layers=cfg.num_reg_layers, num_mask_layers=cfg.num_mask_layers,
+                  dropout=cfg.dropout, pooler_resolution=cfg.pooler_resolution,
+                  canonical_box_size=cfg.canonical_box_size, prior_prob=cfg.prior_prob,
+                  zero_box_deltas=cfg.zero_box_deltas, proposal_init=cfg.proposal_init,
+                  proposal_box_cells=cfg.proposal_box_cells, aux_semantic=cfg.aux_semantic,
+                  aux_dense_box=cfg.aux_dense_box,
+                  dn_groups=cfg.dn_groups, dn_box_noise=cfg.dn_box_noise,
+                  dn_label_noise=cfg.dn_label_noise, mask_head=cfg.mask_head,
+                  mask_roi_resolution=cfg.mask_roi_resolution,
+                  mask_roi_first_stage=cfg.mask_roi_first_stage)
+    set_elu_kernel(model, library_elu_for(cfg.elu))
+    return model
