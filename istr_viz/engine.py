@@ -419,7 +419,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     """
     from tqdm.auto import tqdm
 
-    from istr_viz.data.check import fit_warnings
+    from istr_viz.data.check import fit_warnings, most_instances, queries_for
     from istr_viz.data.coco import load_annotations
     from istr_viz.evaluate import evaluate_model
 
@@ -457,6 +457,13 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
+    queries = queries_for(cfg.model.num_queries, cfg.model.queries_per_instance, ann)
+    if ckpt is None and queries != cfg.model.num_queries:  # (a resumed run has its own number)
+        if info.is_main and progress:
+            print(f"model.num_queries: {queries} rather than {cfg.model.num_queries}: "
+                  f"{cfg.model.queries_per_instance:g} x the {most_instances(ann)} instances of "
+                  f"the most crowded training image (model.queries_per_instance)", flush=True)
+        cfg = replace(cfg, model=replace(cfg.model, num_queries=queries))
     if info.is_main and ckpt is None:
         for line in fit_warnings(ann, cfg.model.num_queries, cfg.data.test_min_size,
                                  cfg.data.test_max_size):

@@ -7,7 +7,8 @@ import json
 import pytest
 
 import coco_factory as cf
-from istr_viz.data.check import check_dataset, check_images, fit_warnings, format_summary
+from istr_viz.data.check import (check_dataset, check_images, fit_warnings, format_summary,
+                                 most_instances, queries_for)
 from istr_viz.data.coco import CocoDataset, load_annotations
 from istr_viz.errors import DataError
 
@@ -187,3 +188,12 @@ def test_fit_warnings_name_the_queries_and_the_shrink(quirky):
     assert "model.num_queries=6" in few
     shrink, = fit_warnings(ann, num_queries=24, test_min_size=48, test_max_size=96)
     assert "shrunk to less than half" in shrink and "data.test_min_size" in shrink
+
+
+def test_queries_for_scales_with_the_most_crowded_image(quirky):
+    """The quirky set's most crowded image holds 3 instances (its crowd regions not counted)."""
+    ann = load_annotations(quirky.ann_file)
+    assert most_instances(ann) == 3
+    assert queries_for(4, 0.0, ann) == 4  # off
+    assert queries_for(4, 2.5, ann) == 8  # ceil(7.5)
+    assert queries_for(24, 3.0, ann) == 24  # never fewer than given

@@ -36,6 +36,7 @@ TINY = [
     "train.batch_size=4", "train.threads=1", "train.amp=false", "train.checkpoint_every=2",
     "train.warmup_iters=3", "train.lr=1e-3", "train.seed=3",
     "model.elu=library",  # one CPU kernel in every run, so that runs compare to the last bit
+    "model.queries_per_instance=0",  # 8 queries, whatever the tiny set's crowding
 ]
 
 
@@ -920,3 +921,36 @@ def test_training_steps_with_the_fused_adamw_also_after_resuming_an_unfused_chec
     train(cfg, split_paths(root, "train"), run, basis=basis, max_iters=3, resume=True,
           device="cpu", progress=False)
     assert seen == [True, True, True]
+
+
+def test_queries_per_instance_raises_the_queries_for_crowded_data_and_resume_keeps_them(
+        shapes, tmp_path, capsys):
+    """model.queries_per_instance=k: the run gets ceil(k x the most instances of a training image)
+    queries where TINY's 8 are fewer, says so, and records the number in the checkpoint, from
+    which the model is rebuilt at that size and a resumed run goes on with it."""
+    from istr_viz.data.check import most_instances
+    from istr_viz.engine import train
+    from istr_viz.predictor import load_model
+
+    root, basis_path = shapes
+    most = most_instances(load_annotations(split_paths(root, "train").ann_file))
+    assert 3 <= most  # the tiny set: TINY's 8 queries are fewer than 3 x most
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY + ["model.queries_per_instance=3"])
+    assert get_preset("shapes-cpu").model.queries_per_instance == 3  # the preset's rule
+    train(cfg, split_paths(root, "train"), tmp_path / "run", basis=MaskBasis.load(basis_path),
+          max_iters=2, device="cpu", progress=True)
+    assert f"model.num_queries: {3 * most} rather than 8" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["config"]["model"]["num_queries"] == 3 * most
+    assert ckpt["model"]["query_embed.weight"].shape[0] == 3 * most
+    model, _ = load_model(tmp_path / "run" / "last.pt", device="cpu")
+    assert model.num_queries == 3 * most
+    train(cfg, split_paths(root, "train"), tmp_path / "run", resume=True, max_iters=3,
+          device="cpu", progress=False)
+    again = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert again["train_state"]["iteration"] == 3
+    assert again["config"]["model"]["num_queries"] == 3 * most
+    off = apply_overrides(get_preset("shapes-cpu"), TINY + ["model.queries_per_instance=0"])
+    train(off, split_paths(root, "train"), tmp_path / "off", basis=MaskBasis.load(basis_path),
+          max_iters=1, device="cpu", progress=False)
+    assert load_checkpoint(tmp_path / "off" / "last.pt")["config"]["model"]["num_queries"] == 8

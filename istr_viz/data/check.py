@@ -7,6 +7,8 @@ or unreadable are listed under ``skipped`` as ``{"file", "entry", "reason"}``.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +182,19 @@ def format_summary(summary: dict) -> str:
     lines += ["", f"{len(s['skipped'])} skipped:" if s["skipped"] else "nothing skipped"]
     lines += [f"  {p['file']}: {p['entry']}: {p['reason']}" for p in s["skipped"]]
     return "\n".join(lines)
+
+
+def most_instances(ann: CocoAnnotations) -> int:
+    """The most instances (crowd regions left out) that any image of ``ann`` holds; 0 if none."""
+    return max((len(ann.instance_anns(i)) for i in ann.image_ids), default=0)
+
+
+def queries_for(num_queries: int, queries_per_instance: float, ann: CocoAnnotations) -> int:
+    """``ModelConfig.queries_per_instance`` applied: ``num_queries``, raised to
+    ceil(queries_per_instance x ``most_instances(ann)``) where that is more (0: unchanged)."""
+    if queries_per_instance <= 0:
+        return num_queries
+    return max(num_queries, math.ceil(queries_per_instance * most_instances(ann)))
 
 
 def fit_warnings(ann: CocoAnnotations, num_queries: int, test_min_size: int,
