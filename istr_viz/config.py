@@ -60,10 +60,7 @@ class ModelConfig:
     prior_prob: float = 0.01  # initial foreground probability of every class logit
     zero_box_deltas: bool = False  # True: stages start as identity box refinements (not official)
     # where the learned proposal boxes start: "image" (official: every box is the whole image) or
-    # "grid" (not official: boxes tiled over the image, so stage 1 pools different places), or
-    # "dense" (not official, two-stage DETR style: each image's boxes are picked from the maps of
-    # the semantic and dense box heads, which then run at inference too; the grid boxes fill
-    # the slots no cell fills: istr_viz.model.dense_proposals)
+    # "grid" (not official: boxes tiled over the image, so stage 1 pools different places)
     proposal_init: str = "image"
     # "grid" boxes' sides in grid cells (unused with "image"): one value, or two that alternate
     # as a checkerboard of large and small boxes (tried once on the second data set's small
@@ -124,13 +121,9 @@ class ModelConfig:
         if self.dn_groups < 0 or not 0 <= self.dn_label_noise <= 1 or self.dn_box_noise < 0:
             raise ConfigError("model.dn_groups must be >= 0, model.dn_label_noise in [0, 1] and "
                               "model.dn_box_noise >= 0")
-        if self.proposal_init not in ("image", "grid", "dense"):
-            raise ConfigError("model.proposal_init must be image, grid or dense, "
-                              f"got {self.proposal_init!r}", entry="model.proposal_init")
-        if self.proposal_init == "dense" and not (self.aux_semantic and self.aux_dense_box):
-            raise ConfigError("model.proposal_init=dense needs model.aux_semantic=true and "
-                              "model.aux_dense_box=true (their maps propose the boxes)",
-                              entry="model.proposal_init")
+        if self.proposal_init not in ("image", "grid"):
+            raise ConfigError("model.proposal_init must be image or grid, "
+                              f"got {self.proposal_init!r}")
         if not 1 <= len(self.proposal_box_cells) <= 2 or min(self.proposal_box_cells) <= 0:
             raise ConfigError("model.proposal_box_cells must be one or two positive cell counts, "
                               f"got {self.proposal_box_cells}")

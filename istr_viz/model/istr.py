@@ -15,7 +15,6 @@ from istr_viz.errors import ConfigError, NonFiniteError
 from istr_viz.model.activations import library_elu_for, set_elu_kernel
 from istr_viz.model.backbone import build_backbone
 from istr_viz.model.denoising import make_denoising_queries
-from istr_viz.model.dense_proposals import DenseProposals, select_dense_proposals
 from istr_viz.model.outputs import ISTROutput, StageOutput
 from istr_viz.model.pooler import RoIPooler
 from istr_viz.model.stage import RefinementStage
@@ -109,11 +108,7 @@ class ISTR(nn.Module):
         prior_prob: initial foreground probability of every class logit (focal prior).
         zero_box_deltas: start every stage's box-delta layer at zero (identity refinement) instead
             of the official xavier init; helps training from scratch.
-        proposal_init: "image" (official), "grid" (:func:`grid_proposals`) or "dense" (not in
-            ISTR: each image's boxes picked from the dense heads' maps,
-            ``istr_viz.model.dense_proposals``; needs ``aux_semantic`` and ``aux_dense_box``,
-            which then also run at inference; the learned grid boxes fill the slots no cell
-            fills).
+        proposal_init: "image" (official) or "grid" (:func:`grid_proposals`).
         proposal_box_cells: the grid boxes' sides in grid cells (:func:`grid_proposals`).
         aux_semantic: add the training-only semantic head (``ModelConfig.aux_semantic``).
         aux_dense_box: add the training-only dense box head (``ModelConfig.aux_dense_box``).
@@ -147,11 +142,7 @@ class ISTR(nn.Module):
         if mask_roi_resolution and first_fine is None:
             raise ValueError(f"mask_roi_first_stage must be in 1..{num_stages} or "
                              f"-{num_stages}..-1, got {mask_roi_first_stage}")
-        if proposal_init == "dense" and not (aux_semantic and aux_dense_box):
-            raise ConfigError("model.proposal_init='dense' needs model.aux_semantic and "
-                              "model.aux_dense_box", entry="model.proposal_init")
         self.num_classes, self.num_queries = num_classes, num_queries
-        self.proposal_init = proposal_init
         self.basis = basis
         self.backbone = backbone
         self.pooler = RoIPooler(tuple(backbone.strides), pooler_resolution, 2, canonical_box_size)
@@ -169,7 +160,7 @@ class ISTR(nn.Module):
                                                  if first_fine and k >= first_fine else 0))
             for k in range(1, num_stages + 1))
         with torch.no_grad():
-            if proposal_init in ("grid", "dense"):
+            if proposal_init == "grid":
                 self.proposal_boxes.weight.copy_(grid_proposals(num_queries, proposal_box_cells))
             else:
                 self.proposal_boxes.weight[:, :2] = 0.5
@@ -190,23 +181,16 @@ class ISTR(nn.Module):
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def initial_queries(self, features: list[Tensor], image_sizes: Tensor,
-                        dense: DenseProposals | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def initial_queries(self, features: list[Tensor], image_sizes: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor]:
         """Stage-1 inputs: boxes (B, Q, 4) pixels (the learned proposals scaled to each valid
         image), query features (B, Q, D) = global image feature + learned embedding, and the
-        global image feature (B, D) itself (the denoising queries start from it too). With
-        ``dense`` proposals, their boxes replace the learned ones in the slots they fill and
-        their cells' features join the queries."""
+        global image feature (B, D) itself (the denoising queries start from it too)."""
         B = image_sizes.shape[0]
         boxes_cxcywh = self.proposal_boxes.weight[None].expand(B, -1, -1)  # (B, Q, 4)
         boxes_xyxy = denormalize_boxes(boxes_cxcywh, image_sizes)
         image_feat = global_image_feature(features, self.backbone.strides, image_sizes)  # (B, D)
-        queries = image_feat[:, None, :] + self.query_embed.weight[None]
-        if dense is not None:
-            boxes_xyxy = torch.where(dense.filled[..., None], dense.boxes_xyxy.to(boxes_xyxy.dtype),
-                                     boxes_xyxy)
-            queries = queries + dense.features.to(queries.dtype)
-        return boxes_xyxy, queries, image_feat
+        return boxes_xyxy, image_feat[:, None, :] + self.query_embed.weight[None], image_feat
 
     def decode_masks(self, mask_embed: Tensor) -> Tensor:
         """(B, Q, M) embeddings -> (B, Q, S, S) probabilities through the basis."""
@@ -240,20 +224,13 @@ class ISTR(nn.Module):
                              "(call model.eval() first)")
         image_sizes = image_sizes.to(images.device)
         features = self.backbone(images, valid_mask(image_sizes, *images.shape[-2:]))
-        dense = semantic_logits = dense_box_logits = None
-        if self.semantic_head is not None and (self.training or self.proposal_init == "dense"):
-            semantic_logits = [self.semantic_head(f) for f in features]
-        if self.dense_box_head is not None and (self.training or self.proposal_init == "dense"):
-            dense_box_logits = [self.dense_box_head(f) for f in features]
-        if self.proposal_init == "dense":
-            dense = select_dense_proposals(features, semantic_logits, dense_box_logits,
-                                           tuple(self.backbone.strides), image_sizes,
-                                           self.num_queries)
-        boxes, queries, image_feat = self.initial_queries(features, image_sizes, dense)
+        boxes, queries, image_feat = self.initial_queries(features, image_sizes)
         out = ISTROutput(stages=[], proposal_boxes_xyxy=boxes, image_sizes=image_sizes,
                          query_features_init=queries)
-        if self.training:
-            out.semantic_logits, out.dense_box_logits = semantic_logits, dense_box_logits
+        if self.semantic_head is not None and self.training:
+            out.semantic_logits = [self.semantic_head(f) for f in features]
+        if self.dense_box_head is not None and self.training:
+            out.dense_box_logits = [self.dense_box_head(f) for f in features]
         if self.training and (self.semantic_head is not None or self.dense_box_head is not None):
             out.semantic_strides = tuple(self.backbone.strides)
         Q, attn_mask = self.num_queries, None
