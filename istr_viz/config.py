@@ -41,10 +41,11 @@ class ModelConfig:
     # every residual branch starts at zero (its last norm scale at 0): training from scratch only
     zero_init_residual: bool = False
     num_queries: int = 300
-    # 0: num_queries as given. > 0: a training run raises num_queries to ceil(this x the most
-    # instances any training image holds) where that is more, so that crowded data get more
-    # queries than the preset's (istr_viz.data.check.queries_for); the checkpoint records the
-    # number used
+    # 0: num_queries as given. > 0 (at most 16): a training run raises num_queries to ceil(this
+    # x the most instances any training image holds), at most 100, where that is more, so that
+    # crowded data get more queries than the preset's (istr_viz.data.check.queries_for); the
+    # run prints the number, the checkpoint records it. A run from --init-from takes the source
+    # checkpoint's model settings, this one included
     queries_per_instance: float = 0.0
     num_stages: int = 6
     hidden_dim: int = 256  # also the FPN width
@@ -112,9 +113,10 @@ class ModelConfig:
                      "num_heads", "pooler_resolution", "backbone_base_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        if not self.queries_per_instance >= 0:
-            raise ConfigError("model.queries_per_instance must be >= 0 (0 = off), got "
-                              f"{self.queries_per_instance}", entry="model.queries_per_instance")
+        q = self.queries_per_instance
+        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 <= q <= 16:
+            raise ConfigError("model.queries_per_instance must be a number in 0..16 (0 = off), "
+                              f"got {q!r}", entry="model.queries_per_instance")
         if self.hidden_dim % self.num_heads:
             raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
                               f"model.num_heads ({self.num_heads})")
@@ -363,9 +365,9 @@ PRESETS: dict[str, Config] = {
         # mask_target_boxes="pred"): 26.0 / 20.2 against 25.9 / 17.8 box / mask AP at 30 minutes
         # in 12% fewer iterations, ahead at every eval point (m1, m0, session 14).
         # At least 3 queries per instance of the most crowded training image: 24 on the built-in
-        # shapes (at most 8 each), 36 on the second data set (12); on the second set 48 queries
-        # reached 5.0 / 9.3 mask AP at 15 / 22.5 minutes against 24's 3.5 / 7.2, in 11% fewer
-        # iterations (s34q48 against s29; benchmarks/results_log.md, session 34)
+        # shapes (at most 8 each), 36 on the second data set (12), where 36 queries reached 5.1 /
+        # 14.8 mask AP at 15 / 30 minutes against 24's 4.0 / 13.0 on the same code, in 10% fewer
+        # iterations (s34q36, s34q24, one run each; benchmarks/results_log.md, session 34)
         model=ModelConfig(backbone="resnet18", backbone_base_channels=32, norm="bn",
                           fpn_output_conv="separable",
                           num_queries=24, queries_per_instance=3.0,

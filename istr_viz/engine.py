@@ -34,7 +34,7 @@ from istr_viz.data.transforms import TransformConfig, build_transform
 from istr_viz.errors import ConfigError, DataError, IstrVizError, NonFiniteError
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
-from istr_viz.model.activations import library_elu_for, set_elu_kernel
+from istr_viz.model.activations import library_elu_for, library_elu_is_faster, set_elu_kernel
 from istr_viz.runtime import autocast_dtype, default_device
 
 
@@ -99,6 +99,12 @@ def _broadcast_from_main(value: float, info: DistInfo, device: torch.device) -> 
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return float(t.item())
+
+
+def _shared_elu_kernel(info: DistInfo, device: torch.device) -> bool:
+    """Process 0's timed choice of CPU ELU kernel (``library_elu_is_faster``), in every process:
+    processes that chose differently would compute in different rounding."""
+    return bool(_broadcast_from_main(float(library_elu_is_faster()), info, device))
 
 
 # ----------------------------------------------------------------------------- data order
@@ -419,7 +425,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     """
     from tqdm.auto import tqdm
 
-    from istr_viz.data.check import fit_warnings, most_instances, queries_for
+    from istr_viz.data.check import MAX_RAISED_QUERIES, fit_warnings, most_instances, queries_for
     from istr_viz.data.coco import load_annotations
     from istr_viz.evaluate import evaluate_model
 
@@ -457,18 +463,22 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
+    hint = None
+    if info.is_main and ckpt is None and init_from is None:
+        # the configuration as given: --init-from takes the shipped model's query count
+        hint = fine_tune_hint(cfg, ann)
     queries = queries_for(cfg.model.num_queries, cfg.model.queries_per_instance, ann)
     if ckpt is None and queries != cfg.model.num_queries:  # (a resumed run has its own number)
-        if info.is_main and progress:
-            print(f"model.num_queries: {queries} rather than {cfg.model.num_queries}: "
+        if info.is_main:
+            print(f"note: model.num_queries={queries} rather than {cfg.model.num_queries}: "
                   f"{cfg.model.queries_per_instance:g} x the {most_instances(ann)} instances of "
-                  f"the most crowded training image (model.queries_per_instance)", flush=True)
+                  f"the most crowded training image (model.queries_per_instance; at most "
+                  f"{MAX_RAISED_QUERIES})", file=sys.stderr, flush=True)
         cfg = replace(cfg, model=replace(cfg.model, num_queries=queries))
     if info.is_main and ckpt is None:
         for line in fit_warnings(ann, cfg.model.num_queries, cfg.data.test_min_size,
                                  cfg.data.test_max_size):
             print(f"warning: {line}", file=sys.stderr, flush=True)
-        hint = None if init_from is not None else fine_tune_hint(cfg, ann)
         if hint:
             print(hint, file=sys.stderr, flush=True)
     if ckpt is not None and list(ckpt["category_ids"]) != list(ann.label_to_cat_id):
@@ -487,9 +497,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     model_cfg = cfg.model if (ckpt is None and source is None) else \
         replace(cfg.model, pretrained_path=None)  # the weights come from a checkpoint
     model = build_model(model_cfg, len(ann.class_names), basis).to(device)
-    if info.world_size > 1 and device.type == "cpu":  # one ELU kernel in every process: rank 0's
-        set_elu_kernel(model, bool(_broadcast_from_main(float(library_elu_for(model_cfg.elu)),
-                                                        info, device)))
+    if info.world_size > 1 and device.type == "cpu" and library_elu_for(model_cfg.elu) is None:
+        set_elu_kernel(model, _shared_elu_kernel(info, device))
     if source is not None:
         same = (list(source["category_ids"]) == ann.label_to_cat_id
                 and list(source["class_names"]) == ann.class_names)

@@ -78,28 +78,42 @@ def test_the_kernel_is_the_faster_one_timed_once(monkeypatch):
             assert calls["library"] > 0 and calls["formula"] > 0
             calls.update(library=0, formula=0)
             assert activations.library_elu_is_faster() is expected  # cached
-            assert ELU().library is expected
             assert calls == {"library": 0, "formula": 0}
+            module = ELU()
+            assert module.library is None  # decided at the first CPU forward
+            module(torch.randn(4, 8))
+            assert module.library is expected
         finally:
             activations.library_elu_is_faster.cache_clear()
 
 
 @pytest.mark.parametrize("library", [False, True])
-def test_module_uses_the_kernel_it_was_built_with(monkeypatch, library):
+def test_module_keeps_the_kernel_it_was_given_or_first_timed(monkeypatch, library):
+    """ELU(library=...) uses that kernel without timing; ELU() takes the timing's answer at its
+    first forward and keeps it."""
     from istr_viz.model import activations
 
-    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: library)
-    module = ELU()
     formula_calls = []
     real = activations._ELUFunction.apply
     monkeypatch.setattr(activations._ELUFunction, "apply",
                         lambda t: formula_calls.append(1) or real(t))
+
+    def no_timing():
+        raise AssertionError("timed a kernel that was given")
+
+    monkeypatch.setattr(activations, "library_elu_is_faster", no_timing)
     x = torch.randn(8, 16, requires_grad=True)
-    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: not library)  # not re-read
-    out = module(x)
+    out = ELU(library=library)(x)
     out.sum().backward()
     assert torch.allclose(out, F.elu(x), atol=1e-6)
     assert formula_calls == ([] if library else [1])
+    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: library)
+    module = ELU()
+    module(x)
+    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: not library)  # not re-read
+    formula_calls.clear()
+    module(x).sum().backward()
+    assert module.library is library and formula_calls == ([] if library else [1])
 
 
 def test_the_timing_works_under_inference_mode():
@@ -110,7 +124,9 @@ def test_the_timing_works_under_inference_mode():
     try:
         with torch.inference_mode():
             assert isinstance(activations.library_elu_is_faster(), bool)
-            assert isinstance(ELU().library, bool)
+            module = ELU()
+            module(torch.randn(4, 8))
+            assert isinstance(module.library, bool)
     finally:
         activations.library_elu_is_faster.cache_clear()
 
@@ -128,21 +144,31 @@ def test_other_devices_use_torch_elu_without_timing(monkeypatch):
 
 @pytest.mark.parametrize("kernel", ["library", "formula"])
 def test_model_elu_pins_the_kernel_of_every_stage_without_timing(monkeypatch, kernel):
-    """``model.elu`` = library / formula: every ELU of the built model uses that kernel, whatever
-    the timing would say; "auto" takes the timing's answer."""
+    """``model.elu`` = library / formula: every ELU of the built model uses that kernel, and
+    nothing is timed, neither when it is built nor when it runs; "auto" leaves the choice to the
+    timing, at the first forward."""
     from istr_viz.basis import MaskBasis
     from istr_viz.config import ModelConfig
     from istr_viz.model import activations, build_model
+
+    def no_timing():
+        raise AssertionError("timed a pinned kernel")
 
     rng = np.random.default_rng(0)
     basis = MaskBasis.fit((rng.random((40, 28, 28)) > 0.5).astype(np.float32), dim=4)
     small = dict(backbone="resnet18", backbone_base_channels=8, num_queries=4, num_stages=2,
                  hidden_dim=16, dim_dynamic=4, dim_feedforward=32, num_heads=2, norm="gn")
-    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: kernel == "formula")
-    model = build_model(ModelConfig(**small, elu=kernel), 3, basis)
+    monkeypatch.setattr(activations, "library_elu_is_faster", no_timing)
+    model = build_model(ModelConfig(**small, elu=kernel), 3, basis).eval()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 64, 64), torch.tensor([[64, 64]]))
     flags = [m.library for m in model.modules() if isinstance(m, ELU)]
     assert flags and all(f is (kernel == "library") for f in flags)
-    auto = build_model(ModelConfig(**small), 3, basis)
+    monkeypatch.setattr(activations, "library_elu_is_faster", lambda: kernel == "formula")
+    auto = build_model(ModelConfig(**small), 3, basis).eval()
+    assert all(m.library is None for m in auto.modules() if isinstance(m, ELU))
+    with torch.no_grad():
+        auto(torch.rand(1, 3, 64, 64), torch.tensor([[64, 64]]))
     assert all(m.library is (kernel == "formula") for m in auto.modules() if isinstance(m, ELU))
 
 
@@ -156,3 +182,4 @@ def test_model_elu_rejects_an_unknown_kernel():
 
     with pytest.raises(ValueError, match="'fast'"):
         library_elu_for("fast")
+

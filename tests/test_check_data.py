@@ -197,3 +197,12 @@ def test_queries_for_scales_with_the_most_crowded_image(quirky):
     assert queries_for(4, 0.0, ann) == 4  # off
     assert queries_for(4, 2.5, ann) == 8  # ceil(7.5)
     assert queries_for(24, 3.0, ann) == 24  # never fewer than given
+
+
+def test_queries_for_raises_at_most_to_the_cap(quirky, monkeypatch):
+    from istr_viz.data import check
+
+    ann = load_annotations(quirky.ann_file)
+    monkeypatch.setattr(check, "MAX_RAISED_QUERIES", 7)
+    assert check.queries_for(4, 3.0, ann) == 7  # not 9
+    assert check.queries_for(12, 3.0, ann) == 12  # a larger number given by hand stands

@@ -672,6 +672,13 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     paths = DatasetPaths(quirky.ann_file, quirky.images_dir)
     train(cfg, paths, tmp_path / "scratch", max_iters=1, device="cpu", progress=False)
     assert capsys.readouterr().err.count("hint: ") == 1
+    # also when the data raise the queries (the quirky set: 3 instances at most): --init-from
+    # would take the shipped model's count
+    raised = replace(cfg, model=replace(cfg.model, queries_per_instance=4.0))
+    train(raised, paths, tmp_path / "raised", max_iters=1, device="cpu", progress=False)
+    err = capsys.readouterr().err
+    assert f"note: model.num_queries=12 rather than {cfg.model.num_queries}" in err
+    assert err.count("hint: ") == 1
     train(cfg, paths, tmp_path / "tuned", max_iters=1, device="cpu", progress=False,
           init_from=shipped)
     assert "hint: " not in capsys.readouterr().err
@@ -929,6 +936,7 @@ def test_queries_per_instance_raises_the_queries_for_crowded_data_and_resume_kee
     queries where TINY's 8 are fewer, says so, and records the number in the checkpoint, from
     which the model is rebuilt at that size and a resumed run goes on with it."""
     from istr_viz.data.check import most_instances
+    from istr_viz.data.layout import DatasetPaths
     from istr_viz.engine import train
     from istr_viz.predictor import load_model
 
@@ -938,15 +946,28 @@ def test_queries_per_instance_raises_the_queries_for_crowded_data_and_resume_kee
     cfg = apply_overrides(get_preset("shapes-cpu"), TINY + ["model.queries_per_instance=3"])
     assert get_preset("shapes-cpu").model.queries_per_instance == 3  # the preset's rule
     train(cfg, split_paths(root, "train"), tmp_path / "run", basis=MaskBasis.load(basis_path),
-          max_iters=2, device="cpu", progress=True)
-    assert f"model.num_queries: {3 * most} rather than 8" in capsys.readouterr().out
+          max_iters=2, device="cpu", progress=False)
+    assert f"note: model.num_queries={3 * most} rather than 8" in capsys.readouterr().err
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["config"]["model"]["num_queries"] == 3 * most
     assert ckpt["model"]["query_embed.weight"].shape[0] == 3 * most
     model, _ = load_model(tmp_path / "run" / "last.pt", device="cpu")
     assert model.num_queries == 3 * most
-    train(cfg, split_paths(root, "train"), tmp_path / "run", resume=True, max_iters=3,
-          device="cpu", progress=False)
+    # resumed on data whose most crowded image holds twice as many: the stored number stands
+    data = json.loads(split_paths(root, "train").ann_file.read_text())
+    counts = {}
+    for a in data["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + (not a.get("iscrowd"))
+    busiest = max(counts, key=counts.get)
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    copies = [dict(a, id=next_id + i) for i, a in enumerate(
+        a for a in data["annotations"] if a["image_id"] == busiest and not a.get("iscrowd"))]
+    crowded = tmp_path / "crowded.json"
+    crowded.write_text(json.dumps(dict(data, annotations=data["annotations"] + copies)))
+    assert most_instances(load_annotations(crowded)) == 2 * most
+    resumed_data = DatasetPaths(crowded, split_paths(root, "train").images_dir)
+    train(cfg, resumed_data, tmp_path / "run", resume=True, max_iters=3, device="cpu",
+          progress=False)
     again = load_checkpoint(tmp_path / "run" / "last.pt")
     assert again["train_state"]["iteration"] == 3
     assert again["config"]["model"]["num_queries"] == 3 * most
@@ -954,3 +975,31 @@ def test_queries_per_instance_raises_the_queries_for_crowded_data_and_resume_kee
     train(off, split_paths(root, "train"), tmp_path / "off", basis=MaskBasis.load(basis_path),
           max_iters=1, device="cpu", progress=False)
     assert load_checkpoint(tmp_path / "off" / "last.pt")["config"]["model"]["num_queries"] == 8
+
+
+def _elu_kernel_worker(rank: int, port: int, out_dir: str) -> None:
+    """One gloo process whose own timing says "library" on rank 1 only."""
+    import torch.distributed as dist
+
+    from istr_viz import engine
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        engine.library_elu_is_faster = lambda: rank == 1
+        chosen = engine._shared_elu_kernel(engine.DistInfo(rank, 2, rank), torch.device("cpu"))
+        Path(out_dir, f"rank{rank}").write_text(str(chosen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_that_timed_different_elu_kernels_all_take_process_0s(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_elu_kernel_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["False", "False"]

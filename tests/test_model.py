@@ -651,3 +651,9 @@ def test_inference_is_the_same_with_either_roialign_kernel(basis):
     assert torch.allclose(by_level.boxes_xyxy, separable.boxes_xyxy, atol=1e-3)
     assert torch.allclose(by_level.logits, separable.logits, atol=1e-4)
     assert torch.allclose(by_level.masks, separable.masks, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 17.0, True, "3"])
+def test_queries_per_instance_rejects_what_is_not_a_number_in_0_to_16(value):
+    with pytest.raises(ConfigError, match="model.queries_per_instance must be a number in 0..16"):
+        ModelConfig(queries_per_instance=value)

@@ -8,7 +8,6 @@ or unreadable are listed under ``skipped`` as ``{"file", "entry", "reason"}``.
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np
@@ -189,12 +188,19 @@ def most_instances(ann: CocoAnnotations) -> int:
     return max((len(ann.instance_anns(i)) for i in ann.image_ids), default=0)
 
 
+# the most queries that ``queries_for`` raises a run to: one very crowded image must not make a
+# CPU model several times slower (a larger num_queries set by hand is kept)
+MAX_RAISED_QUERIES = 100
+
+
 def queries_for(num_queries: int, queries_per_instance: float, ann: CocoAnnotations) -> int:
     """``ModelConfig.queries_per_instance`` applied: ``num_queries``, raised to
-    ceil(queries_per_instance x ``most_instances(ann)``) where that is more (0: unchanged)."""
+    ceil(queries_per_instance x ``most_instances(ann)``), at most ``MAX_RAISED_QUERIES``, where
+    that is more (0: unchanged)."""
     if queries_per_instance <= 0:
         return num_queries
-    return max(num_queries, math.ceil(queries_per_instance * most_instances(ann)))
+    wanted = min(math.ceil(queries_per_instance * most_instances(ann)), MAX_RAISED_QUERIES)
+    return max(num_queries, wanted)
 
 
 def fit_warnings(ann: CocoAnnotations, num_queries: int, test_min_size: int,
@@ -211,7 +217,8 @@ def fit_warnings(ann: CocoAnnotations, num_queries: int, test_min_size: int,
         warnings.append(
             f"{file}: {over} of {len(counts)} images have more instances than the model's "
             f"{num_queries} queries (at most {counts.max()}); at most {num_queries} per image can "
-            f"be found: set model.num_queries={int(counts.max()) * 2} or more")
+            f"be found: set model.num_queries={int(counts.max()) * 2} or more (or "
+            f"model.queries_per_instance)")
     shorts = np.array([min(ann.image_info(i)["height"], ann.image_info(i)["width"])
                        for i in ann.image_ids] or [0])
     longs = np.array([max(ann.image_info(i)["height"], ann.image_info(i)["width"])

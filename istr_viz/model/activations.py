@@ -58,21 +58,20 @@ def elu(x: Tensor, library: bool | None = None) -> Tensor:
     return (torch.relu(x32) + (torch.exp(torch.clamp(x32, max=0.0)) - 1.0)).to(x.dtype)
 
 
-def library_elu_for(kernel: str) -> bool:
-    """Whether ``kernel`` (one of ``ELU_KERNELS``) means torch's kernel on this machine: "auto"
-    times the two (``library_elu_is_faster``)."""
+def library_elu_for(kernel: str) -> bool | None:
+    """What ``kernel`` (one of ``ELU_KERNELS``) sets ``ELU.library`` to: True for "library",
+    False for "formula", None for "auto" (the module times the two at its first CPU forward)."""
     if kernel not in ELU_KERNELS:
         raise ValueError(f"ELU kernel must be one of {ELU_KERNELS}, got {kernel!r}")
-    return library_elu_is_faster() if kernel == "auto" else kernel == "library"
+    return None if kernel == "auto" else kernel == "library"
 
 
-def set_elu_kernel(model: nn.Module, library: bool) -> int:
-    """Make every ``ELU`` module inside ``model`` use torch's CPU kernel (``library``) or the
-    formula; returns how many modules it set."""
-    modules = [m for m in model.modules() if isinstance(m, ELU)]
-    for m in modules:
-        m.library = library
-    return len(modules)
+def set_elu_kernel(model: nn.Module, library: bool | None) -> None:
+    """Make every ``ELU`` module inside ``model`` use torch's CPU kernel (True), the formula
+    (False) or the faster of the two (None)."""
+    for m in model.modules():
+        if isinstance(m, ELU):
+            m.library = library
 
 
 @functools.cache
@@ -97,13 +96,16 @@ def library_elu_is_faster() -> bool:
 
 
 class ELU(nn.Module):
-    """Drop-in for ``nn.ELU()`` (no parameters, so checkpoints do not change). The CPU kernel is
-    chosen when the module is built (``library``; None: ``library_elu_is_faster()``), not in
-    ``forward``; ``set_elu_kernel`` changes it afterwards."""
+    """Drop-in for ``nn.ELU()`` (no parameters, so checkpoints do not change). ``library``: the
+    CPU kernel (``set_elu_kernel`` changes it); None: the faster on this machine
+    (``library_elu_is_faster()``), timed at the first CPU forward of the process and then kept
+    by the module."""
 
     def __init__(self, library: bool | None = None):
         super().__init__()
-        self.library = library_elu_is_faster() if library is None else library
+        self.library = library
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.library is None and x.device.type == "cpu":
+            self.library = library_elu_is_faster()
         return elu(x, self.library)
