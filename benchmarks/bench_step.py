@@ -37,6 +37,7 @@ from istr_viz.data.coco import CocoDataset, collate, load_annotations
 from istr_viz.data.instance_masks import instance_masks
 from istr_viz.data.layout import default_data_root, split_paths
 from istr_viz.data.transforms import build_transform
+from istr_viz.data.batching import padding_options
 from istr_viz.engine import (DistInfo, IterationBatchSampler, SeededDataset, _all_reduce_sum,
                              _global_terms, build_ema, param_groups, transform_configs)
 from istr_viz.losses import SetCriterion
@@ -106,7 +107,7 @@ def main() -> None:
                     getattr(stage, name).compile()
     amp = autocast_dtype(torch.device("cpu"), cfg.train.amp)
     sampler = IterationBatchSampler(len(dataset), args.batch, cfg.train.seed, 0, args.iters,
-                                    rank, world)
+                                    rank, world, **padding_options(cfg.data, dataset.annotations))
     batches = iter(DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate,
                               num_workers=0))
     times: dict[str, list[float]] = {}

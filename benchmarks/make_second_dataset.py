@@ -1,6 +1,7 @@
 """Write a second COCO instance-segmentation data set, unlike ``make-shapes``, for generalisation.
 
     python benchmarks/make_second_dataset.py --out DIR [--train 1200] [--val 150] [--seed 0]
+                                             [--difficulty full|plain|plain-look|few-large]
 
 ``DIR/train/`` and ``DIR/val/`` each get ``annotations.json`` and ``images/``. Where the built-in
 shapes (``istr_viz/data/shapes.py``) are tidy, this set has the quirks of real COCO files:
@@ -24,6 +25,16 @@ shapes (``istr_viz/data/shapes.py``) are tidy, this set has the quirks of real C
   RLE of the visible mask for occluded ones, border-cut ones and shapes with holes.
 - Image ids are unique scattered integers, annotation ids likewise, annotations are shuffled, and
   every 30th image has no annotation. There is no ``amodal_area`` (real COCO has none).
+
+``--difficulty`` takes the scene apart, to tell what costs a model its AP here (the format quirks,
+the classes, the backgrounds and occlusion stay in every variant):
+
+- ``full`` (the default): everything above.
+- ``plain``: the built-in set's object counts and sizes (1-8 objects an image, radii from
+  2.5% of the image's short side, as ``make-shapes`` draws them) and look (solid fills, no clutter,
+  shadows or camera effects).
+- ``plain-look``: this set's counts and sizes with the plain look.
+- ``few-large``: this set's look with the built-in counts and sizes.
 
 Image ``i`` of a split draws from ``default_rng([seed, split, i])``: the same arguments give the
 same files, and the val set does not depend on ``--train``. The script does not import istr_viz
@@ -88,27 +99,56 @@ class _Instance:
     polygon: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """What makes a scene hard: objects an image, the smallest radius (pixels, or a share of the
+    image's short side), and the look (fills, clutter, drop shadows, camera effects)."""
+
+    max_instances: int = MAX_INSTANCES
+    min_radius_px: float = 3.5  # polygon classes; letters' glyphs 7, donut pairs 9
+    min_radius_share: float = 0.0  # when > 0: max(4 px, share x short side) for every class
+    fills: tuple[str, ...] = FILLS
+    clutter: bool = True
+    shadows: bool = True
+    camera: bool = True
+
+
+_PLAIN_COUNTS = dict(max_instances=8, min_radius_share=0.025)
+_PLAIN_LOOK = dict(fills=("solid",), clutter=False, shadows=False, camera=False)
+DIFFICULTIES = {
+    "full": Difficulty(),
+    "plain": Difficulty(**_PLAIN_COUNTS, **_PLAIN_LOOK),
+    "plain-look": Difficulty(**_PLAIN_LOOK),
+    "few-large": Difficulty(**_PLAIN_COUNTS),
+}
+
+
 @dataclass
 class _Look:
     """Per-image rendering context: the source photos and whether the image ends up grayscale."""
 
     photos: list[np.ndarray]
     gray: bool
+    difficulty: Difficulty = DIFFICULTIES["full"]
 
 
 # ----------------------------------------------------------------------------- entry point
 def make_dataset(out: str | Path, num_train: int = 1200, num_val: int = 150, seed: int = 0,
-                 verbose: bool = True) -> dict:
+                 verbose: bool = True, difficulty: str = "full") -> dict:
     """Write ``out/train`` and ``out/val``; returns ``{split: {"images", "annotations",
-    "crowd", "empty_images"}}``. Raises ValueError for a negative count or seed."""
+    "crowd", "empty_images"}}``. Raises ValueError for a negative count or seed, or a
+    ``difficulty`` not in :data:`DIFFICULTIES`."""
     for name, value in (("num_train", num_train), ("num_val", num_val), ("seed", seed)):
         if int(value) != value or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
     photos = load_photos()
     summary = {}
     for split, count in (("train", int(num_train)), ("val", int(num_val))):
         start = time.perf_counter()
-        summary[split] = _write_split(Path(out) / split, split, count, int(seed), photos)
+        summary[split] = _write_split(Path(out) / split, split, count, int(seed), photos,
+                                      difficulty)
         if verbose:
             print(f"{split}: {summary[split]} in {time.perf_counter() - start:.1f} s", flush=True)
     return summary
@@ -143,7 +183,7 @@ def _image_id(split: str, index: int, seed: int) -> int:
 
 
 def _write_split(split_dir: Path, split: str, count: int, seed: int,
-                 photos: list[np.ndarray]) -> dict:
+                 photos: list[np.ndarray], difficulty: str = "full") -> dict:
     """Render ``count`` images of one split and write them with ``annotations.json``."""
     images_dir = split_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -151,13 +191,15 @@ def _write_split(split_dir: Path, split: str, count: int, seed: int,
     for index in range(count):
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
         image_id = _image_id(split, index, seed)
-        entry, anns = _write_image(rng, index, image_id, images_dir, photos)
+        entry, anns = _write_image(rng, index, image_id, images_dir, photos,
+                                   DIFFICULTIES[difficulty])
         images.append(entry)
         annotations += anns
     order = np.random.default_rng([seed, _SPLIT_CODES[split], 10**9]).permutation(len(annotations))
     data = {
         "info": {"description": "istr_viz second data set (generalisation checks)",
-                 "version": "second-v1", "year": 2024, "split": split, "seed": seed},
+                 "version": "second-v1", "year": 2024, "split": split, "seed": seed,
+                 "difficulty": difficulty},
         "licenses": [{"id": 3, "name": "synthetic", "url": ""}],
         "images": images,
         "annotations": [annotations[i] for i in order],
@@ -171,16 +213,17 @@ def _write_split(split_dir: Path, split: str, count: int, seed: int,
 
 
 def _write_image(rng: np.random.Generator, index: int, image_id: int, images_dir: Path,
-                 photos: list[np.ndarray]) -> tuple[dict, list[dict]]:
+                 photos: list[np.ndarray],
+                 difficulty: Difficulty = DIFFICULTIES["full"]) -> tuple[dict, list[dict]]:
     """Render, save and annotate one image: its ``images`` entry and its annotations."""
     w = int(rng.integers(WIDTH_RANGE[0], WIDTH_RANGE[1] + 1))
     h = int(rng.integers(HEIGHT_RANGE[0], HEIGHT_RANGE[1] + 1))
     h -= int(h == w)  # never square
     kind = _image_kind(rng)
-    look = _Look(photos, kind == "gray-jpeg")
+    look = _Look(photos, kind == "gray-jpeg", difficulty)
     empty = index % EMPTY_EVERY == EMPTY_AT
     with_crowd = not empty and index % CROWD_EVERY == CROWD_AT
-    num = 0 if empty else int(rng.integers(1, MAX_INSTANCES + 1))
+    num = 0 if empty else int(rng.integers(1, difficulty.max_instances + 1))
     pixels, instances, crowd = _render(rng, h, w, look, num, with_crowd)
     file_name = save_image(pixels, kind, f"{image_id:012d}", images_dir)
     entry = {"id": image_id, "file_name": file_name, "height": h, "width": w, "license": 3,
@@ -275,14 +318,15 @@ def _render(rng: np.random.Generator, h: int, w: int, look: _Look, num: int,
     disjoint) and ``(class name, crowd region (H, W) bool)`` or None.
     """
     canvas = _background(rng, h, w, look)
-    _clutter(rng, canvas)
+    if look.difficulty.clutter:
+        _clutter(rng, canvas)
     crowd = _crowd(rng, canvas, look) if with_crowd else None
     instances: list[_Instance] = []
     for _ in range(3 * num):
         if len(instances) == num:
             break
         name = DRAWN[int(rng.integers(len(DRAWN)))]
-        mask, polygon = _shape(rng, name, h, w)
+        mask, polygon = _shape(rng, name, h, w, look.difficulty)
         amodal = int(mask.sum())
         if amodal < MIN_VISIBLE_PX or any(_too_hidden(i, mask) for i in instances):
             continue
@@ -295,7 +339,8 @@ def _render(rng: np.random.Generator, h: int, w: int, look: _Look, num: int,
         for inst in instances:
             region &= ~inst.amodal
         crowd = (crowd[0], region) if region.any() else None
-    canvas = _finish(rng, canvas)
+    if look.difficulty.camera:
+        canvas = _finish(rng, canvas)
     return (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), instances, crowd
 
 
@@ -416,16 +461,19 @@ def _radius(rng: np.random.Generator, h: int, w: int, low: float) -> float:
     return float(np.exp(rng.uniform(np.log(low), np.log(0.5 * min(h, w)))))
 
 
-def _shape(rng: np.random.Generator, name: str, h: int, w: int) -> tuple[np.ndarray,
-                                                                           np.ndarray | None]:
+def _shape(rng: np.random.Generator, name: str, h: int, w: int,
+           difficulty: Difficulty = DIFFICULTIES["full"]) -> tuple[np.ndarray, np.ndarray | None]:
     """A placed object: its (H, W) bool mask and, when the mask is exactly a polygon inside the
     image, that polygon (N, 2) xy (else None)."""
     centre = rng.uniform([0.0, 0.0], [w, h])
+    share = difficulty.min_radius_share
+    floor = max(4.0, share * min(h, w)) if share > 0 else None
     if name == "donut-pair":
-        return _donut_pair(rng, _radius(rng, h, w, 9.0), centre, h, w), None
+        return _donut_pair(rng, _radius(rng, h, w, floor or 9.0), centre, h, w), None
     if name == "letter" and rng.random() < 0.4:
-        return _glyph(rng, _radius(rng, h, w, 7.0), centre, h, w), None
-    xy = _pose(rng, _unit_outline(rng, name), _radius(rng, h, w, 3.5), centre)
+        return _glyph(rng, _radius(rng, h, w, floor or 7.0), centre, h, w), None
+    low = floor or difficulty.min_radius_px
+    xy = _pose(rng, _unit_outline(rng, name), _radius(rng, h, w, low), centre)
     inside = bool((xy.min(axis=0) >= 0).all() and xy[:, 0].max() <= w and xy[:, 1].max() <= h)
     return _polygon_mask(xy, h, w), (np.round(xy, 2) if inside else None)
 
@@ -491,14 +539,15 @@ def _shadow(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray) -> N
 def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, look: _Look) -> None:
     """Fill ``mask`` (H, W) bool of ``canvas`` (H, W, 3) in one of :data:`FILLS`, in place,
     sometimes after a drop shadow."""
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 and look.difficulty.shadows:
         _shadow(rng, canvas, mask)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     inside, region = mask[box], canvas[box]
     colour = _contrasting(rng, region[inside].mean(axis=0), look.gray)
     other = _contrasting(rng, colour, look.gray) * 0.5 + colour * 0.5
-    style = FILLS[int(rng.integers(len(FILLS)))]
+    fills = look.difficulty.fills
+    style = fills[int(rng.integers(len(fills)))]
     h, w = inside.shape
     if style == "radial":
         ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -692,10 +741,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=1200, help="training images")
     parser.add_argument("--val", type=int, default=150, help="validation images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", default="full", choices=list(DIFFICULTIES),
+                        help="full (default), or a variant with parts of the scene made plain")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        make_dataset(args.out, args.train, args.val, args.seed)
+        make_dataset(args.out, args.train, args.val, args.seed, difficulty=args.difficulty)
     except ValueError as e:
         parser.error(str(e))
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")

@@ -23,11 +23,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from istr_viz.basis import MaskBasis
 from istr_viz.checkpoint import load_checkpoint, save_checkpoint
 from istr_viz.config import Config
+from istr_viz.data.batching import IterationBatchSampler, SeededDataset, padding_options
 from istr_viz.data.coco import CocoDataset, collate
 from istr_viz.data.layout import DatasetPaths
 from istr_viz.data.transforms import TransformConfig, build_transform
@@ -108,57 +109,6 @@ def _shared_elu_kernel(info: DistInfo, device: torch.device) -> bool:
 
 
 # ----------------------------------------------------------------------------- data order
-
-
-class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches as a pure function of (seed, iteration): resuming at iteration i is exact.
-
-    Epoch e shuffles the data set with a generator seeded by (seed, e); the global batch of
-    iteration i is a contiguous slice of that permutation (last partial batch dropped), and each
-    process takes its own ``batch_size`` part of it. Each item is ``(index, sample_seed)``; the
-    sample seed drives that sample's augmentation, whatever the number of workers.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start_iter: int,
-                 max_iters: int, rank: int = 0, world_size: int = 1):
-        self.global_batch = batch_size * world_size
-        if num_samples < self.global_batch:
-            raise ConfigError(f"the training set has {num_samples} images, fewer than one batch "
-                              f"({self.global_batch}); lower train.batch_size")
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.start_iter, self.max_iters, self.rank = start_iter, max_iters, rank
-        self.iters_per_epoch = num_samples // self.global_batch
-        self._perm_epoch, self._perm = -1, None
-
-    def batch_for(self, iteration: int) -> list[tuple[int, int]]:
-        epoch, pos = divmod(iteration, self.iters_per_epoch)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=g), epoch
-        start = pos * self.global_batch + self.rank * self.batch_size
-        idx = self._perm[start:start + self.batch_size].tolist()
-        return [(i, (self.seed * 7_919 + epoch) * 1_000_003 + i) for i in idx]
-
-    def __iter__(self):
-        for it in range(self.start_iter, self.max_iters):
-            yield self.batch_for(it)
-
-    def __len__(self) -> int:
-        return max(0, self.max_iters - self.start_iter)
-
-
-class SeededDataset(Dataset):
-    """Wraps a :class:`CocoDataset` so that ``ds[(index, seed)]`` augments with its own generator."""
-
-    def __init__(self, dataset: CocoDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        return self.dataset.get(index, generator=torch.Generator().manual_seed(seed))
 
 
 def transform_configs(cfg: Config) -> tuple[TransformConfig, TransformConfig]:
@@ -665,7 +615,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     measure_from = start_iter + 3
     measure_until = measure_from + 20 if (max_minutes and ckpt is None) else None
     sampler = IterationBatchSampler(len(dataset), per_process_batch, tc.seed, start_iter,
-                                    stop_at, info.rank, info.world_size)
+                                    stop_at, info.rank, info.world_size,
+                                    **padding_options(cfg.data, ann))
     loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.data.num_workers, generator=torch.Generator(),
                         persistent_workers=False)

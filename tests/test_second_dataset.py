@@ -169,3 +169,49 @@ def test_deterministic_and_val_independent_of_train(gen, root, tmp_path):
 def test_rejects_negative_counts(gen, tmp_path):
     with pytest.raises(ValueError, match="num_val"):
         gen.make_dataset(tmp_path, num_train=1, num_val=-1, verbose=False)
+
+
+def test_rejects_an_unknown_difficulty(gen, tmp_path):
+    with pytest.raises(ValueError, match="difficulty must be one of full, plain"):
+        gen.make_dataset(tmp_path, num_train=0, num_val=1, verbose=False, difficulty="easy")
+
+
+def _instances_per_image_and_areas(root: Path) -> tuple[list[int], list[float]]:
+    raw = _raw(root, "val")
+    counts = {e["id"]: 0 for e in raw["images"]}
+    areas = []
+    for a in raw["annotations"]:
+        if not a["iscrowd"]:
+            counts[a["image_id"]] += 1
+            areas.append(a["area"])
+    return list(counts.values()), areas
+
+
+def test_plain_difficulty_has_the_built_in_counts_and_sizes(gen, tmp_path):
+    for name in ("full", "plain"):
+        gen.make_dataset(tmp_path / name, num_train=0, num_val=40, seed=3, verbose=False,
+                         difficulty=name)
+    full_counts, full_areas = _instances_per_image_and_areas(tmp_path / "full")
+    plain_counts, plain_areas = _instances_per_image_and_areas(tmp_path / "plain")
+    assert max(full_counts) > 8 >= max(plain_counts)
+    assert np.median(plain_areas) > 1.3 * np.median(full_areas)  # radii from 2.5% of the side
+    assert _raw(tmp_path / "plain", "val")["info"]["difficulty"] == "plain"
+    assert check_dataset(tmp_path / "plain" / "val" / "annotations.json",
+                         tmp_path / "plain" / "val" / "images")["skipped"] == []
+
+
+def test_plain_look_paints_solid_objects_on_an_untouched_background(gen):
+    plain = gen.DIFFICULTIES["plain-look"]
+    h, w = 60, 80
+    for difficulty, untouched in ((plain, True), (gen.DIFFICULTIES["full"], False)):
+        look = gen._Look([], gray=False, difficulty=difficulty)
+        background = gen._background(np.random.default_rng(7), h, w, look)
+        image, instances, crowd = gen._render(np.random.default_rng(7), h, w, look, 0, False)
+        expected = (np.clip(background, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        assert np.array_equal(image, expected) == untouched  # no clutter, no camera effects
+    canvas = np.zeros((h, w, 3), dtype=np.float32)
+    mask = np.zeros((h, w), dtype=bool)
+    mask[10:40, 20:60] = True
+    for seed in range(12):  # every fill drawn is solid: one colour inside the mask
+        gen._paint(np.random.default_rng(seed), canvas, mask, gen._Look([], False, plain))
+        assert len(np.unique(canvas[mask], axis=0)) == 1
