@@ -135,6 +135,7 @@ def run_peer(args) -> None:
     weights OUT/peer_lr{lr}.pt (for the timing)."""
     from istr_viz.baseline import build_mask_rcnn, mask_rcnn_results, train_mask_rcnn
     from istr_viz.config import apply_overrides, get_preset
+    from istr_viz.data.batching import padding_options
 
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset), args.set or [])
@@ -152,7 +153,8 @@ def run_peer(args) -> None:
     points = tuple(args.minutes * k / (args.points + 1) for k in range(1, args.points + 1))
     run = train_mask_rcnn(model, train, args.minutes, args.lr, batch_size=cfg.train.batch_size,
                           amp=cfg.train.amp, seed=cfg.train.seed, checkpoints=points,
-                          on_checkpoint=evaluate, num_workers=cfg.data.num_workers)
+                          on_checkpoint=evaluate, num_workers=cfg.data.num_workers,
+                          **padding_options(cfg.data, train.annotations))
     evaluate(run["minutes"], run["iterations"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from istr_viz.config import Config
+from istr_viz.data.batching import IterationBatchSampler, SeededDataset
 from istr_viz.data.coco import CocoDataset
 from istr_viz.model.backbone import (IMAGENET_MEAN, IMAGENET_STD, ResNetBody, norm_layer_for,
                                      separable_output_convs)
@@ -164,7 +165,8 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
                     weight_decay: float = 1e-4, amp: bool = True, seed: int = 0,
                     checkpoints: tuple[float, ...] = (),
                     on_checkpoint: Callable[[float, int], None] | None = None,
-                    progress: bool = True, num_workers: int = 0) -> dict:
+                    progress: bool = True, num_workers: int = 0,
+                    groups: list[int] | None = None) -> dict:
     """Train for ``minutes`` of wall-clock training time (SGD with momentum, linear warm-up, x0.1
     at 80% of the time, the usual Mask R-CNN recipe). The clock counts everything a training
     step costs, data loading included, as ISTR's budget does; evaluation time does not count.
@@ -172,13 +174,19 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
     ``on_checkpoint(minutes_done, iteration)`` is called (with the clock stopped) when the training
     time passes each value of ``checkpoints`` (minutes); ``minutes_done`` is the measured time.
     Returns {"iterations", "minutes", "diverged"}; a non-finite loss stops the run with
-    ``diverged`` True.
+    ``diverged`` True. ``groups`` (one int per image, e.g. landscape or portrait) keeps each batch
+    within one group, as ISTR's ``data.group_by_orientation`` does (the same batch sampler).
     """
     from tqdm.auto import tqdm
 
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=list,
-                        generator=generator, drop_last=True, num_workers=num_workers)
+    if groups is not None and len(set(groups)) > 1:
+        sampler = IterationBatchSampler(len(dataset), batch_size, seed, 0, 10**12, groups=groups)
+        loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=list,
+                            num_workers=num_workers)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=list,
+                            generator=generator, drop_last=True, num_workers=num_workers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                 fused=True)  # as ISTR's AdamW

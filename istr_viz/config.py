@@ -243,9 +243,10 @@ class DataConfig:
     flip_prob: float = 0.5
     num_workers: int = 2  # DataLoader workers per process
     # Training batches never mix portrait with landscape images, so less of a batch is padding
-    # (detectron2's aspect-ratio grouping, on in ISTR's configs; istr_viz.data.batching): 12%
-    # less time a step on the second data set (results log, session 35); square images form one
-    # group, and their batches are what they were without it
+    # (detectron2's aspect-ratio grouping, on in ISTR's configs; istr_viz.data.batching). On the
+    # second data set (a fifth of the images portrait): 12% less time a step on its plain variant
+    # (benchmarks/bench_step.py), 4.5% more iterations in the preset's 30 minutes and the same AP
+    # (s35g, results log, session 35). Square images form one group and batch as without it
     group_by_orientation: bool = True
 
 

@@ -106,6 +106,40 @@ def test_peer_trains_on_the_clock_and_writes_coco_results(tmp_path):
         assert list(mask_utils.decode(r["segmentation"]).shape) == [h0, w0]
 
 
+class _RecordingDataset(torch.utils.data.Dataset):
+    """Records the index of every item the peer's loader reads (either reading path)."""
+
+    def __init__(self, inner):
+        self.inner, self.annotations, self.read = inner, inner.annotations, []
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):  # the shuffling DataLoader's path
+        self.read.append(("item", index))
+        return self.inner[index]
+
+    def get(self, index, generator=None):  # the batch sampler's path (SeededDataset)
+        self.read.append(("get", index))
+        return self.inner.get(index, generator=generator)
+
+
+def test_peer_batches_keep_to_the_groups_given(tmp_path):
+    """The peer gets ISTR's orientation grouping (data.group_by_orientation) from the same
+    batch sampler: every batch of 2 it trains on lies within one group."""
+    cfg, train, _ = _tiny_shapes(tmp_path, num_train=8, num_val=1)
+    groups = [0, 1, 1, 0, 1, 0, 0, 1]
+    recording = _RecordingDataset(train)
+    torch.manual_seed(0)
+    model = build_mask_rcnn(cfg, len(train.annotations.class_names))
+    run = train_mask_rcnn(model, recording, minutes=0.06, lr=0.01, batch_size=2, warmup_iters=2,
+                          progress=False, groups=groups)
+    assert {path for path, _ in recording.read} == {"get"}
+    read = [i for _, i in recording.read[:2 * run["iterations"]]]
+    assert run["iterations"] >= 2 and len(read) == 2 * run["iterations"]
+    assert all(groups[a] == groups[b] for a, b in zip(read[::2], read[1::2]))
+
+
 class _SlowDataset(torch.utils.data.Dataset):
     """A data set whose every item takes ``delay`` seconds to load."""
 

@@ -1003,3 +1003,27 @@ def test_processes_that_timed_different_elu_kernels_all_take_process_0s(tmp_path
         port = s.getsockname()[1]
     mp.spawn(_elu_kernel_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_training_batches_follow_data_group_by_orientation(shapes, tmp_path, monkeypatch, grouped):
+    """The engine hands the sampler each image's orientation group (istr_viz.data.batching)
+    when ``data.group_by_orientation`` is on, and nothing when it is off."""
+    import istr_viz.engine as engine
+    from istr_viz.data.batching import orientation_groups
+
+    root, basis_path = shapes
+    seen = {}
+
+    class Recording(engine.IterationBatchSampler):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "IterationBatchSampler", Recording)
+    cfg = apply_overrides(get_preset("shapes-cpu"),
+                          TINY + [f"data.group_by_orientation={str(grouped).lower()}"])
+    engine.train(cfg, split_paths(root, "train"), tmp_path / "run",
+                 basis=MaskBasis.load(basis_path), max_iters=1, device="cpu", progress=False)
+    ann = load_annotations(split_paths(root, "train").ann_file)
+    assert seen["groups"] == (orientation_groups(ann) if grouped else None)
