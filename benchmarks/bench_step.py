@@ -33,12 +33,12 @@ from torch.utils.data import DataLoader
 
 from istr_viz.basis import MaskBasis
 from istr_viz.config import apply_overrides, get_preset
+from istr_viz.data.batching import IterationBatchSampler, SeededDataset, padding_options
 from istr_viz.data.coco import CocoDataset, collate, load_annotations
 from istr_viz.data.instance_masks import instance_masks
 from istr_viz.data.layout import default_data_root, split_paths
 from istr_viz.data.transforms import build_transform
-from istr_viz.data.batching import padding_options
-from istr_viz.engine import (DistInfo, IterationBatchSampler, SeededDataset, _all_reduce_sum,
+from istr_viz.engine import (DistInfo, _all_reduce_sum,
                              _global_terms, build_ema, param_groups, transform_configs)
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model

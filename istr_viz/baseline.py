@@ -180,7 +180,8 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
     from tqdm.auto import tqdm
 
     if groups is not None and len(set(groups)) > 1:
-        sampler = IterationBatchSampler(len(dataset), batch_size, seed, 0, 10**12, groups=groups)
+        endless = 10**12  # iterations: the clock ends the run
+        sampler = IterationBatchSampler(len(dataset), batch_size, seed, 0, endless, groups=groups)
         loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=list,
                             num_workers=num_workers)
     else:

@@ -400,7 +400,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         if not last_path.is_file():
             raise IstrVizError("nothing to resume: no last.pt", file=out_dir)
         ckpt = load_checkpoint(last_path)
-        cfg = Config.from_dict(ckpt["config"])
+        cfg = resumed_config(ckpt["config"])
         basis = MaskBasis.from_dict(ckpt["basis"])
     tc = cfg.train
     if ckpt is None and init_from is None and cfg.model.norm == "frozen_bn" \
@@ -734,6 +734,15 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         dist.barrier()
     return TrainResult(out_dir, last_path, best_path if best_path.exists() else None, iteration,
                        (time.perf_counter() - t_start) / 60, final_metrics)
+
+
+def resumed_config(stored: dict) -> Config:
+    """The configuration of a run being resumed, from its checkpoint's ``config``. A run written
+    before ``data.group_by_orientation`` existed keeps the ungrouped batches it trained on."""
+    data = stored.get("data", {})
+    if "group_by_orientation" not in data:
+        stored = {**stored, "data": {**data, "group_by_orientation": False}}
+    return Config.from_dict(stored)
 
 
 def _data_record(train_data: DatasetPaths, val_data: DatasetPaths | None) -> dict:

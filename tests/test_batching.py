@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from istr_viz.config import DataConfig
 from istr_viz.data.batching import IterationBatchSampler, orientation_groups, padding_options
@@ -43,14 +44,41 @@ def test_grouped_batches_resume_exactly_and_change_with_the_seed():
     assert list(other) != list(full)
 
 
-def test_one_group_gives_the_batches_of_no_grouping():
-    plain = IterationBatchSampler(30, 4, 3, 0, 20)
-    assert list(IterationBatchSampler(30, 4, 3, 0, 20, groups=[0] * 30)) == list(plain)
-    # no group fills a batch: they mix, rather than an epoch of no batch
-    tiny = IterationBatchSampler(6, 2, 3, 0, 4, world_size=2, groups=[0, 1, 0, 1, 1, 0])
-    assert tiny.groups is None and tiny.iters_per_epoch == 1
+def test_ungrouped_batches_are_those_of_before_grouping_existed():
+    """The sampler of ec62f9e (in istr_viz.engine then), 10 images, 2 a process, 2 processes,
+    seed 3: square-image data sets (one group) train on exactly the batches they did."""
+    before = {0: [[(4, 23757071275), (5, 23757071276)], [(2, 23757071273), (8, 23757071279)],
+                  [(1, 23758071275), (9, 23758071283)]],
+              1: [[(0, 23757071271), (1, 23757071272)], [(3, 23757071274), (6, 23757071277)],
+                  [(5, 23758071279), (6, 23758071280)]]}
+    for groups in (None, [0] * 10, [2] * 10):
+        for rank in (0, 1):
+            sampler = IterationBatchSampler(10, 2, 3, 0, 3, rank, 2, groups=groups)
+            assert [sampler.batch_for(it) for it in range(3)] == before[rank]
+
+
+def test_what_is_left_of_the_groups_is_pooled_so_no_image_is_never_seen():
+    groups = [0] * 10 + [1] * 3  # the portrait group is smaller than one batch
+    sampler = IterationBatchSampler(13, 4, 0, 0, 9, groups=groups)
+    assert sampler.iters_per_epoch == 3
+    per_epoch = [[i for it in range(3 * e, 3 * e + 3) for i, _ in sampler.batch_for(it)]
+                 for e in range(3)]
+    for epoch in per_epoch:
+        assert len(set(epoch)) == 12 and len(epoch) == 12  # one image left over an epoch
+        mixed = [epoch[k:k + 4] for k in range(0, 12, 4)
+                 if len({groups[i] for i in epoch[k:k + 4]}) > 1]
+        assert len(mixed) <= 1  # only the pooled remainders mix
+    assert {10, 11, 12} <= set().union(*per_epoch)
+
+
+def test_groups_must_be_one_non_negative_integer_per_sample():
     with pytest.raises(ValueError, match="groups has 3 entries for 30 samples"):
         IterationBatchSampler(30, 4, 3, 0, 20, groups=[0, 1, 0])
+    for bad in (True, -1, "a", 0.5):
+        with pytest.raises(ValueError, match="groups must be non-negative integers"):
+            IterationBatchSampler(4, 2, 3, 0, 2, groups=[0, 1, 0, bad])
+    one = IterationBatchSampler(30, 4, 3, 0, 20, groups=torch.zeros(30, dtype=torch.int64))
+    assert one.groups is None  # a tensor of one value is one group, as a list is
 
 
 def test_orientation_groups_follow_the_files_image_entries(tmp_path):

@@ -1006,24 +1006,33 @@ def test_processes_that_timed_different_elu_kernels_all_take_process_0s(tmp_path
 
 
 @pytest.mark.parametrize("grouped", [True, False])
-def test_training_batches_follow_data_group_by_orientation(shapes, tmp_path, monkeypatch, grouped):
-    """The engine hands the sampler each image's orientation group (istr_viz.data.batching)
-    when ``data.group_by_orientation`` is on, and nothing when it is off."""
+def test_training_batches_follow_data_group_by_orientation(tmp_path, monkeypatch, grouped):
+    """On images of both orientations the engine hands the sampler each image's group
+    (istr_viz.data.batching) when ``data.group_by_orientation`` is on, and nothing when off;
+    a resumed run written before the option existed keeps its ungrouped batches."""
     import istr_viz.engine as engine
     from istr_viz.data.batching import orientation_groups
+    from istr_viz.data.layout import DatasetPaths
 
-    root, basis_path = shapes
-    seen = {}
+    quirky = cf.write_quirky_coco(tmp_path / "quirky")  # 6 images, one of them portrait
+    ann = load_annotations(quirky.ann_file)
+    expected = orientation_groups(ann)
+    assert sorted(expected) == [0, 0, 0, 0, 0, 1]
+    seen = []
 
     class Recording(engine.IterationBatchSampler):
         def __init__(self, *args, **kwargs):
-            seen.update(kwargs)
+            seen.append(kwargs.get("groups"))
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(engine, "IterationBatchSampler", Recording)
     cfg = apply_overrides(get_preset("shapes-cpu"),
-                          TINY + [f"data.group_by_orientation={str(grouped).lower()}"])
-    engine.train(cfg, split_paths(root, "train"), tmp_path / "run",
-                 basis=MaskBasis.load(basis_path), max_iters=1, device="cpu", progress=False)
-    ann = load_annotations(split_paths(root, "train").ann_file)
-    assert seen["groups"] == (orientation_groups(ann) if grouped else None)
+                          [*TINY, "basis.dim=4", "train.batch_size=2",
+                           f"data.group_by_orientation={str(grouped).lower()}"])
+    engine.train(cfg, DatasetPaths(quirky.ann_file, quirky.images_dir), tmp_path / "run",
+                 max_iters=2, device="cpu", progress=False)
+    assert seen == [expected if grouped else None]
+    stored = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
+    assert engine.resumed_config(stored).data.group_by_orientation == grouped
+    del stored["data"]["group_by_orientation"]  # a checkpoint from before the option
+    assert engine.resumed_config(stored).data.group_by_orientation is False

@@ -191,11 +191,15 @@ def test_plain_difficulty_has_the_built_in_counts_and_sizes(gen, tmp_path):
     for name in ("full", "plain"):
         gen.make_dataset(tmp_path / name, num_train=0, num_val=40, seed=3, verbose=False,
                          difficulty=name)
+    gen.make_dataset(tmp_path / "few-large", num_train=0, num_val=40, seed=3, verbose=False,
+                     difficulty="few-large")
     full_counts, full_areas = _instances_per_image_and_areas(tmp_path / "full")
     plain_counts, plain_areas = _instances_per_image_and_areas(tmp_path / "plain")
-    assert max(full_counts) > 8 >= max(plain_counts)
+    few_counts, _ = _instances_per_image_and_areas(tmp_path / "few-large")
+    assert max(full_counts) > 8 >= max(plain_counts) and max(few_counts) <= 8
     assert np.median(plain_areas) > 1.3 * np.median(full_areas)  # radii from 2.5% of the side
     assert _raw(tmp_path / "plain", "val")["info"]["difficulty"] == "plain"
+    assert "difficulty" not in _raw(tmp_path / "full", "val")["info"]  # full: the files of before
     assert check_dataset(tmp_path / "plain" / "val" / "annotations.json",
                          tmp_path / "plain" / "val" / "images")["skipped"] == []
 
@@ -209,9 +213,15 @@ def test_plain_look_paints_solid_objects_on_an_untouched_background(gen):
         image, instances, crowd = gen._render(np.random.default_rng(7), h, w, look, 0, False)
         expected = (np.clip(background, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         assert np.array_equal(image, expected) == untouched  # no clutter, no camera effects
-    canvas = np.zeros((h, w, 3), dtype=np.float32)
+    canvas = np.full((h, w, 3), 0.5, dtype=np.float32)
     mask = np.zeros((h, w), dtype=bool)
     mask[10:40, 20:60] = True
-    for seed in range(12):  # every fill drawn is solid: one colour inside the mask
+    for seed in range(12):  # every fill drawn is solid, and no drop shadow falls outside
         gen._paint(np.random.default_rng(seed), canvas, mask, gen._Look([], False, plain))
-        assert len(np.unique(canvas[mask], axis=0)) == 1
+        assert len(np.unique(canvas[mask], axis=0)) == 1 and (canvas[~mask] == 0.5).all()
+    shadowed = False
+    for seed in range(12):  # the full look does cast shadows (30% of the shapes)
+        canvas[:] = 0.5
+        gen._paint(np.random.default_rng(seed), canvas, mask, gen._Look([], False))
+        shadowed |= bool((canvas[~mask] < 0.5).any())
+    assert shadowed

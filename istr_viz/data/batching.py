@@ -4,10 +4,13 @@ batches it would have seen; optionally grouped to waste fewer padded pixels.
 A batch is zero-padded to its largest image (:func:`istr_viz.data.coco.collate`), and the
 backbone pays for every padded pixel: a portrait image beside a landscape one pads both to about
 a square of the longer side. With ``groups`` (e.g. :func:`orientation_groups`: landscape or
-square against portrait) a batch never mixes groups, as detectron2's aspect-ratio grouping does.
+square against portrait) a batch keeps to one group, like detectron2's aspect-ratio grouping; only
+each epoch's remainders of the groups (fewer than a batch each) are pooled into mixed batches.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -24,8 +27,9 @@ def orientation_groups(annotations) -> list[int]:
 
 
 def padding_options(data, annotations) -> dict:
-    """``groups`` for :class:`IterationBatchSampler` from a :class:`~istr_viz.config.DataConfig`
-    (``group_by_orientation``) and the training set's annotations."""
+    """The keyword arguments of :class:`IterationBatchSampler` that cut padding (``groups``),
+    from a :class:`~istr_viz.config.DataConfig` (``group_by_orientation``) and the training set's
+    annotations."""
     return {"groups": orientation_groups(annotations) if data.group_by_orientation else None}
 
 
@@ -37,11 +41,12 @@ class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
     process takes its own ``batch_size`` part of it. Each item is ``(index, sample_seed)``; the
     sample seed drives that sample's augmentation, whatever the number of workers.
 
-    With ``groups`` (one int per sample) holding more than one value, the epoch's permutation is
-    split by group (order kept), each group cut into global batches (each group's last partial
-    batch dropped), and the batches shuffled, seeded by (seed, e). With ``min_sizes`` every item
-    is ``(index, sample_seed, min_size)``, the size drawn once per global batch, seeded by (seed,
-    iteration), so that all processes resize alike.
+    With ``groups`` (a non-negative int per sample) holding more than one value, the epoch's
+    permutation is split by group (order kept) and each group cut into global batches; what is
+    left of each group (fewer than a batch; a whole group smaller than a batch) is pooled, in
+    permutation order, into mixed batches, so no image is left out of every epoch. The batches
+    are then shuffled, seeded by (seed, e); the last partial batch is dropped. Batches per epoch
+    do not change from epoch to epoch, and every process computes the same ones.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, start_iter: int,
@@ -51,32 +56,29 @@ class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
         if num_samples < self.global_batch:
             raise ConfigError(f"the training set has {num_samples} images, fewer than one batch "
                               f"({self.global_batch}); lower train.batch_size")
-        if groups is not None and len(groups) != num_samples:
-            raise ValueError(f"groups has {len(groups)} entries for {num_samples} samples")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.start_iter, self.max_iters, self.rank = start_iter, max_iters, rank
-        self.groups = torch.as_tensor(groups) if groups is not None and len(set(groups)) > 1 \
-            else None
-        if self.groups is None:
-            self.iters_per_epoch = num_samples // self.global_batch
-        else:
-            counts = torch.bincount(self.groups)
-            self.iters_per_epoch = int((counts // self.global_batch).sum())
-            if self.iters_per_epoch == 0:  # no group fills a batch: mixing is the only way
-                self.groups = None
-                self.iters_per_epoch = num_samples // self.global_batch
+        self.groups = _checked_groups(groups, num_samples)
+        self.iters_per_epoch = num_samples // self.global_batch
         self._epoch, self._batches, self._perm = -1, None, None
 
     def _epoch_order(self, epoch: int) -> None:
-        """This epoch's permutation, or with groups its list of global batches."""
+        """This epoch's permutation, and with groups its list of global batches."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         self._perm = torch.randperm(self.num_samples, generator=g)
         if self.groups is not None:
-            batches = []
+            batches, left = [], []
             for group in torch.unique(self.groups):
                 members = self._perm[self.groups[self._perm] == group]
                 full = len(members) // self.global_batch * self.global_batch
                 batches += list(members[:full].view(-1, self.global_batch))
+                left.append(members[full:])
+            left = torch.cat(left)
+            position = torch.empty_like(self._perm)
+            position[self._perm] = torch.arange(self.num_samples)
+            left = left[position[left].argsort()]  # back in the permutation's order
+            full = len(left) // self.global_batch * self.global_batch
+            batches += list(left[:full].view(-1, self.global_batch))
             order = torch.randperm(len(batches), generator=g)
             self._batches = [batches[int(k)] for k in order]
         self._epoch = epoch
@@ -99,6 +101,21 @@ class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return max(0, self.max_iters - self.start_iter)
+
+
+def _checked_groups(groups, num_samples: int) -> torch.Tensor | None:
+    """``groups`` as a (num_samples,) int64 tensor, or None when there is at most one group.
+    Raises ValueError unless it is one non-negative integer per sample."""
+    if groups is None:
+        return None
+    values = list(groups.tolist() if torch.is_tensor(groups) else groups)
+    if len(values) != num_samples:
+        raise ValueError(f"groups has {len(values)} entries for {num_samples} samples")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"groups must be non-negative integers, one per sample; got {v!r}")
+    values = [int(v) for v in values]
+    return torch.tensor(values, dtype=torch.int64) if len(set(values)) > 1 else None
 
 
 class SeededDataset(Dataset):
