@@ -245,8 +245,9 @@ class DataConfig:
     # Training batches never mix portrait with landscape images, so less of a batch is padding
     # (detectron2's aspect-ratio grouping, on in ISTR's configs; istr_viz.data.batching). On the
     # second data set (a fifth of the images portrait): 12% less time a step on its plain variant
-    # (benchmarks/bench_step.py), 4.5% more iterations in the preset's 30 minutes and the same AP
-    # (s35g, results log, session 35). Square images form one group and batch as without it
+    # (benchmarks/bench_step.py), 7% more iterations in the preset's 30 minutes, mask AP ahead at
+    # 15 and 22.5 minutes and level at 30 (s35g against s35ng, one run each; results log,
+    # session 35). Square images form one group and batch exactly as without it
     group_by_orientation: bool = True
 
 
