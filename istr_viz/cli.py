@@ -148,34 +148,39 @@ def _train_paths(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     from istr_viz.basis import MaskBasis
     from istr_viz.config import apply_overrides, get_preset
-    from istr_viz.engine import train
+    from istr_viz.engine import AUTO_START, FINE_TUNE_EVIDENCE, train, training_start
     from istr_viz.evaluate import format_stage_table
 
     if args.max_iters is not None and args.max_minutes is not None:
         raise DataError("give --max-iters or --max-minutes, not both")
     given_data = args.data or args.train_ann or args.train_images
-    if args.resume and (args.set or args.init_from or args.basis or args.max_minutes is not None):
-        raise DataError("--resume continues the run with its stored configuration, basis and "
-                        "budget (--max-iters may change the budget): drop --set, --init-from, "
-                        "--basis and --max-minutes", file=args.out)
+    if args.resume and (args.set or args.init_from or args.from_scratch or args.basis
+                        or args.max_minutes is not None):
+        raise DataError("--resume continues the run with its stored configuration, weights, "
+                        "basis and budget (--max-iters may change the budget): drop --set, "
+                        "--init-from, --from-scratch, --basis and --max-minutes", file=args.out)
     if args.resume and not given_data:
         from istr_viz.engine import resume_data
 
         train_paths, val_paths = resume_data(args.out)
     else:
         train_paths, val_paths = _train_paths(args)
-    cfg = get_preset(args.preset)
-    if args.init_from:  # the architecture and basis must be the source checkpoint's
-        from istr_viz.checkpoint import load_checkpoint
-        from istr_viz.config import Config, with_architecture_of
-
-        cfg = with_architecture_of(cfg, Config.from_dict(load_checkpoint(args.init_from)["config"]))
-    cfg = apply_overrides(cfg, args.set or [])
-    if args.processes != 1:
-        return _launch_train(args, cfg)
+    preset = get_preset(args.preset)
+    if args.processes != 1:  # each process finds its own start (the same one) below
+        return _launch_train(args, apply_overrides(preset, args.set or []))
+    if args.resume:
+        cfg, init_from = preset, None  # (the stored configuration replaces it)
+    else:  # a checkpoint's architecture and basis replace the preset's, then --set applies
+        wanted = None if args.from_scratch else (args.init_from or AUTO_START)
+        cfg, init_from = training_start(preset, args.set or [], train_paths.ann_file, wanted)
+        if init_from is not None and args.init_from is None \
+                and os.environ.get("RANK", "0") == "0":
+            print(f"starting from the shipped model {init_from}: all its weights but the class "
+                  f"heads ({FINE_TUNE_EVIDENCE}); --from-scratch trains from scratch",
+                  file=sys.stderr, flush=True)
     basis = MaskBasis.load(args.basis) if args.basis else None
     result = train(cfg, train_paths, args.out, val_data=val_paths, basis=basis,
-                   init_from=args.init_from, resume=args.resume, max_iters=args.max_iters,
+                   init_from=init_from, resume=args.resume, max_iters=args.max_iters,
                    max_minutes=args.max_minutes, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under DDP, rank 0 reports
         return 0
@@ -395,8 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change one configuration field, e.g. --set model.num_stages=4 (repeatable)")
     p.add_argument("--basis", help="mask basis .npz (default: fitted on the training masks)")
-    p.add_argument("--init-from", help="start from another checkpoint's weights (class head "
-                   "re-initialised); its model, basis and mask-target frame replace the preset's")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="start from a checkpoint's weights (its class heads start afresh on "
+                            "other classes); its model, basis and mask-target frame replace the "
+                            "preset's. Default: the shipped model where the data's classes are "
+                            "not its own and the configuration has its weights (a printed line "
+                            "says so), else from scratch")
+    start.add_argument("--from-scratch", action="store_true",
+                       help="train from scratch, also where the default would start from the "
+                            "shipped model")
     p.add_argument("--max-iters", type=int, help="iterations to train (default: the preset's)")
     p.add_argument("--max-minutes", type=float,
                    help="minutes of training (evaluations not counted): the run stops, and "

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 
 from istr_viz.basis import MaskBasis
 from istr_viz.checkpoint import load_checkpoint, save_checkpoint
-from istr_viz.config import Config
+from istr_viz.config import Config, apply_overrides, with_architecture_of
 from istr_viz.data.batching import IterationBatchSampler, SeededDataset, padding_options
-from istr_viz.data.coco import CocoDataset, collate
+from istr_viz.data.coco import CocoDataset, collate, load_annotations
 from istr_viz.data.layout import DatasetPaths
 from istr_viz.data.transforms import TransformConfig, build_transform
 from istr_viz.errors import ConfigError, DataError, IstrVizError, NonFiniteError
@@ -108,7 +108,7 @@ def _shared_elu_kernel(info: DistInfo, device: torch.device) -> bool:
     return bool(_broadcast_from_main(float(library_elu_is_faster()), info, device))
 
 
-# ----------------------------------------------------------------------------- data order
+# ----------------------------------------------------------------------------- transforms
 
 
 def transform_configs(cfg: Config) -> tuple[TransformConfig, TransformConfig]:
@@ -255,10 +255,12 @@ def _check_finite_outputs(output, iteration: int) -> None:
                     "good checkpoint is kept (try a lower train.lr)")
 
 
-# What starting from a shipped model gave on the second data set of benchmarks/, 30 minutes on 2
-# CPU cores (benchmarks/results_log.md: s9ft from ship9 against s8lr, session 25)
-FINE_TUNE_EVIDENCE = ("30.1 mask AP after 30 minutes on 2 CPU cores from the model shipped in "
-                      "session 24, against 10.1 from scratch, both with that day's shapes-cpu preset")
+# What starting from the shipped model gave on the second data set of benchmarks/, 30 minutes on 2
+# CPU cores (benchmarks/results_log.md: s36ft from ship13 against s35g, session 36)
+FINE_TUNE_EVIDENCE = ("on the second data set of benchmarks/, 34.2 mask AP after 30 minutes "
+                      "on 2 CPU cores against 14.4 from scratch")
+
+AUTO_START = "auto"  # training_start: the shipped model where shipped_start says so
 
 
 def _check_batch_fits(batch_size: int, world_size: int, num_images: int, ann_file: Path) -> None:
@@ -277,12 +279,17 @@ def _check_batch_fits(batch_size: int, world_size: int, num_images: int, ann_fil
                         f"train.batch_size={batch_size}: {advice}", file=ann_file)
 
 
-def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
-    """A line suggesting to start from the shipped model, for a run from scratch (no ImageNet
-    weights) whose weights have the shipped model's names and shapes (settings that shape no
-    weight, such as the canonical box size or the scoring, may differ) on data with other classes;
-    ``None`` otherwise (or when there is no shipped file). ``ann``: the training annotations
-    (``CocoAnnotations``); ``shipped``: the shipped checkpoint (default
+def shipped_start(cfg: Config, ann, shipped: str | Path | None = None) -> Path | None:
+    """The shipped checkpoint where a new run of ``cfg`` on ``ann`` is better started from it than
+    from scratch, as detection toolkits start from ImageNet weights: ``cfg`` takes no ImageNet
+    weights (``model.pretrained_path``), its model has exactly the shipped model's weights by name
+    and shape (settings that shape no weight, such as the canonical box size or the scoring, may
+    differ; the per-class ones are left out: they start afresh), and the data's classes are not
+    the shipped model's own (on its own classes, the built-in shapes, a run from scratch is what
+    the preset's 30-minute recipe measures: continue the shipped model with an explicit
+    ``init_from``). ``None`` otherwise, and when the shipped file is missing or unreadable.
+
+    ``ann``: the training annotations (``CocoAnnotations``); ``shipped``: the checkpoint (default
     ``istr_viz.predictor.SHIPPED_CHECKPOINT``)."""
     from istr_viz.predictor import SHIPPED_CHECKPOINT
 
@@ -292,15 +299,45 @@ def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
     try:
         source = load_checkpoint(shipped)
         basis = MaskBasis.from_dict(source["basis"])
-    except (IstrVizError, KeyError, ValueError):
+        own_classes = (list(source["class_names"]) == list(ann.class_names)
+                       and list(source["category_ids"]) == list(ann.label_to_cat_id))
+    except (IstrVizError, KeyError, TypeError, ValueError):
         return None
-    same_classes = (list(source["class_names"]) == list(ann.class_names)
-                    and list(source["category_ids"]) == list(ann.label_to_cat_id))
-    if same_classes or not _same_weight_shapes(cfg, len(ann.class_names), basis, source["model"]):
+    if own_classes or not _same_weight_shapes(cfg, len(ann.class_names), basis, source["model"]):
         return None
-    return (f"hint: this model starts from scratch; init_from={shipped} (train --init-from) "
-            f"starts from the shipped model's weights, with new class heads ({FINE_TUNE_EVIDENCE} "
-            f"on the second data set of benchmarks/)")
+    return shipped
+
+
+def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train_ann: str | Path,
+                   init_from: str | Path | None = AUTO_START,
+                   shipped: str | Path | None = None) -> tuple[Config, Path | None]:
+    """The configuration of a new run and the checkpoint it starts from (``None``: from scratch).
+
+    ``preset`` with ``overrides`` (``--set KEY=VALUE`` items) when the run starts from scratch
+    (``init_from=None``). With a checkpoint path, that checkpoint's model, basis and mask-target
+    frame replace the preset's (``config.with_architecture_of``) before the overrides apply. With
+    ``"auto"`` (the CLI's default), the shipped checkpoint where :func:`shipped_start` finds it
+    suits the run (judged on the overridden preset and the classes of ``train_ann``, the training
+    annotation file), else from scratch. ``shipped``: as in :func:`shipped_start`.
+    """
+    cfg = apply_overrides(preset, list(overrides))
+    if init_from is not None and str(init_from) == AUTO_START:
+        init_from = shipped_start(cfg, load_annotations(Path(train_ann)), shipped)
+    if init_from is None:
+        return cfg, None
+    source = Config.from_dict(load_checkpoint(init_from)["config"])
+    return apply_overrides(with_architecture_of(preset, source), list(overrides)), Path(init_from)
+
+
+def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
+    """A line suggesting to start from the shipped model, for a run from scratch where
+    :func:`shipped_start` finds the shipped model suits it; ``None`` otherwise."""
+    start = shipped_start(cfg, ann, shipped)
+    if start is None:
+        return None
+    return (f"hint: this run starts from scratch; init_from={start} (the train command's default "
+            f"here, unless --from-scratch) starts from the shipped model's weights, with new class "
+            f"heads ({FINE_TUNE_EVIDENCE})")
 
 
 _PER_CLASS_WEIGHTS = ("class_logits", "semantic_head.", "label_embed.")
@@ -376,7 +413,6 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     from tqdm.auto import tqdm
 
     from istr_viz.data.check import MAX_RAISED_QUERIES, fit_warnings, most_instances, queries_for
-    from istr_viz.data.coco import load_annotations
     from istr_viz.evaluate import evaluate_model
 
     if max_iters is not None and max_minutes is not None:

@@ -107,7 +107,7 @@ run() {  # run NAME DATA EXTRA...
     evals "$data/run_$name"
 }
 run shapes "$data/shapes"
-run second "$data/second"
+run second "$data/second" --from-scratch  # (without it: the shipped model's weights)
 
 # 4. the GPU-trained checkpoint on the CPU
 step cpu_load 60 $PY - "$data/run_shapes/last.pt" "$data/shapes/val" <<'EOF' || failed=1

@@ -653,7 +653,7 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     other = load_annotations(quirky.ann_file)
     same = load_annotations(root / "train" / "annotations.json")
     hint = fine_tune_hint(cfg, other, shipped)
-    assert hint.startswith("hint: ") and f"init_from={shipped} (train --init-from)" in hint
+    assert hint.startswith("hint: ") and f"init_from={shipped} (the train command's default" in hint
     assert fine_tune_hint(cfg, same, shipped) is None  # the shipped model's own classes
     other_model = replace(cfg, model=replace(cfg.model, num_queries=cfg.model.num_queries + 1))
     assert fine_tune_hint(other_model, other, shipped) is None  # --init-from would change it
@@ -682,6 +682,81 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     train(cfg, paths, tmp_path / "tuned", max_iters=1, device="cpu", progress=False,
           init_from=shipped)
     assert "hint: " not in capsys.readouterr().err
+
+
+def test_training_start_takes_the_shipped_model_for_other_classes_only(tiny_run, tmp_path):
+    """"auto" starts from the shipped model on data of other classes whose configuration has its
+    weights; from scratch on its own classes, on an override that reshapes a weight, with ImageNet
+    weights, and when asked (None). A checkpoint's architecture replaces the preset's before the
+    overrides apply."""
+    from dataclasses import replace
+
+    from istr_viz.config import Config
+    from istr_viz.engine import training_start
+
+    root, shipped = tiny_run  # stands in for the shipped model: its classes are the shapes'
+    source = Config.from_dict(load_checkpoint(shipped)["config"])
+    preset = get_preset("shapes-cpu")
+    quirky = cf.write_quirky_coco(tmp_path / "quirky").ann_file
+    own = root / "train" / "annotations.json"
+    tiny = [*TINY, "basis.dim=12"]
+
+    cfg, start = training_start(preset, tiny, quirky, "auto", shipped=shipped)
+    assert start == Path(shipped) and cfg.model == source.model and cfg.basis == source.basis
+    assert training_start(preset, tiny, own, "auto", shipped=shipped) == \
+        (apply_overrides(preset, tiny), None)
+    assert training_start(preset, tiny, quirky, None, shipped=shipped)[1] is None
+    assert training_start(preset, [*tiny, "model.dim_feedforward=48"], quirky, "auto",
+                          shipped=shipped)[1] is None
+    imagenet = [*tiny, f"model.pretrained_path={tmp_path / 'r18.pth'}"]
+    assert training_start(preset, imagenet, quirky, "auto", shipped=shipped)[1] is None
+    assert training_start(preset, tiny, quirky, "auto", shipped=tmp_path / "none.pt")[1] is None
+    # the real preset (its own sizes) does not fit the tiny stand-in: from scratch, preset kept
+    cfg, start = training_start(preset, [], quirky, "auto", shipped=shipped)
+    assert start is None and cfg == preset
+    # an explicit checkpoint: its architecture, then the overrides (scoring and lr here)
+    cfg, start = training_start(preset, ["model.maskness_power=3", "train.lr=1e-3"], quirky,
+                                shipped)
+    assert start == Path(shipped) and cfg.model == replace(source.model, maskness_power=3.0)
+    assert cfg.train.lr == 1e-3 and cfg.loss.mask_target_boxes == source.loss.mask_target_boxes
+
+
+def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_run, tmp_path,
+                                                                            capsys, monkeypatch):
+    """The CLI's default start on data of other classes is the shipped model (one line says so,
+    the weights it trains from are the shipped ones); --from-scratch and --init-from override it,
+    the two together are refused, and --resume takes neither."""
+    import istr_viz.predictor
+    from istr_viz.cli import main
+
+    root, shipped = tiny_run
+    monkeypatch.setattr(istr_viz.predictor, "SHIPPED_CHECKPOINT", Path(shipped))
+    quirky = cf.write_quirky_coco(tmp_path / "quirky")
+    base = ["train", "--train-ann", str(quirky.ann_file), "--train-images", str(quirky.images_dir),
+            "--max-iters", "1", "--device", "cpu"]
+    for item in [*TINY, "basis.dim=12"]:
+        base += ["--set", item]
+    source = load_checkpoint(shipped)["model"]
+    stem = next(k for k in source if k.startswith("backbone.") and source[k].ndim == 4)
+
+    assert main([*base, "--out", str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr()
+    assert f"starting from the shipped model {shipped}" in out.err and "hint: " not in out.err
+    assert f"initialised from {shipped}" in out.out
+    assert main([*base, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
+    out = capsys.readouterr()
+    assert "starting from the shipped model" not in out.err and "initialised from" not in out.out
+    assert "hint: " in out.err  # the library still says what the default would have done
+    # one iteration moves the weights a little: the shipped start stays near the shipped ones
+    near = load_checkpoint(tmp_path / "auto" / "last.pt")["model"][stem].float()
+    far = load_checkpoint(tmp_path / "scratch" / "last.pt")["model"][stem].float()
+    assert (near - source[stem].float()).abs().mean() < (far - source[stem].float()).abs().mean()
+    with pytest.raises(SystemExit) as both:
+        main([*base, "--out", str(tmp_path / "x"), "--from-scratch", "--init-from", str(shipped)])
+    assert both.value.code == 2
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "auto"), "--resume", "--from-scratch"]) == 2
+    assert "--from-scratch" in capsys.readouterr().err
 
 
 def test_train_seconds_leave_evaluation_out_and_add_up_over_a_resume(tmp_path, monkeypatch):

@@ -22,8 +22,8 @@ from istr_viz.errors import ConfigError
 def orientation_groups(annotations) -> list[int]:
     """Per image of ``annotations`` (:class:`~istr_viz.data.coco.CocoAnnotations`, in its image
     order): 1 for portrait (height > width, as the file's entry says), 0 otherwise."""
-    return [int(annotations.image_info(i)["height"] > annotations.image_info(i)["width"])
-            for i in annotations.image_ids]
+    infos = (annotations.image_info(i) for i in annotations.image_ids)
+    return [int(info["height"] > info["width"]) for info in infos]
 
 
 def padding_options(data, annotations) -> dict:
