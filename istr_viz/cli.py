@@ -147,8 +147,8 @@ def _train_paths(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from istr_viz.basis import MaskBasis
-    from istr_viz.config import apply_overrides, get_preset
-    from istr_viz.engine import AUTO_START, FINE_TUNE_EVIDENCE, train, training_start
+    from istr_viz.config import get_preset
+    from istr_viz.engine import AUTO_START, train, training_start
     from istr_viz.evaluate import format_stage_table
 
     if args.max_iters is not None and args.max_minutes is not None:
@@ -166,18 +166,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         train_paths, val_paths = _train_paths(args)
     preset = get_preset(args.preset)
-    if args.processes != 1:  # each process finds its own start (the same one) below
-        return _launch_train(args, apply_overrides(preset, args.set or []))
     if args.resume:
         cfg, init_from = preset, None  # (the stored configuration replaces it)
     else:  # a checkpoint's architecture and basis replace the preset's, then --set applies
-        wanted = None if args.from_scratch else (args.init_from or AUTO_START)
+        # (a basis of one's own goes with one's own weights: no automatic start with --basis)
+        wanted = None if args.from_scratch else args.init_from or (None if args.basis else AUTO_START)
         cfg, init_from = training_start(preset, args.set or [], train_paths.ann_file, wanted)
-        if init_from is not None and args.init_from is None \
-                and os.environ.get("RANK", "0") == "0":
-            print(f"starting from the shipped model {init_from}: all its weights but the class "
-                  f"heads ({FINE_TUNE_EVIDENCE}); --from-scratch trains from scratch",
-                  file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0" and wanted == AUTO_START:
+            _say_where_training_starts(init_from)
+    if args.processes != 1:  # the children start where this process decided
+        child = strip_start_flags(args.argv)
+        child += ["--init-from", str(init_from)] if init_from is not None else \
+            [] if args.resume else ["--from-scratch"]
+        return _launch_train(args, cfg, child)
     basis = MaskBasis.load(args.basis) if args.basis else None
     result = train(cfg, train_paths, args.out, val_data=val_paths, basis=basis,
                    init_from=init_from, resume=args.resume, max_iters=args.max_iters,
@@ -191,8 +192,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_train(args: argparse.Namespace, cfg) -> int:
-    """``train --processes N``: the checks a child would fail on, then N local DDP processes."""
+def _say_where_training_starts(init_from: Path | None) -> None:
+    """The line ``train`` prints where it chose the start itself: from the shipped model, or from
+    scratch because the shipped model is missing (a package installed without ``checkpoints/``)."""
+    from istr_viz.engine import FINE_TUNE_EVIDENCE
+    from istr_viz.predictor import SHIPPED_CHECKPOINT
+
+    if init_from is not None:
+        print(f"starting from the shipped model {init_from}: all its weights but the class heads, "
+              f"and its mask basis ({FINE_TUNE_EVIDENCE}); --from-scratch trains from scratch",
+              file=sys.stderr, flush=True)
+    elif not SHIPPED_CHECKPOINT.is_file():
+        print(f"note: no shipped model at {SHIPPED_CHECKPOINT}: training from scratch",
+              file=sys.stderr, flush=True)
+
+
+def strip_start_flags(argv: list[str]) -> list[str]:
+    """``argv`` without ``--init-from X`` / ``--init-from=X`` / ``--from-scratch``, for children
+    that are told the start their parent chose."""
+    def names(item: str, flag: str) -> bool:  # the flag or an abbreviation argparse takes
+        name = item.split("=", 1)[0]
+        return len(name) >= len("--in") and flag.startswith(name)
+
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif names(item, "--from-scratch"):
+            continue
+        elif names(item, "--init-from"):
+            skip = "=" not in item
+        else:
+            out.append(item)
+    return out
+
+
+def _launch_train(args: argparse.Namespace, cfg, argv: list[str]) -> int:
+    """``train --processes N``: the checks a child would fail on, then N local DDP processes
+    running ``argv``."""
     import torch
 
     from istr_viz.launch import launch_local, strip_processes_flag
@@ -210,7 +247,7 @@ def _launch_train(args: argparse.Namespace, cfg) -> int:
     if not on_gpu and n > (os.cpu_count() or 1):
         print(f"warning: --processes {n} on {os.cpu_count()} CPU cores: they will share cores",
               file=sys.stderr)
-    return launch_local(strip_processes_flag(args.argv), n)
+    return launch_local(strip_processes_flag(argv), n)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -399,14 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="shapes-cpu", help="named configuration: shapes-cpu, coco-r50")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change one configuration field, e.g. --set model.num_stages=4 (repeatable)")
-    p.add_argument("--basis", help="mask basis .npz (default: fitted on the training masks)")
+    p.add_argument("--basis", help="mask basis .npz (default: the starting checkpoint's, or one "
+                   "fitted on the training masks from scratch; a run given one starts from "
+                   "scratch unless --init-from says otherwise)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init-from", metavar="CHECKPOINT",
                        help="start from a checkpoint's weights (its class heads start afresh on "
                             "other classes); its model, basis and mask-target frame replace the "
-                            "preset's. Default: the shipped model where the data's classes are "
-                            "not its own and the configuration has its weights (a printed line "
-                            "says so), else from scratch")
+                            "preset's. Default (also --init-from auto): the shipped model where "
+                            "the data's classes are not its own and the configuration has its "
+                            "weights (a printed line says so), else from scratch")
     start.add_argument("--from-scratch", action="store_true",
                        help="train from scratch, also where the default would start from the "
                             "shipped model")

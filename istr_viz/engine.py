@@ -289,8 +289,9 @@ def shipped_start(cfg: Config, ann, shipped: str | Path | None = None) -> Path |
     the preset's 30-minute recipe measures: continue the shipped model with an explicit
     ``init_from``). ``None`` otherwise, and when the shipped file is missing or unreadable.
 
-    ``ann``: the training annotations (``CocoAnnotations``); ``shipped``: the checkpoint (default
-    ``istr_viz.predictor.SHIPPED_CHECKPOINT``)."""
+    ``ann``: the training annotations (``CocoAnnotations``), or a function of no arguments that
+    loads them, called only once the cheaper checks have passed; ``shipped``: the checkpoint
+    (default ``istr_viz.predictor.SHIPPED_CHECKPOINT``)."""
     from istr_viz.predictor import SHIPPED_CHECKPOINT
 
     shipped = Path(shipped) if shipped is not None else SHIPPED_CHECKPOINT
@@ -299,11 +300,13 @@ def shipped_start(cfg: Config, ann, shipped: str | Path | None = None) -> Path |
     try:
         source = load_checkpoint(shipped)
         basis = MaskBasis.from_dict(source["basis"])
-        own_classes = (list(source["class_names"]) == list(ann.class_names)
-                       and list(source["category_ids"]) == list(ann.label_to_cat_id))
+        names, ids = list(source["class_names"]), list(source["category_ids"])
     except (IstrVizError, KeyError, TypeError, ValueError):
         return None
-    if own_classes or not _same_weight_shapes(cfg, len(ann.class_names), basis, source["model"]):
+    if not _same_weight_shapes(cfg, len(names), basis, source["model"]):
+        return None
+    ann = ann() if callable(ann) else ann
+    if names == list(ann.class_names) and ids == list(ann.label_to_cat_id):
         return None
     return shipped
 
@@ -318,15 +321,45 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
     frame replace the preset's (``config.with_architecture_of``) before the overrides apply. With
     ``"auto"`` (the CLI's default), the shipped checkpoint where :func:`shipped_start` finds it
     suits the run (judged on the overridden preset and the classes of ``train_ann``, the training
-    annotation file), else from scratch. ``shipped``: as in :func:`shipped_start`.
+    annotation file) and the run's own configuration, the shipped model's with the overrides and
+    the query count the data raise it to (``model.queries_per_instance``), still has all its
+    weights; else from scratch. ``shipped``: as in :func:`shipped_start`.
     """
+    from istr_viz.data.check import queries_for
+
     cfg = apply_overrides(preset, list(overrides))
-    if init_from is not None and str(init_from) == AUTO_START:
-        init_from = shipped_start(cfg, load_annotations(Path(train_ann)), shipped)
+    auto = init_from is not None and str(init_from) == AUTO_START
+    ann = None
+    if auto:
+        def annotations():
+            nonlocal ann
+            ann = load_annotations(Path(train_ann))
+            return ann
+
+        init_from = shipped_start(cfg, annotations, shipped)
     if init_from is None:
         return cfg, None
-    source = Config.from_dict(load_checkpoint(init_from)["config"])
-    return apply_overrides(with_architecture_of(preset, source), list(overrides)), Path(init_from)
+    source = load_checkpoint(init_from)
+    started = apply_overrides(with_architecture_of(preset, Config.from_dict(source["config"])),
+                              list(overrides))
+    if auto:  # the weights must all still fit once the data have set the query count
+        queries = queries_for(started.model.num_queries, started.model.queries_per_instance, ann)
+        run = replace(started, model=replace(started.model, num_queries=queries))
+        if not _same_weight_shapes(run, len(ann.class_names), MaskBasis.from_dict(source["basis"]),
+                                   source["model"]):
+            return cfg, None
+    return started, Path(init_from)
+
+
+def start_record(init_from: str | Path | None) -> dict | None:
+    """Where a run's weights started, for its checkpoint: the checkpoint's resolved path and the
+    SHA-256 of its bytes, or ``None`` for a run from scratch."""
+    if init_from is None:
+        return None
+    import hashlib
+
+    path = Path(init_from).resolve()
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
@@ -502,6 +535,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             print(f"note: {init_from} has FPN output convs {source_fpn}, this run "
                   f"{cfg.model.fpn_output_conv}: those convs start afresh (--set "
                   f"model.fpn_output_conv={source_fpn} keeps them)", file=sys.stderr)
+    started_from = ckpt["train_state"].get("init_from") if ckpt is not None else \
+        start_record(init_from if source is not None else None)
     criterion = SetCriterion(cfg.loss, basis)
     params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel: one pass over all parameters (shapes-cpu, 10 M parameters, one core:
@@ -593,6 +628,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "by_minutes": budget.get("by_minutes", False),
                          "time_done": budget.get("time_done"),
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
+                         "init_from": started_from,
                          "train_s": train_seconds() if train_s is None else train_s,
                          **extra})
 

@@ -708,6 +708,12 @@ def test_training_start_takes_the_shipped_model_for_other_classes_only(tiny_run,
     assert training_start(preset, tiny, quirky, None, shipped=shipped)[1] is None
     assert training_start(preset, [*tiny, "model.dim_feedforward=48"], quirky, "auto",
                           shipped=shipped)[1] is None
+    # the data raise the shipped model's query count (3 instances x 4 = 12 > 8): the proposal
+    # weights would not fit, so from scratch
+    assert training_start(preset, [*tiny, "model.queries_per_instance=4"], quirky, "auto",
+                          shipped=shipped)[1] is None
+    assert training_start(preset, [*tiny, "model.queries_per_instance=2"], quirky, "auto",
+                          shipped=shipped)[1] == Path(shipped)  # 6 <= 8: the count stays
     imagenet = [*tiny, f"model.pretrained_path={tmp_path / 'r18.pth'}"]
     assert training_start(preset, imagenet, quirky, "auto", shipped=shipped)[1] is None
     assert training_start(preset, tiny, quirky, "auto", shipped=tmp_path / "none.pt")[1] is None
@@ -743,10 +749,22 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     out = capsys.readouterr()
     assert f"starting from the shipped model {shipped}" in out.err and "hint: " not in out.err
     assert f"initialised from {shipped}" in out.out
+    started = load_checkpoint(tmp_path / "auto" / "last.pt")["train_state"]["init_from"]
+    assert started["path"] == str(Path(shipped).resolve()) and len(started["sha256"]) == 64
     assert main([*base, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
     out = capsys.readouterr()
     assert "starting from the shipped model" not in out.err and "initialised from" not in out.out
     assert "hint: " in out.err  # the library still says what the default would have done
+    assert load_checkpoint(tmp_path / "scratch" / "last.pt")["train_state"]["init_from"] is None
+    # an explicit checkpoint: no line about the default; a basis of one's own: from scratch
+    assert main([*base, "--out", str(tmp_path / "explicit"), "--init-from", str(shipped)]) == 0
+    out = capsys.readouterr()
+    assert "starting from the shipped model" not in out.err and "initialised from" in out.out
+    basis = tmp_path / "basis.npz"
+    MaskBasis.from_dict(load_checkpoint(shipped)["basis"]).save(basis)
+    assert main([*base, "--out", str(tmp_path / "own"), "--basis", str(basis)]) == 0
+    out = capsys.readouterr()
+    assert "starting from the shipped model" not in out.err and "initialised from" not in out.out
     # one iteration moves the weights a little: the shipped start stays near the shipped ones
     near = load_checkpoint(tmp_path / "auto" / "last.pt")["model"][stem].float()
     far = load_checkpoint(tmp_path / "scratch" / "last.pt")["model"][stem].float()
@@ -757,6 +775,42 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     capsys.readouterr()
     assert main(["train", "--out", str(tmp_path / "auto"), "--resume", "--from-scratch"]) == 2
     assert "--from-scratch" in capsys.readouterr().err
+
+
+def test_train_processes_decide_the_start_once_and_tell_the_children(tiny_run, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Under --processes the parent picks the start (one line, one error for a bad checkpoint)
+    and launches children told it explicitly, whatever start flags the command had."""
+    import istr_viz.launch
+    import istr_viz.predictor
+    from istr_viz.cli import main, strip_start_flags
+
+    root, shipped = tiny_run
+    monkeypatch.setattr(istr_viz.predictor, "SHIPPED_CHECKPOINT", Path(shipped))
+    launched = []
+    monkeypatch.setattr(istr_viz.launch, "launch_local",
+                        lambda argv, n: launched.append((argv, n)) or 0)
+    quirky = cf.write_quirky_coco(tmp_path / "quirky")
+    base = ["train", "--train-ann", str(quirky.ann_file), "--train-images", str(quirky.images_dir),
+            "--max-iters", "1", "--device", "cpu", "--out", str(tmp_path / "o"), "--processes", "2"]
+    for item in [*TINY, "basis.dim=12"]:
+        base += ["--set", item]
+    assert main(base) == 0
+    err = capsys.readouterr().err
+    assert err.count("starting from the shipped model") == 1
+    argv, n = launched.pop()
+    assert n == 2 and "--processes" not in argv and argv[-2:] == ["--init-from", str(shipped)]
+    assert main([*base, "--from-scratch"]) == 0
+    assert launched.pop()[0][-1] == "--from-scratch"
+    assert main([*base, "--init-from", str(shipped)]) == 0
+    argv = launched.pop()[0]
+    assert argv.count("--init-from") == 1 and argv[-1] == str(shipped)
+    # a missing checkpoint is one error line from the parent; nothing is launched
+    code = main([*base, "--init-from", str(tmp_path / "missing.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error: ") == 1 and "missing.pt" in err and not launched
+    assert strip_start_flags(["train", "--init", "a.pt", "--fr", "--init-from=b", "--out", "x"]) \
+        == ["train", "--out", "x"]
 
 
 def test_train_seconds_leave_evaluation_out_and_add_up_over_a_resume(tmp_path, monkeypatch):
