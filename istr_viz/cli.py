@@ -176,6 +176,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             _say_where_training_starts(init_from)
     if args.processes != 1:  # the children start where this process decided
         child = strip_start_flags(args.argv)
+        if init_from is not None and wanted == AUTO_START:  # the automatic start's query rule
+            child += ["--set", f"model.queries_per_instance={cfg.model.queries_per_instance}"]
         child += ["--init-from", str(init_from)] if init_from is not None else \
             [] if args.resume else ["--from-scratch"]
         return _launch_train(args, cfg, child)
@@ -199,8 +201,9 @@ def _say_where_training_starts(init_from: Path | None) -> None:
     from istr_viz.predictor import SHIPPED_CHECKPOINT
 
     if init_from is not None:
-        print(f"starting from the shipped model {init_from}: all its weights but the class heads, "
-              f"and its mask basis ({FINE_TUNE_EVIDENCE}); --from-scratch trains from scratch",
+        print(f"starting from the shipped model {init_from}: all its weights but the class heads "
+              f"(and the per-query ones where the data raise the query count), and its mask basis "
+              f"({FINE_TUNE_EVIDENCE}); --from-scratch trains from scratch",
               file=sys.stderr, flush=True)
     elif not SHIPPED_CHECKPOINT.is_file():
         print(f"note: no shipped model at {SHIPPED_CHECKPOINT}: training from scratch",

@@ -45,7 +45,8 @@ class ModelConfig:
     # x the most instances any training image holds), at most 100, where that is more, so that
     # crowded data get more queries than the preset's (istr_viz.data.check.queries_for); the
     # run prints the number, the checkpoint records it. A run from --init-from takes the source
-    # checkpoint's model settings, this one included
+    # checkpoint's model settings, this one included; the train command's automatic start from
+    # the shipped model takes the preset's value (engine.training_start)
     queries_per_instance: float = 0.0
     num_stages: int = 6
     hidden_dim: int = 256  # also the FPN width

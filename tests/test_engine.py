@@ -708,12 +708,16 @@ def test_training_start_takes_the_shipped_model_for_other_classes_only(tiny_run,
     assert training_start(preset, tiny, quirky, None, shipped=shipped)[1] is None
     assert training_start(preset, [*tiny, "model.dim_feedforward=48"], quirky, "auto",
                           shipped=shipped)[1] is None
-    # the data raise the shipped model's query count (3 instances x 4 = 12 > 8): the proposal
-    # weights would not fit, so from scratch
-    assert training_start(preset, [*tiny, "model.queries_per_instance=4"], quirky, "auto",
-                          shipped=shipped)[1] is None
-    assert training_start(preset, [*tiny, "model.queries_per_instance=2"], quirky, "auto",
-                          shipped=shipped)[1] == Path(shipped)  # 6 <= 8: the count stays
+    # the preset's query rule, not the shipped model's (the stand-in's tiny override is 0); the
+    # data may raise the count (3 instances x 4 = 12 > 8): the per-query weights start afresh
+    assert cfg.model.queries_per_instance == 0
+    raised, start = training_start(preset, [*tiny, "model.queries_per_instance=4"], quirky, "auto",
+                                   shipped=shipped)
+    assert start == Path(shipped) and raised.model.queries_per_instance == 4
+    wide = replace(preset, model=replace(preset.model, queries_per_instance=4.0))
+    cfg, start = training_start(wide, [t for t in tiny if "queries_per_instance" not in t],
+                                quirky, "auto", shipped=shipped)
+    assert start == Path(shipped) and cfg.model.queries_per_instance == 4
     imagenet = [*tiny, f"model.pretrained_path={tmp_path / 'r18.pth'}"]
     assert training_start(preset, imagenet, quirky, "auto", shipped=shipped)[1] is None
     assert training_start(preset, tiny, quirky, "auto", shipped=tmp_path / "none.pt")[1] is None
@@ -760,6 +764,16 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     assert main([*base, "--out", str(tmp_path / "explicit"), "--init-from", str(shipped)]) == 0
     out = capsys.readouterr()
     assert "starting from the shipped model" not in out.err and "initialised from" in out.out
+    # the data raise the query count (12 > 8): every weight but the class heads and the
+    # per-query ones is the shipped model's
+    assert main([*base, "--out", str(tmp_path / "raised"), "--set",
+                 "model.queries_per_instance=4"]) == 0
+    out = capsys.readouterr()
+    assert "starting from the shipped model" in out.err
+    fresh = out.out.split("re-initialised: ")[1].splitlines()[0].split(", ")
+    assert {"proposal_boxes.weight", "query_embed.weight"} <= set(fresh)
+    assert all(k.startswith(("proposal_boxes.", "query_embed.", "label_embed.", "semantic_head."))
+               or "class_logits" in k for k in fresh), fresh
     basis = tmp_path / "basis.npz"
     MaskBasis.from_dict(load_checkpoint(shipped)["basis"]).save(basis)
     assert main([*base, "--out", str(tmp_path / "own"), "--basis", str(basis)]) == 0
@@ -800,6 +814,13 @@ def test_train_processes_decide_the_start_once_and_tell_the_children(tiny_run, t
     assert err.count("starting from the shipped model") == 1
     argv, n = launched.pop()
     assert n == 2 and "--processes" not in argv and argv[-2:] == ["--init-from", str(shipped)]
+    # the automatic start's query rule reaches the children (here TINY's 0; a child given only
+    # --init-from would take the checkpoint's own)
+    assert argv[-4:-2] == ["--set", "model.queries_per_instance=0.0"]
+    assert main([*base, "--set", "model.queries_per_instance=4"]) == 0
+    capsys.readouterr()
+    argv = launched.pop()[0]
+    assert argv[-4:] == ["--set", "model.queries_per_instance=4.0", "--init-from", str(shipped)]
     assert main([*base, "--from-scratch"]) == 0
     assert launched.pop()[0][-1] == "--from-scratch"
     assert main([*base, "--init-from", str(shipped)]) == 0
