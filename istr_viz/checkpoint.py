@@ -96,6 +96,8 @@ def export_for_inference(ckpt: dict, half: bool = True, card: dict | None = None
     buffers and BatchNorm's running statistics stay float32: a running variance can exceed
     float16's range; :func:`istr_viz.predictor.load_model` brings the rest back to float32),
     and ``card`` (data, command, time, hardware: anything JSON-like) is stored beside the metrics.
+    Where the run started from another checkpoint (``train_state["init_from"]``: path and
+    SHA-256), the card records that as ``init_from`` unless it says so itself.
     """
     weights = {}
     for name, value in ckpt["model"].items():
@@ -104,5 +106,9 @@ def export_for_inference(ckpt: dict, half: bool = True, card: dict | None = None
             value = value.half()
         weights[name] = value
     keep = {k: v for k, v in ckpt.items() if k not in ("train_state", "model", "format_version")}
-    return {**keep, "model": weights, "card": dict(card or ckpt.get("card") or {})}
+    card = dict(card or ckpt.get("card") or {})
+    start = (ckpt.get("train_state") or {}).get("init_from")
+    if start and "init_from" not in card:
+        card["init_from"] = dict(start)
+    return {**keep, "model": weights, "card": card}
 

@@ -184,7 +184,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     basis = MaskBasis.load(args.basis) if args.basis else None
     result = train(cfg, train_paths, args.out, val_data=val_paths, basis=basis,
                    init_from=init_from, resume=args.resume, max_iters=args.max_iters,
-                   max_minutes=args.max_minutes, device=args.device)
+                   max_minutes=args.max_minutes, device=args.device,
+                   suggest_shipped=not args.from_scratch)
     if os.environ.get("RANK", "0") != "0":  # under DDP, rank 0 reports
         return 0
     print(f"trained {result.iterations} iterations in {result.minutes:.1f} min; "

@@ -444,7 +444,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
           init_from: str | Path | None = None, resume: bool = False,
           max_iters: int | None = None, max_minutes: float | None = None,
           device: str | torch.device | None = None, progress: bool = True,
-          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+          on_log: Callable[[dict], None] | None = None,
+          suggest_shipped: bool = True) -> TrainResult:
     """Train ISTR on a COCO-format data set and return where the checkpoints are.
 
     ``max_minutes``: training stops when that many minutes of training (evaluations left out,
@@ -457,6 +458,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     ``on_log(record)``: called (main process only) with each record just appended to
     ``metrics.jsonl``, a training record every ``log_every`` iterations and an ``"eval"`` record
     after each evaluation; a notebook uses it to redraw a live loss plot.
+    ``suggest_shipped``: print :func:`fine_tune_hint`'s line where a new run from scratch could
+    start from the shipped model (``False`` where the caller asked for scratch on purpose).
     """
     from tqdm.auto import tqdm
 
@@ -498,7 +501,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
     hint = None
-    if info.is_main and ckpt is None and init_from is None:
+    if info.is_main and ckpt is None and init_from is None and suggest_shipped:
         # the configuration as given: --init-from takes the shipped model's query count
         hint = fine_tune_hint(cfg, ann)
     queries = queries_for(cfg.model.num_queries, cfg.model.queries_per_instance, ann)

@@ -282,3 +282,24 @@ def test_an_exported_checkpoint_is_served_with_its_card(tmp_path, tiny_run, data
     text = model_card(served, data)
     assert "2 CPU cores" in text and "python -m istr_viz train --out runs/shapes" in text
     assert len(ap_rows(served.predictor.metrics)) == 2  # the metrics travel with the export
+
+
+def test_where_a_run_started_reaches_its_export_and_the_model_card(tmp_path, tiny_run, data):
+    from istr_viz.checkpoint import export_for_inference, load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_run[1])
+    assert ckpt["train_state"].get("init_from") is None  # a run from scratch says nothing
+    assert "started from" not in model_card(open_checkpoint(tiny_run[1], device="cpu"), data)
+    start = {"path": "/data/ship.pt", "sha256": "ab" * 32}
+    ckpt["train_state"]["init_from"] = start
+    trained = save_checkpoint(tmp_path / "last.pt", **ckpt)
+    served = open_checkpoint(trained, device="cpu")
+    assert served.started_from == start
+    assert "started from**: `/data/ship.pt` (SHA-256 abababababab...)" in model_card(served, data)
+    exported = export_for_inference(load_checkpoint(trained))
+    assert exported["card"]["init_from"] == start  # the training state is dropped, the start kept
+    text = model_card(open_checkpoint(save_checkpoint(tmp_path / "ship.pt", **exported),
+                                      device="cpu"), data)
+    assert text.count("/data/ship.pt") == 1  # one line, not the card's copy as well
+    own = export_for_inference(load_checkpoint(trained), card={"init_from": "said by the card"})
+    assert own["card"]["init_from"] == "said by the card"

@@ -682,6 +682,9 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     train(cfg, paths, tmp_path / "tuned", max_iters=1, device="cpu", progress=False,
           init_from=shipped)
     assert "hint: " not in capsys.readouterr().err
+    train(cfg, paths, tmp_path / "asked", max_iters=1, device="cpu", progress=False,
+          suggest_shipped=False)  # a caller that chose scratch on purpose
+    assert "hint: " not in capsys.readouterr().err
 
 
 def test_training_start_takes_the_shipped_model_for_other_classes_only(tiny_run, tmp_path):
@@ -758,7 +761,7 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     assert main([*base, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
     out = capsys.readouterr()
     assert "starting from the shipped model" not in out.err and "initialised from" not in out.out
-    assert "hint: " in out.err  # the library still says what the default would have done
+    assert "hint: " not in out.err  # scratch was asked for: no suggestion to do otherwise
     assert load_checkpoint(tmp_path / "scratch" / "last.pt")["train_state"]["init_from"] is None
     # an explicit checkpoint: no line about the default; a basis of one's own: from scratch
     assert main([*base, "--out", str(tmp_path / "explicit"), "--init-from", str(shipped)]) == 0

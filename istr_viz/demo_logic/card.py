@@ -39,6 +39,8 @@ def model_card(served: ServedModel, data: DemoData) -> str:
         f"iterations, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}",
         f"- **training data**: `{record.get('train_ann', 'not recorded')}`",
         f"- **val data**: `{record.get('val_ann', 'none')}`",
+        *([f"- **started from**: `{served.started_from.get('path', '?')}` (SHA-256 "
+           f"{str(served.started_from.get('sha256', '?'))[:12]}...)"] if served.started_from else []),
         f"- **classes** ({len(p.class_names)}): "
         + ", ".join(f"{n} (id {i})" for n, i in zip(p.class_names, p.category_ids)),
         f"- **model**: {cfg.model.backbone} (width {cfg.model.backbone_base_channels}, "
@@ -59,6 +61,8 @@ def model_card(served: ServedModel, data: DemoData) -> str:
         lines.append("- **evaluation**: none stored in this checkpoint; run `python -m istr_viz "
                      f"evaluate --checkpoint {served.path}`")
     for key, value in served.card.items():  # what an exported checkpoint says about itself
+        if key == "init_from" and served.started_from:  # (its line is above)
+            continue
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         lines.append(f"- **{key}** (card): {text[:300]}")
     if data.ok and not data.categories_match(p):

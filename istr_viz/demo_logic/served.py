@@ -36,7 +36,9 @@ class ServedModel:
     None with ``message`` saying why. ``lock`` serialises every run of the model (the page's
     callbacks may run in several threads). ``iteration`` and ``data_record`` come from the
     checkpoint's training state when it has one; ``card`` is the card an exported (shipped)
-    checkpoint carries (data, command, time, hardware: JSON-like), else {}.
+    checkpoint carries (data, command, time, hardware: JSON-like), else {}. ``started_from``: the
+    checkpoint the run's weights started from (``{"path", "sha256"}``, from the training state or
+    the card), {} for a run from scratch or one that did not record it.
     """
 
     path: Path
@@ -45,6 +47,7 @@ class ServedModel:
     iteration: int | None = None
     data_record: dict = field(default_factory=dict)
     card: dict = field(default_factory=dict)
+    started_from: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -99,8 +102,10 @@ def open_checkpoint(path: str | Path, device: str | None = None) -> ServedModel:
     except (TypeError, ValueError):
         iteration = None
     record = state.get("data") or card.get("data")
+    start = state.get("init_from") or card.get("init_from")
     return ServedModel(path, predictor, iteration=iteration,
-                       data_record=dict(record) if isinstance(record, dict) else {}, card=card)
+                       data_record=dict(record) if isinstance(record, dict) else {}, card=card,
+                       started_from=dict(start) if isinstance(start, dict) else {})
 
 
 @dataclass
