@@ -173,7 +173,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         wanted = None if args.from_scratch else args.init_from or (None if args.basis else AUTO_START)
         cfg, init_from = training_start(preset, args.set or [], train_paths.ann_file, wanted)
         if os.environ.get("RANK", "0") == "0" and wanted == AUTO_START:
-            _say_where_training_starts(init_from)
+            _say_where_training_starts(init_from, cfg.train.lr)
     if args.processes != 1:  # the children start where this process decided
         child = strip_start_flags(args.argv)
         if init_from is not None and wanted == AUTO_START:  # the automatic start's query rule
@@ -195,7 +195,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_where_training_starts(init_from: Path | None) -> None:
+def _say_where_training_starts(init_from: Path | None, lr: float) -> None:
     """The line ``train`` prints where it chose the start itself: from the shipped model, or from
     scratch because the shipped model is missing (a package installed without ``checkpoints/``)."""
     from istr_viz.engine import FINE_TUNE_EVIDENCE
@@ -204,7 +204,7 @@ def _say_where_training_starts(init_from: Path | None) -> None:
     if init_from is not None:
         print(f"starting from the shipped model {init_from}: all its weights but the class heads "
               f"(and the per-query ones where the data raise the query count), and its mask basis "
-              f"({FINE_TUNE_EVIDENCE}); --from-scratch trains from scratch",
+              f"({FINE_TUNE_EVIDENCE}), at lr {lr:g}; --from-scratch trains from scratch",
               file=sys.stderr, flush=True)
     elif not SHIPPED_CHECKPOINT.is_file():
         print(f"note: no shipped model at {SHIPPED_CHECKPOINT}: training from scratch",

@@ -326,7 +326,9 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
     ``model.queries_per_instance`` (the data may raise the query count: the proposal boxes and
     query features then start afresh; 36 queries from ship13 on the second data set of
     benchmarks/ gave 36.0 against 34.2 mask AP with its 24 copied, s36ft36 / s36ft), then the
-    overrides. ``shipped``: as in :func:`shipped_start`.
+    overrides. A run that starts from a checkpoint trains at ``train.fine_tune_lr`` where that is
+    set (0: ``train.lr``), unless the overrides set ``train.lr``. ``shipped``: as in
+    :func:`shipped_start`.
     """
     from istr_viz.data.check import queries_for
 
@@ -347,7 +349,13 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
     if auto:  # the preset's rule for the query count, which the shipped model's may predate
         source_cfg = replace(source_cfg, model=replace(
             source_cfg.model, queries_per_instance=preset.model.queries_per_instance))
-    started = apply_overrides(with_architecture_of(preset, source_cfg), list(overrides))
+    started = with_architecture_of(preset, source_cfg)
+    # a start from trained weights takes the fine-tuning lr (as overridden), then the overrides
+    # (so that train.lr=X still wins)
+    fine_tune_lr = apply_overrides(started, list(overrides)).train.fine_tune_lr
+    if fine_tune_lr:
+        started = replace(started, train=replace(started.train, lr=fine_tune_lr))
+    started = apply_overrides(started, list(overrides))
     if auto:  # once the data have set the query count, every weight but the per-query ones
         # (which start afresh where the count rises) must still fit
         queries = queries_for(started.model.num_queries, started.model.queries_per_instance, ann)

@@ -734,6 +734,35 @@ def test_training_start_takes_the_shipped_model_for_other_classes_only(tiny_run,
     assert cfg.train.lr == 1e-3 and cfg.loss.mask_target_boxes == source.loss.mask_target_boxes
 
 
+def test_a_start_from_trained_weights_takes_the_fine_tuning_lr(tiny_run, tmp_path):
+    """training_start gives a run that starts from a checkpoint (the automatic start or an
+    explicit one) train.fine_tune_lr, where set, unless the overrides set train.lr; a run from
+    scratch keeps train.lr."""
+    from istr_viz.engine import training_start
+
+    root, shipped = tiny_run
+    preset = get_preset("shapes-cpu")
+    assert 0 < preset.train.fine_tune_lr < preset.train.lr  # the preset's own pair
+    quirky = cf.write_quirky_coco(tmp_path / "quirky").ann_file
+    own = root / "train" / "annotations.json"
+    tiny = [t for t in TINY if not t.startswith("train.lr=")] + ["basis.dim=12"]
+
+    def lr(overrides, ann=quirky, start="auto"):
+        cfg, began = training_start(preset, [*tiny, *overrides], ann, start, shipped=shipped)
+        return cfg.train.lr, began is not None
+
+    assert lr([]) == (preset.train.fine_tune_lr, True)
+    assert lr([], start=shipped) == (preset.train.fine_tune_lr, True)
+    assert lr([], ann=own) == (preset.train.lr, False)  # from scratch: its own classes
+    assert lr([], start=None) == (preset.train.lr, False)
+    assert lr(["train.lr=1e-3"]) == (1e-3, True)  # an explicit lr wins, after or before
+    assert lr(["train.lr=1e-3", "train.fine_tune_lr=5e-5"]) == (1e-3, True)
+    assert lr(["train.fine_tune_lr=5e-5"]) == (5e-5, True)
+    assert lr(["train.fine_tune_lr=0"]) == (preset.train.lr, True)  # 0: train.lr
+    with pytest.raises(ConfigError, match="train.fine_tune_lr"):
+        apply_overrides(preset, ["train.fine_tune_lr=-1e-4"])
+
+
 def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_run, tmp_path,
                                                                             capsys, monkeypatch):
     """The CLI's default start on data of other classes is the shipped model (one line says so,
