@@ -446,8 +446,9 @@ PRESETS: dict[str, Config] = {
         # (eb23). At batch 4, GroupNorm then, a higher lr hurt (session 8).
         # lr 4e-4 since session 37: 60.4 / 53.0 against 57.7 / 49.9 box / mask AP at 30 minutes
         # (p37lr against p32, 3,000 against 3,040 iterations), mask AP +0.5 / +1.1 / +2.6 / +3.1
-        # at 7.5 / 15 / 22.5 / 30 minutes; the equal-budget benchmark's one process had picked
-        # 4e-4 too (eb31, eb32). A start from trained weights (the train command's default on data
+        # at 7.5 / 15 / 22.5 / 30 minutes; in the equal-budget benchmark's one process 4e-4 had
+        # scored best of 2e-4 / 2.8e-4 / 4e-4 (eb31) and of 4e-4 / 5.6e-4 / 8e-4 (eb32), one run
+        # per lr. A start from trained weights (the train command's default on data
         # of other classes) keeps 2.8e-4: from the shipped model on the second data set, 4e-4 was
         # 3.3 mask AP behind it at 15 minutes (s37ft: 27.8 against s36ft36's 31.1).
         train=TrainConfig(batch_size=8, lr=4e-4, fine_tune_lr=2.8e-4, backbone_lr_mult=3.0,

@@ -327,7 +327,8 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
     query features then start afresh; 36 queries from ship13 on the second data set of
     benchmarks/ gave 36.0 against 34.2 mask AP with its 24 copied, s36ft36 / s36ft), then the
     overrides. A run that starts from a checkpoint trains at ``train.fine_tune_lr`` where that is
-    set (0: ``train.lr``), unless the overrides set ``train.lr``. ``shipped``: as in
+    set (0: ``train.lr``), unless the overrides set ``train.lr``; its configuration then has
+    ``train.lr`` the lr it trains at and ``train.fine_tune_lr`` 0. ``shipped``: as in
     :func:`shipped_start`.
     """
     from istr_viz.data.check import queries_for
@@ -356,6 +357,8 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
     if fine_tune_lr:
         started = replace(started, train=replace(started.train, lr=fine_tune_lr))
     started = apply_overrides(started, list(overrides))
+    # applied: the run's lr is train.lr (0 also tells train() that nothing is left to apply)
+    started = replace(started, train=replace(started.train, fine_tune_lr=0.0))
     if auto:  # once the data have set the query count, every weight but the per-query ones
         # (which start afresh where the count rises) must still fit
         queries = queries_for(started.model.num_queries, started.model.queries_per_instance, ann)
@@ -383,9 +386,9 @@ def fine_tune_hint(cfg: Config, ann, shipped: Path | None = None) -> str | None:
     start = shipped_start(cfg, ann, shipped)
     if start is None:
         return None
-    return (f"hint: this run starts from scratch; init_from={start} (the train command's default "
-            f"here, unless --from-scratch) starts from the shipped model's weights, with new class "
-            f"heads ({FINE_TUNE_EVIDENCE})")
+    return (f"hint: this run starts from scratch; the shipped model {start} (the train command's "
+            f"default here, unless --from-scratch; in Python engine.training_start(..., "
+            f"init_from='auto')) gives its weights, with new class heads ({FINE_TUNE_EVIDENCE})")
 
 
 _PER_CLASS_WEIGHTS = ("class_logits", "semantic_head.", "label_embed.")
@@ -468,6 +471,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     after each evaluation; a notebook uses it to redraw a live loss plot.
     ``suggest_shipped``: print :func:`fine_tune_hint`'s line where a new run from scratch could
     start from the shipped model (``False`` where the caller asked for scratch on purpose).
+    ``init_from`` trains at ``cfg.train.lr``: :func:`training_start` gives a configuration the
+    fine-tuning lr (``train.fine_tune_lr``) of a run from trained weights, and a note is printed
+    where ``cfg`` still holds one that was not applied.
     """
     from tqdm.auto import tqdm
 
@@ -549,7 +555,13 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                 and list(source["class_names"]) == ann.class_names)
         reinitialised = _init_from(model, source, keep_class_head=same)
         if info.is_main and progress:
-            print(f"initialised from {init_from}; re-initialised: {', '.join(reinitialised) or 'none'}")
+            print(f"initialised from {init_from} (lr {cfg.train.lr:.1e}); re-initialised: "
+                  f"{', '.join(reinitialised) or 'none'}")
+        if info.is_main and tc.fine_tune_lr and tc.fine_tune_lr != tc.lr:
+            print(f"note: starting from trained weights at train.lr={tc.lr:.1e}, the lr for "
+                  f"training from scratch; engine.training_start gives such a run "
+                  f"train.fine_tune_lr={tc.fine_tune_lr:.1e} (as the train command does)",
+                  file=sys.stderr, flush=True)
         source_norm = source.get("config", {}).get("model", {}).get("norm", cfg.model.norm)
         if info.is_main and source_norm != cfg.model.norm:
             print(f"note: {init_from} was trained with model.norm={source_norm}, this run uses "

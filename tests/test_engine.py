@@ -653,7 +653,7 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     other = load_annotations(quirky.ann_file)
     same = load_annotations(root / "train" / "annotations.json")
     hint = fine_tune_hint(cfg, other, shipped)
-    assert hint.startswith("hint: ") and f"init_from={shipped} (the train command's default" in hint
+    assert hint.startswith("hint: ") and f"model {shipped} (the train command's default" in hint
     assert fine_tune_hint(cfg, same, shipped) is None  # the shipped model's own classes
     other_model = replace(cfg, model=replace(cfg.model, num_queries=cfg.model.num_queries + 1))
     assert fine_tune_hint(other_model, other, shipped) is None  # --init-from would change it
@@ -681,7 +681,10 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     assert err.count("hint: ") == 1
     train(cfg, paths, tmp_path / "tuned", max_iters=1, device="cpu", progress=False,
           init_from=shipped)
-    assert "hint: " not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "hint: " not in err
+    # cfg (not from training_start) still holds a fine-tuning lr it does not train at: a note
+    assert cfg.train.fine_tune_lr and "note: starting from trained weights at train.lr=1.0e-03" in err
     train(cfg, paths, tmp_path / "asked", max_iters=1, device="cpu", progress=False,
           suggest_shipped=False)  # a caller that chose scratch on purpose
     assert "hint: " not in capsys.readouterr().err
@@ -784,9 +787,19 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     assert main([*base, "--out", str(tmp_path / "auto")]) == 0
     out = capsys.readouterr()
     assert f"starting from the shipped model {shipped}" in out.err and "hint: " not in out.err
-    assert f"initialised from {shipped}" in out.out
+    assert f"initialised from {shipped} (lr 1.0e-03)" in out.out  # TINY's train.lr wins
+    assert "at lr 1.0e-03 (train.fine_tune_lr)" in out.err and "note: starting from" not in out.err
     started = load_checkpoint(tmp_path / "auto" / "last.pt")["train_state"]["init_from"]
     assert started["path"] == str(Path(shipped).resolve()) and len(started["sha256"]) == 64
+    # without an lr of its own the run takes the preset's fine-tuning lr, and says so
+    preset_lr = base[:base.index("--set")]
+    for item in [*TINY, "basis.dim=12"]:
+        preset_lr += [] if item.startswith("train.lr=") else ["--set", item]
+    assert main([*preset_lr, "--out", str(tmp_path / "ftlr")]) == 0
+    fine = get_preset("shapes-cpu").train.fine_tune_lr
+    assert f"at lr {fine:.1e} (train.fine_tune_lr)" in capsys.readouterr().err
+    stored = load_checkpoint(tmp_path / "ftlr" / "last.pt")["config"]["train"]
+    assert stored["lr"] == fine and stored["fine_tune_lr"] == 0.0
     assert main([*base, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
     out = capsys.readouterr()
     assert "starting from the shipped model" not in out.err and "initialised from" not in out.out
@@ -853,6 +866,16 @@ def test_train_processes_decide_the_start_once_and_tell_the_children(tiny_run, t
     capsys.readouterr()
     argv = launched.pop()[0]
     assert argv[-4:] == ["--set", "model.queries_per_instance=4.0", "--init-from", str(shipped)]
+    # a child told the start computes the parent's configuration (the fine-tuning lr included)
+    from istr_viz.engine import training_start
+
+    def sets(args):
+        return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+
+    parent = training_start(get_preset("shapes-cpu"), sets(base) + ["model.queries_per_instance=4"],
+                            quirky.ann_file, "auto")
+    assert training_start(get_preset("shapes-cpu"), sets(argv), quirky.ann_file, argv[-1]) == \
+        (parent[0], Path(argv[-1]))
     assert main([*base, "--from-scratch"]) == 0
     assert launched.pop()[0][-1] == "--from-scratch"
     assert main([*base, "--init-from", str(shipped)]) == 0
