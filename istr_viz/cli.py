@@ -173,7 +173,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         wanted = None if args.from_scratch else args.init_from or (None if args.basis else AUTO_START)
         cfg, init_from = training_start(preset, args.set or [], train_paths.ann_file, wanted)
         if os.environ.get("RANK", "0") == "0" and wanted == AUTO_START:
-            _say_where_training_starts(init_from, cfg.train.lr)
+            given_lr = any(item.split("=")[0].strip() == "train.lr" for item in args.set or [])
+            _say_where_training_starts(init_from, cfg.train.lr,
+                                       "train.lr" if given_lr else "train.fine_tune_lr")
     if args.processes != 1:  # the children start where this process decided
         child = strip_start_flags(args.argv)
         if init_from is not None and wanted == AUTO_START:  # the automatic start's query rule
@@ -195,7 +197,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_where_training_starts(init_from: Path | None, lr: float) -> None:
+def _say_where_training_starts(init_from: Path | None, lr: float, lr_setting: str) -> None:
     """The line ``train`` prints where it chose the start itself: from the shipped model, or from
     scratch because the shipped model is missing (a package installed without ``checkpoints/``)."""
     from istr_viz.engine import FINE_TUNE_EVIDENCE
@@ -204,7 +206,7 @@ def _say_where_training_starts(init_from: Path | None, lr: float) -> None:
     if init_from is not None:
         print(f"starting from the shipped model {init_from}: all its weights but the class heads "
               f"(and the per-query ones where the data raise the query count), and its mask basis "
-              f"({FINE_TUNE_EVIDENCE}), at lr {lr:.1e} (train.fine_tune_lr); --from-scratch "
+              f"({FINE_TUNE_EVIDENCE}), at lr {lr:.1e} ({lr_setting}); --from-scratch "
               f"trains from scratch",
               file=sys.stderr, flush=True)
     elif not SHIPPED_CHECKPOINT.is_file():

@@ -256,7 +256,7 @@ def _check_finite_outputs(output, iteration: int) -> None:
 
 
 # What starting from the shipped model gave on the second data set of benchmarks/, 30 minutes on 2
-# CPU cores (benchmarks/results_log.md: s36ft36 from ship13 against s35g, session 36)
+# CPU cores (benchmarks/results_log.md: s36ft36 from ship13, session 36, against s37lr, session 37)
 FINE_TUNE_EVIDENCE = ("on the second data set of benchmarks/, 36.0 mask AP after 30 minutes "
                       "on 2 CPU cores against 16.2 from scratch")
 
@@ -558,10 +558,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             print(f"initialised from {init_from} (lr {cfg.train.lr:.1e}); re-initialised: "
                   f"{', '.join(reinitialised) or 'none'}")
         if info.is_main and tc.fine_tune_lr and tc.fine_tune_lr != tc.lr:
-            print(f"note: starting from trained weights at train.lr={tc.lr:.1e}, the lr for "
-                  f"training from scratch; engine.training_start gives such a run "
-                  f"train.fine_tune_lr={tc.fine_tune_lr:.1e} (as the train command does)",
-                  file=sys.stderr, flush=True)
+            print(f"note: train.fine_tune_lr={tc.fine_tune_lr:.1e} is not applied (engine."
+                  f"training_start applies it to a run from trained weights, as the train command "
+                  f"does); training at train.lr={tc.lr:.1e}", file=sys.stderr, flush=True)
         source_norm = source.get("config", {}).get("model", {}).get("norm", cfg.model.norm)
         if info.is_main and source_norm != cfg.model.norm:
             print(f"note: {init_from} was trained with model.norm={source_norm}, this run uses "

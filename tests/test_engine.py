@@ -684,7 +684,7 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     err = capsys.readouterr().err
     assert "hint: " not in err
     # cfg (not from training_start) still holds a fine-tuning lr it does not train at: a note
-    assert cfg.train.fine_tune_lr and "note: starting from trained weights at train.lr=1.0e-03" in err
+    assert cfg.train.fine_tune_lr and "is not applied" in err and "at train.lr=1.0e-03" in err
     train(cfg, paths, tmp_path / "asked", max_iters=1, device="cpu", progress=False,
           suggest_shipped=False)  # a caller that chose scratch on purpose
     assert "hint: " not in capsys.readouterr().err
@@ -788,7 +788,7 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     out = capsys.readouterr()
     assert f"starting from the shipped model {shipped}" in out.err and "hint: " not in out.err
     assert f"initialised from {shipped} (lr 1.0e-03)" in out.out  # TINY's train.lr wins
-    assert "at lr 1.0e-03 (train.fine_tune_lr)" in out.err and "note: starting from" not in out.err
+    assert "at lr 1.0e-03 (train.lr)" in out.err and "is not applied" not in out.err
     started = load_checkpoint(tmp_path / "auto" / "last.pt")["train_state"]["init_from"]
     assert started["path"] == str(Path(shipped).resolve()) and len(started["sha256"]) == 64
     # without an lr of its own the run takes the preset's fine-tuning lr, and says so
@@ -872,10 +872,18 @@ def test_train_processes_decide_the_start_once_and_tell_the_children(tiny_run, t
     def sets(args):
         return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
 
-    parent = training_start(get_preset("shapes-cpu"), sets(base) + ["model.queries_per_instance=4"],
-                            quirky.ann_file, "auto")
-    assert training_start(get_preset("shapes-cpu"), sets(argv), quirky.ann_file, argv[-1]) == \
-        (parent[0], Path(argv[-1]))
+    import istr_viz.cli
+
+    preset = get_preset("shapes-cpu")
+    decided, real_launch = [], istr_viz.cli._launch_train
+    monkeypatch.setattr(istr_viz.cli, "_launch_train",
+                        lambda a, cfg, child: decided.append(cfg) or real_launch(a, cfg, child))
+    own_lr = [s for s in sets(base) if not s.startswith("train.lr=")]  # the preset's lrs
+    assert main([*base[:base.index("--set")], *[x for s in own_lr for x in ("--set", s)]]) == 0
+    assert f"at lr {preset.train.fine_tune_lr:.1e} (train.fine_tune_lr)" in capsys.readouterr().err
+    argv, parent = launched.pop()[0], decided.pop()
+    assert parent.train.lr == preset.train.fine_tune_lr
+    assert training_start(preset, sets(argv), quirky.ann_file, argv[-1]) == (parent, Path(argv[-1]))
     assert main([*base, "--from-scratch"]) == 0
     assert launched.pop()[0][-1] == "--from-scratch"
     assert main([*base, "--init-from", str(shipped)]) == 0
