@@ -292,6 +292,12 @@ def shipped_start(cfg: Config, ann, shipped: str | Path | None = None) -> Path |
     ``ann``: the training annotations (``CocoAnnotations``), or a function of no arguments that
     loads them, called only once the cheaper checks have passed; ``shipped``: the checkpoint
     (default ``istr_viz.predictor.SHIPPED_CHECKPOINT``)."""
+    found = _suited_shipped(cfg, ann, shipped)
+    return found[0] if found is not None else None
+
+
+def _suited_shipped(cfg: Config, ann, shipped: str | Path | None) -> tuple[Path, dict] | None:
+    """:func:`shipped_start`'s checkpoint and its loaded contents (read once), or ``None``."""
     from istr_viz.predictor import SHIPPED_CHECKPOINT
 
     shipped = Path(shipped) if shipped is not None else SHIPPED_CHECKPOINT
@@ -308,7 +314,7 @@ def shipped_start(cfg: Config, ann, shipped: str | Path | None = None) -> Path |
     ann = ann() if callable(ann) else ann
     if names == list(ann.class_names) and ids == list(ann.label_to_cat_id):
         return None
-    return shipped
+    return shipped, source
 
 
 def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train_ann: str | Path,
@@ -342,10 +348,11 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
             ann = load_annotations(Path(train_ann))
             return ann
 
-        init_from = shipped_start(cfg, annotations, shipped)
+        init_from, source = _suited_shipped(cfg, annotations, shipped) or (None, None)
+    else:
+        source = load_checkpoint(init_from) if init_from is not None else None
     if init_from is None:
         return cfg, None
-    source = load_checkpoint(init_from)
     source_cfg = Config.from_dict(source["config"])
     if auto:  # the preset's rule for the query count, which the shipped model's may predate
         source_cfg = replace(source_cfg, model=replace(
