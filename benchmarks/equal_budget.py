@@ -493,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     # the top of its sweep in eb24 and the middle in eb31 (0.22 diverged); with the session-29
     # preset ISTR's 4e-4 won eb31 at the top of its sweep (over 2.8e-4 and 2e-4) and eb32 at the
     # bottom (over 5.6e-4 and 8e-4; eb31b's single 5.6e-4 run had beaten it): centred on 4e-4
+    # (eb38, session 38, picked 2.8e-4, its later runs on a slower machine: not separated from pace)
     p.add_argument("--lrs", default="0.11,0.16,0.22", help="Mask R-CNN SGD learning rates")
     p.add_argument("--istr-lrs", default="2.8e-4,4e-4,5.6e-4", help="ISTR AdamW learning rates")
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
