@@ -154,12 +154,14 @@ def run_peer(args) -> None:
     run = train_mask_rcnn(model, train, args.minutes, args.lr, batch_size=cfg.train.batch_size,
                           amp=cfg.train.amp, seed=cfg.train.seed, checkpoints=points,
                           on_checkpoint=evaluate, num_workers=cfg.data.num_workers,
+                          clip_grad_norm=args.peer_clip,
                           **padding_options(cfg.data, train.annotations))
     evaluate(run["minutes"], run["iterations"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(model, out / f"peer_lr{args.lr:g}.pt")
-    record = {"model": "mask_rcnn", "lr": args.lr, **run, "budget_minutes": args.minutes,
+    record = {"model": "mask_rcnn", "lr": args.lr, "clip_grad_norm": args.peer_clip, **run,
+              "budget_minutes": args.minutes,
               "set": args.set or [], "eval_images": args.eval_images, "curve": curve,
               "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -437,6 +439,11 @@ def report(out: Path) -> dict:
         infer = f"{ms[r['model']]:.1f}" if kept and ms[r["model"]] else "-"
         print(f"{name:<26} {r['lr']:>8g} {r['iterations']:>6} {r['minutes']:>7.1f} "
               f"{100 * r['box_AP']:>7.1f} {100 * r['mask_AP']:>8.1f} {infer:>9}")
+    clips = sorted({r.get("clip_grad_norm", 0.0) for r in peers})
+    if clips:
+        print("Mask R-CNN's gradient norm clipped to " + " / ".join(f"{c:g}" for c in clips)
+              + " (0: not clipped)" + (": the runs mixed clipping settings" if len(clips) > 1
+                                        else ""))
     summary = {"istr": istr_runs, "peers": peers, "best_istr_lr": istr["lr"] if istr else None,
                "best_peer_lr": best["lr"] if best else None, "timing": timing or None}
     if istr and best:
@@ -496,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     # (eb38, session 38, picked 2.8e-4, its later runs on a slower machine: not separated from pace)
     p.add_argument("--lrs", default="0.11,0.16,0.22", help="Mask R-CNN SGD learning rates")
     p.add_argument("--istr-lrs", default="2.8e-4,4e-4,5.6e-4", help="ISTR AdamW learning rates")
+    p.add_argument("--peer-clip", type=float, default=0.0,
+                   help="clip Mask R-CNN's gradient norm to this before each step (0: off)")
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--data", help="data set root with train/ and val/ (default: built-in shapes)")
     p.add_argument("--preset", default="shapes-cpu")
@@ -541,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.report or args.time):
         common = [sys.executable, __file__, "--minutes", str(args.minutes), "--out", str(out),
                   "--points", str(args.points), "--threads", str(args.threads),
-                  "--preset", args.preset]
+                  "--preset", args.preset, "--peer-clip", str(args.peer_clip)]
         common += ["--data", args.data] if args.data else []
         common += ["--eval-images", str(args.eval_images)] if args.eval_images else []
         for item in args.set or []:

@@ -166,7 +166,7 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
                     checkpoints: tuple[float, ...] = (),
                     on_checkpoint: Callable[[float, int], None] | None = None,
                     progress: bool = True, num_workers: int = 0,
-                    groups: list[int] | None = None) -> dict:
+                    groups: list[int] | None = None, clip_grad_norm: float = 0.0) -> dict:
     """Train for ``minutes`` of wall-clock training time (SGD with momentum, linear warm-up, x0.1
     at 80% of the time, the usual Mask R-CNN recipe). The clock counts everything a training
     step costs, data loading included, as ISTR's budget does; evaluation time does not count.
@@ -176,6 +176,10 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
     Returns {"iterations", "minutes", "diverged"}; a non-finite loss stops the run with
     ``diverged`` True. ``groups`` (one int per image, e.g. landscape or portrait) keeps each batch
     within one group, as ISTR's ``data.group_by_orientation`` does (the same batch sampler).
+    ``clip_grad_norm`` > 0 clips the gradients' global L2 norm to it before each step, as ISTR's
+    ``train.clip_grad_norm`` does (0: off, torchvision's reference recipe). The result also holds
+    ``grad_norm_max``, the largest norm seen before clipping, and ``clipped``, the share of steps
+    whose norm was over the limit.
     """
     from tqdm.auto import tqdm
 
@@ -193,6 +197,7 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
                                 fused=True)  # as ISTR's AdamW
     amp_dtype = autocast_dtype(torch.device("cpu"), amp)
     budget_s, trained_s, iteration = minutes * 60, 0.0, 0
+    norm_max, clipped = 0.0, 0
     pending = sorted(c for c in checkpoints if 0 < c < minutes)
     bar = tqdm(total=round(budget_s), desc=f"mask-rcnn lr {lr:g}", unit="s", disable=not progress)
     model.train()
@@ -211,16 +216,21 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
             loss = sum(v.float() for v in losses.values())
             if not math.isfinite(loss.item()):
                 bar.close()
-                return {"iterations": iteration, "minutes": trained_s / 60, "diverged": True}
+                return {"iterations": iteration, "minutes": trained_s / 60, "diverged": True,
+                        "grad_norm_max": norm_max, "clipped": clipped / max(1, iteration)}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # the norm before clipping (an infinite limit only measures it)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm or math.inf).item()
+            norm_max = max(norm_max, norm)
+            clipped += bool(clip_grad_norm) and norm > clip_grad_norm
             optimizer.step()
             iteration += 1
             now = time.perf_counter()
             trained_s += now - t_last
             t_last = now
             bar.update(round(trained_s) - bar.n)
-            bar.set_postfix(loss=f"{loss.item():.3f}", it=iteration)
+            bar.set_postfix(loss=f"{loss.item():.3f}", grad=f"{norm:.3g}", it=iteration)
             while pending and trained_s >= pending[0] * 60:
                 if on_checkpoint is not None:
                     on_checkpoint(trained_s / 60, iteration)
@@ -230,7 +240,8 @@ def train_mask_rcnn(model: MaskRCNN, dataset: CocoDataset, minutes: float, lr: f
             if trained_s >= budget_s:
                 break
     bar.close()
-    return {"iterations": iteration, "minutes": trained_s / 60, "diverged": False}
+    return {"iterations": iteration, "minutes": trained_s / 60, "diverged": False,
+            "grad_norm_max": norm_max, "clipped": clipped / max(1, iteration)}
 
 
 @torch.no_grad()
