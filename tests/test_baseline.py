@@ -171,6 +171,34 @@ def test_peer_clock_counts_data_loading_and_not_evaluation(tmp_path):
     assert 6 / 60 <= run["minutes"] < 8.5 / 60  # 3 batches of loading; stops past the budget
 
 
+def test_peer_clips_its_gradient_norm_as_istr_does(tmp_path):
+    """One SGD step (momentum has nothing to add yet, no weight decay) moves the weights by lr x
+    the warm-up's first factor (0.001) x the gradient: unclipped by the norm the run reports,
+    clipped by the limit, from the same start and batch."""
+    cfg, train, _ = _tiny_shapes(tmp_path, num_train=4, num_val=1)
+
+    def one_step(clip: float):
+        torch.manual_seed(0)
+        model = build_mask_rcnn(cfg, len(train.annotations.class_names))
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        run = train_mask_rcnn(model, train, minutes=1e-9, lr=10.0, batch_size=2,
+                              warmup_iters=1, weight_decay=0.0, amp=False, progress=False,
+                              clip_grad_norm=clip)
+        moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before)))
+        return run, moved.item()
+
+    free, moved_free = one_step(0.0)
+    assert free["iterations"] == 1 and free["clipped"] == 0
+    norm = free["grad_norm_max"]
+    assert norm > 0 and moved_free == pytest.approx(0.01 * norm, rel=1e-3)
+    limit = norm / 4
+    clipped, moved_clipped = one_step(limit)
+    assert clipped["iterations"] == 1 and clipped["clipped"] == 1.0
+    assert clipped["grad_norm_max"] == pytest.approx(norm, rel=1e-4)
+    assert moved_clipped == pytest.approx(0.01 * limit, rel=1e-3)
+
+
 def test_peer_pooler_equals_torchvision_values_and_gradients():
     """The peer's RoI pooling in training (sparse-matrix RoIAlign, as ISTR's) and in inference
     (the separable one, as ISTR's) is torchvision's, on every FPN level."""

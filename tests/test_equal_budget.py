@@ -24,13 +24,15 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
             for a in ("--set", s)]
     cmd = [sys.executable, str(SCRIPT), "--minutes", "0.2", "--data", str(root), "--out", str(out),
            "--points", "1", "--lrs", "0.01", "--istr-lrs", "1e-3", "--jobs", "2",
-           "--time-images", "2", *sets]
+           "--time-images", "2", "--peer-clip", "5", *sets]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ISTR (best lr)" in proc.stdout and "Mask R-CNN (best lr)" in proc.stdout
+    assert "Mask R-CNN's gradient norm clipped to 5" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_istr_lr"] == 1e-3 and summary["best_peer_lr"] == 0.01
     (istr,), (peer,) = summary["istr"], summary["peers"]
+    assert peer["clip_grad_norm"] == 5 and peer["grad_norm_max"] > 0 and 0 <= peer["clipped"] <= 1
     for run in (istr, peer):
         assert run["iterations"] >= 1 and len(run["curve"]) == 2  # one point during, one at the end
         assert 0 <= run["mask_AP"] <= 1 and 0 <= run["box_AP"] <= 1
