@@ -7,8 +7,8 @@
 Trains ISTR (the ``shapes-cpu`` preset, its own ``--max-minutes`` budget, AdamW) and Mask R-CNN
 on the same backbone (``istr_viz.baseline``, SGD) once per learning rate, each for ``--minutes``
 of training. The peer clips its gradient norm as ISTR does (``train.clip_grad_norm``, 1.0; session
-39 found it worth 6 mask AP to the peer at 20 minutes, and without it every lr over 0.16 diverged
-within 29 iterations; ``--peer-clip 0`` for torchvision's recipe without clipping). Both clocks count everything a step costs (data loading included) and leave the
+39 measured about 6 mask AP for the peer at 20 minutes, one run each, and without it every lr over
+0.16 diverged within 29 iterations; ``--peer-clip 0`` for torchvision's recipe without clipping). Both clocks count everything a step costs (data loading included) and leave the
 evaluations out. Jobs run ``--jobs`` at a time (one per core, one thread each; with 2 each job
 has the other core busy, the same for both models). For each model the learning rate with the
 best final mask AP is kept (the same rule for both; chosen on the val set that is reported; a run
@@ -537,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
                            "test size (both under the same autocast as the timing)")
     p.add_argument("--run", choices=["istr", "peer"], help=argparse.SUPPRESS)  # one job (internal)
     args = p.parse_args(argv)
+    if args.peer_clip is not None and args.peer_clip < 0:
+        p.error(f"--peer-clip must be 0 (off) or positive, got {args.peer_clip:g}")
     if any(item.split("=")[0].strip() == "train.lr" for item in args.set or []):
         p.error("--set train.lr is what --istr-lrs sweeps: give the values there")
     out = Path(args.out).resolve()
