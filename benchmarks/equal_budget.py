@@ -9,8 +9,9 @@ on the same backbone (``istr_viz.baseline``, SGD) once per learning rate, each f
 of training. The peer clips its gradient norm as ISTR does (``train.clip_grad_norm``, 1.0; session
 39 measured about 6 mask AP for the peer at 20 minutes, one run each, and without it every lr over
 0.16 diverged within 29 iterations; ``--peer-clip 0`` for torchvision's recipe without clipping).
-Both clocks count everything a step costs (data loading included) and leave the evaluations out. Jobs run ``--jobs`` at a time (one per core, one thread each; with 2 each job
-has the other core busy, the same for both models). For each model the learning rate with the
+Both clocks count everything a step costs (data loading included) and leave the evaluations out.
+Jobs run ``--jobs`` at a time (one per core, one thread each; with 2 each job has the other core
+busy, the same for both models). For each model the learning rate with the
 best final mask AP is kept (the same rule for both; chosen on the val set that is reported; a run
 that trained more than 5% past the budget, and a last step beyond it, is not eligible).
 Then the two kept models are timed back to back, image by image, at the test size, one image at

@@ -450,8 +450,9 @@ PRESETS: dict[str, Config] = {
         # scored best of 2e-4 / 2.8e-4 / 4e-4 (eb31) and of 4e-4 / 5.6e-4 / 8e-4 (eb32), one run
         # per lr (eb38 then picked 2.8e-4, on a machine that slowed as its runs went, and eb39
         # 5.6e-4, on one that sped up: lr and pace not separated). A start from trained weights
-        # (the train command's default on data of other classes) keeps 2.8e-4: from the shipped model on the second data set, 4e-4 was
-        # 3.3 mask AP behind it at 15 minutes (s37ft: 27.8 against s36ft36's 31.1).
+        # (the train command's default on data of other classes) keeps 2.8e-4: from the shipped
+        # model on the second data set, 4e-4 was 3.3 mask AP behind it at 15 minutes (s37ft: 27.8
+        # against s36ft36's 31.1).
         train=TrainConfig(batch_size=8, lr=4e-4, fine_tune_lr=2.8e-4, backbone_lr_mult=3.0,
                           max_iters=1500,
                           warmup_iters=100,
