@@ -1,7 +1,7 @@
 """ISTR against torchvision's Mask R-CNN at the same CPU training budget, from scratch.
 
     python benchmarks/equal_budget.py [--minutes 20] [--lrs 0.08,0.11,0.16]
-                                      [--istr-lrs 2.8e-4,4e-4,5.6e-4] [--data ROOT]
+                                      [--istr-lrs 2.8e-4,4e-4,5.6e-4] [--repeats 1] [--data ROOT]
                                       [--out runs/equal_budget] [--points 3] [--jobs 2]
 
 Trains ISTR (the ``shapes-cpu`` preset, its own ``--max-minutes`` budget, AdamW) and Mask R-CNN
@@ -11,9 +11,13 @@ of training. The peer clips its gradient norm as ISTR does (``train.clip_grad_no
 0.16 diverged within 29 iterations; ``--peer-clip 0`` for torchvision's recipe without clipping).
 Both clocks count everything a step costs (data loading included) and leave the evaluations out.
 Jobs run ``--jobs`` at a time (one per core, one thread each; with 2 each job has the other core
-busy, the same for both models). For each model the learning rate with the
-best final mask AP is kept (the same rule for both; chosen on the val set that is reported; a run
-that trained more than 5% past the budget, and a last step beyond it, is not eligible).
+busy, the same for both models). ``--repeats K`` trains every learning rate K times, repeat k
+with the seed ``train.seed + k`` (its initial weights and data order). For each model the
+learning rate with the best mean final mask AP over its repeats is kept (the same rule for both;
+chosen on the val set that is reported; a run that trained more than 5% past the budget, and a
+last step beyond it, is not eligible), and the ratio is that of the two means; with repeats the
+report adds each mean's spread and the ratio of every repeat pair. The kept lr's run nearest its
+mean stands for it in the timing.
 Then the two kept models are timed back to back, image by image, at the test size, one image at
 a time, one thread, bf16 autocast where the CPU has it (both with their linear and conv weights
 stored in bf16 first: the same outputs without a cast per call), each with the post-processing
@@ -25,8 +29,11 @@ need; ISTR's network alone is timed too. Writes
 ``OUT/summary.json``, prints a table and saves ``OUT/ap_vs_minutes.png`` (AP against training
 minutes, every run).
 
-``--peer-only`` / ``--istr-only`` run one side (run the other later with the same ``--out`` and
-the timing happens once both are there); ``--report`` only re-reads ``OUT``; ``--time`` redoes
+``OUT/sweep.json`` lists the runs of the benchmark in ``OUT``; the report reads those only, so
+files of an earlier sweep in the same folder stay out of it (and are named). A full run starts a
+new list; ``--peer-only`` / ``--istr-only`` run one side and add its runs to the list (run the
+other later with the same ``--out`` and the timing happens once both are there; or extend a
+sweep by another lr). ``--report`` only re-reads ``OUT``; ``--time`` redoes
 the timing; ``--rescore`` scores every saved model of both kinds again with today's code and
 the preset's test size (after a change to either) and writes ``OUT/peer_rescored.json`` and
 ``OUT/istr_rescored.json`` beside the recorded AP.
@@ -127,6 +134,17 @@ def _istr_forward(model, network_only: bool = False, maskness_power: float = 0.0
     return forward
 
 
+def run_name(kind: str, lr: float, repeat: int = 0) -> str:
+    """File stem of one run in the output folder: ``istr_lr0.0004``, ``peer_lr0.16_r2``
+    (``kind`` "istr" or "peer"; repeat 0 keeps the name runs had before repeats existed)."""
+    return f"{kind}_lr{lr:g}" + (f"_r{repeat}" if repeat else "")
+
+
+def _record_name(record: dict) -> str:
+    kind = "istr" if record["model"] == "istr" else "peer"
+    return run_name(kind, record["lr"], record.get("repeat", 0))
+
+
 def _save_weights(model, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(model.state_dict(), tmp)
@@ -134,8 +152,9 @@ def _save_weights(model, path: Path) -> None:
 
 
 def run_peer(args) -> None:
-    """Train and evaluate Mask R-CNN at one learning rate; write OUT/peer_lr{lr}.json and the
-    weights OUT/peer_lr{lr}.pt (for the timing)."""
+    """Train and evaluate Mask R-CNN at one learning rate (repeat ``args.repeat``: seed
+    ``train.seed`` plus it); write OUT/peer_lr{lr}[_r{k}].json and the weights
+    OUT/peer_lr{lr}[_r{k}].pt (for the timing)."""
     from istr_viz.baseline import build_mask_rcnn, mask_rcnn_results, train_mask_rcnn
     from istr_viz.config import apply_overrides, get_preset
     from istr_viz.data.batching import padding_options
@@ -143,7 +162,8 @@ def run_peer(args) -> None:
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset), args.set or [])
     train, val, val_paths = _datasets(cfg, args.data)
-    torch.manual_seed(cfg.train.seed)
+    seed = cfg.train.seed + args.repeat
+    torch.manual_seed(seed)
     model = build_mask_rcnn(cfg, len(train.annotations.class_names))
     # the gradient clipping ISTR trains with, unless told otherwise
     clip = cfg.train.clip_grad_norm if args.peer_clip is None else args.peer_clip
@@ -157,25 +177,28 @@ def run_peer(args) -> None:
 
     points = tuple(args.minutes * k / (args.points + 1) for k in range(1, args.points + 1))
     run = train_mask_rcnn(model, train, args.minutes, args.lr, batch_size=cfg.train.batch_size,
-                          amp=cfg.train.amp, seed=cfg.train.seed, checkpoints=points,
+                          amp=cfg.train.amp, seed=seed, checkpoints=points,
                           on_checkpoint=evaluate, num_workers=cfg.data.num_workers,
                           clip_grad_norm=clip,
                           **padding_options(cfg.data, train.annotations))
     evaluate(run["minutes"], run["iterations"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _save_weights(model, out / f"peer_lr{args.lr:g}.pt")
-    record = {"model": "mask_rcnn", "lr": args.lr, "clip_grad_norm": clip, **run,
+    name = run_name("peer", args.lr, args.repeat)
+    _save_weights(model, out / f"{name}.pt")
+    record = {"model": "mask_rcnn", "lr": args.lr, "repeat": args.repeat, "seed": seed,
+              "clip_grad_norm": clip, **run,
               "budget_minutes": args.minutes,
               "set": args.set or [], "eval_images": args.eval_images, "curve": curve,
               "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    _write(out / f"peer_lr{args.lr:g}.json", record)
+    _write(out / f"{name}.json", record)
 
 
 def run_istr(args) -> None:
-    """Train ISTR at one learning rate with the engine, evaluate the final stage at ``--points``
-    evenly spaced points and the end; write OUT/istr_lr{lr}.json. The basis fit is part of
+    """Train ISTR at one learning rate with the engine (repeat ``args.repeat``: seed
+    ``train.seed`` plus it), evaluate the final stage at ``--points`` evenly spaced points and
+    the end; write OUT/istr_lr{lr}[_r{k}].json. The basis fit is part of
     ISTR's training, so it is timed and taken off the engine's ``--max-minutes`` budget; minutes
     are measured (the fit plus the engine's ``train_s``, evaluations left out). A diverged run
     is recorded (``diverged``, AP 0 at the end), not lost."""
@@ -187,11 +210,14 @@ def run_istr(args) -> None:
     from istr_viz.predictor import load_model
 
     train_paths, val_paths = _paths(args.data)
+    seed = apply_overrides(get_preset(args.preset), args.set or []).train.seed + args.repeat
     cfg = apply_overrides(get_preset(args.preset), (args.set or []) + [
         f"train.lr={args.lr}", f"train.eval_points={args.points}",
-        f"train.eval_max_images={args.eval_images or 0}", f"train.threads={args.threads}"])
+        f"train.eval_max_images={args.eval_images or 0}", f"train.threads={args.threads}",
+        f"train.seed={seed}"])
     torch.set_num_threads(args.threads)
-    out_dir = Path(args.out) / f"istr_lr{args.lr:g}"
+    name = run_name("istr", args.lr, args.repeat)
+    out_dir = Path(args.out) / name
     t0 = time.perf_counter()
     masks = instance_masks(load_annotations(train_paths.ann_file), cfg.basis.mask_size,
                            progress=False)
@@ -215,7 +241,8 @@ def run_istr(args) -> None:
                       "box_AP": 0.0, "mask_AP": 0.0})
     last_ckpt = out_dir / "last.pt"
     model = load_model(last_ckpt, device="cpu")[0] if last_ckpt.exists() else None
-    record = {"model": "istr", "lr": cfg.train.lr, "iterations": curve[-1]["iteration"],
+    record = {"model": "istr", "lr": cfg.train.lr, "repeat": args.repeat, "seed": seed,
+              "iterations": curve[-1]["iteration"],
               "minutes": curve[-1]["minutes"], "basis_fit_minutes": fit_minutes,
               "budget_minutes": args.minutes, "set": args.set or [], "diverged": diverged,
               "curve": curve, "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
@@ -223,13 +250,45 @@ def run_istr(args) -> None:
               "eval_images": args.eval_images,
               "checkpoint": str(last_ckpt.resolve()),
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6 if model else None}
-    _write(Path(args.out) / f"istr_lr{args.lr:g}.json", record)
+    _write(Path(args.out) / f"{name}.json", record)
+
+
+MANIFEST = "sweep.json"  # {"istr": [run names], "peer": [run names]}: the benchmark in OUT
+
+
+def _listed(out: Path) -> dict[str, list[str]] | None:
+    """The run names of OUT/sweep.json by side, or None for a folder written before it existed
+    (then every run file in it counts)."""
+    path = out / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def list_runs(out: Path, names: dict[str, list[str]], new_sweep: bool) -> None:
+    """Record in OUT/sweep.json the runs a launch makes (``names`` by side, "istr" / "peer"):
+    a new sweep replaces the list, a one-sided launch adds its runs to it."""
+    listed = {"istr": [], "peer": []} if new_sweep else (_listed(out) or {"istr": [], "peer": []})
+    for side, new in names.items():
+        listed[side] = [n for n in listed.get(side, []) if n not in new] + new
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps(listed, indent=2))
+
+
+def _run_files(out: Path, kind: str) -> tuple[list[Path], list[Path]]:
+    """OUT's ``kind`` ("istr" / "peer") run files: those of the listed sweep, and the others."""
+    paths = [p for p in sorted(out.glob(f"{kind}_lr*.json"))]
+    listed = _listed(out)
+    if listed is None:
+        return paths, []
+    names = set(listed.get(kind, []))
+    return [p for p in paths if p.stem in names], [p for p in paths if p.stem not in names]
 
 
 def _records(out: Path) -> tuple[list[dict], list[dict]]:
-    istr = [json.loads(p.read_text()) for p in sorted(out.glob("istr_lr*.json"))]
-    peers = [json.loads(p.read_text()) for p in sorted(out.glob("peer_lr*.json"))]
-    return istr, peers
+    """The ISTR and the Mask R-CNN records of the sweep in ``out``, each sorted by lr, repeat."""
+    def read(kind):
+        records = [json.loads(p.read_text()) for p in _run_files(out, kind)[0]]
+        return sorted(records, key=lambda r: (r["lr"], r.get("repeat", 0)))
+    return read("istr"), read("peer")
 
 
 _SLACK_MINUTES = 0.05  # 3 s: one slow step or a scheduling hiccup at the end of a run
@@ -244,18 +303,45 @@ def _over_budget(record: dict) -> bool:
     return record["minutes"] > 1.05 * record["budget_minutes"] + max(step, _SLACK_MINUTES)
 
 
+def by_lr(records: list[dict]) -> dict[float, list[dict]]:
+    """The runs that kept to the budget, grouped by learning rate (its repeats)."""
+    groups: dict[float, list[dict]] = {}
+    for r in records:
+        if not _over_budget(r):
+            groups.setdefault(r["lr"], []).append(r)
+    return groups
+
+
+def _mean_ap(runs: list[dict], key: str = "mask_AP") -> float:
+    return statistics.fmean(r[key] for r in runs)
+
+
+def best_lr(records: list[dict]) -> tuple[float, list[dict]] | None:
+    """The learning rate with the best mean final mask AP over its repeats, among the runs
+    that kept to the budget, and its runs; None when no run did."""
+    groups = by_lr(records)
+    if not groups:
+        return None
+    lr = max(groups, key=lambda v: _mean_ap(groups[v]))
+    return lr, groups[lr]
+
+
 def _best(records: list[dict]) -> dict | None:
-    """The run with the best final mask AP among those that kept to the budget."""
-    return max((r for r in records if not _over_budget(r)), key=lambda r: r["mask_AP"],
-               default=None)
+    """The run that stands for the best lr (``best_lr``): the one whose final mask AP is
+    nearest the lr's mean (with one repeat, its only run)."""
+    kept = best_lr(records)
+    if kept is None:
+        return None
+    mean = _mean_ap(kept[1])
+    return min(kept[1], key=lambda r: (abs(r["mask_AP"] - mean), r.get("repeat", 0)))
 
 
 def sweep_warning(records: list[dict]) -> str | None:
     """A warning about one model's learning-rate sweep (``records``: its runs), or None when
     the sweep looks sound. Only runs that kept to the budget count. Warns when every run
     diverged, when fewer than two learning rates trained, and when the best run's lr (the best
-    final mask AP among the runs that did not diverge) is the lowest or highest of the sweep,
-    so that the best may lie beyond it."""
+    mean final mask AP among the runs that did not diverge) is the lowest or highest of the
+    sweep, so that the best may lie beyond it."""
     eligible = [r for r in records if not _over_budget(r)]
     if not eligible:
         return None
@@ -267,11 +353,11 @@ def sweep_warning(records: list[dict]) -> str | None:
         return f"warning: every {name} run diverged (lr {listed}): sweep lower learning rates"
     if len(lrs) < 2:
         return f"warning: {name} trained at one lr only ({listed}): that is not a sweep"
-    best = max(trained, key=lambda r: r["mask_AP"])
-    if lrs[0] < best["lr"] < lrs[-1]:
+    best, _ = best_lr(trained)
+    if lrs[0] < best < lrs[-1]:
         return None
-    side, step = ("lowest", "lower") if best["lr"] == lrs[0] else ("highest", "higher")
-    return (f"warning: {name}'s best lr {best['lr']:g} is the {side} of its sweep ({listed}): "
+    side, step = ("lowest", "lower") if best == lrs[0] else ("highest", "higher")
+    return (f"warning: {name}'s best lr {best:g} is the {side} of its sweep ({listed}): "
             f"a {step} one may be better")
 
 
@@ -319,7 +405,8 @@ def time_best(out: Path, args) -> dict:
     train, val, _ = _datasets(cfg, args.data)
     # scored as the preset scores, as --rescore does
     istr_power = apply_overrides(get_preset(args.preset), istr["set"]).model.maskness_power
-    peer_state = torch.load(out / f"peer_lr{peer['lr']:g}.pt", map_location="cpu", weights_only=True)
+    peer_state = torch.load(out / f"{_record_name(peer)}.pt", map_location="cpu",
+                            weights_only=True)
     forwards = {}
     for kernel in KERNELS:
         istr_model, _ = load_model(istr["checkpoint"], device="cpu")
@@ -333,7 +420,8 @@ def time_best(out: Path, args) -> dict:
     forwards["istr_network"] = _istr_forward(istr_model, network_only=True)
     images = [val[i][0] for i in range(min(args.time_images, len(val)))]
     times = {name: statistics.median(t) for name, t in time_interleaved(forwards, images).items()}
-    timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "images": len(images),
+    timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "istr_run": _record_name(istr),
+              "peer_run": _record_name(peer), "images": len(images),
               "threads": args.threads, "test_min_size": cfg.data.test_min_size,
               "test_max_size": cfg.data.test_max_size}
     for model in ("istr", "mask_rcnn"):
@@ -348,11 +436,12 @@ def time_best(out: Path, args) -> dict:
 
 def _rescored_row(record: dict, ap: dict, test_size: int, amp: bool) -> dict:
     name = "ISTR" if record["model"] == "istr" else "Mask R-CNN"
-    row = {"lr": record["lr"], "test_min_size": test_size, "amp": amp,
+    row = {"lr": record["lr"], "repeat": record.get("repeat", 0), "run": _record_name(record),
+           "test_min_size": test_size, "amp": amp,
            "recorded_box_AP": record["box_AP"],
            "recorded_mask_AP": record["mask_AP"], "box_AP": ap["bbox"]["AP"],
            "mask_AP": ap["segm"]["AP"]}
-    print(f"{name} lr {record['lr']:g} at {test_size} px: box AP {100 * record['box_AP']:.1f} -> "
+    print(f"{name} {_record_name(record)} at {test_size} px: box AP {100 * record['box_AP']:.1f} -> "
           f"{100 * row['box_AP']:.1f}, mask AP {100 * record['mask_AP']:.1f} -> "
           f"{100 * row['mask_AP']:.1f}")
     return row
@@ -383,7 +472,7 @@ def rescore(out: Path, args) -> dict[str, list[dict]]:
         cfg = apply_overrides(get_preset(args.preset), record["set"] + extra)  # as it was trained
         train, val, val_paths = _datasets(cfg, args.data)
         model = build_mask_rcnn(cfg, len(train.annotations.class_names))
-        model.load_state_dict(torch.load(out / f"peer_lr{record['lr']:g}.pt", map_location="cpu",
+        model.load_state_dict(torch.load(out / f"{_record_name(record)}.pt", map_location="cpu",
                                          weights_only=True))
         ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp,
                                                    max_images=record.get("eval_images")))
@@ -415,16 +504,29 @@ def _write(path: Path, record: dict) -> None:
     print(f"wrote {path}")
 
 
+def _spread(runs: list[dict]) -> str:
+    aps = [100 * r["mask_AP"] for r in runs]
+    if len(aps) == 1:
+        return f"{aps[0]:.1f}"
+    return f"{statistics.fmean(aps):.1f} +- {statistics.stdev(aps):.1f} ({min(aps):.1f}-{max(aps):.1f})"
+
+
 def report(out: Path) -> dict:
-    """Table, plot and summary.json from the per-run files in ``out``."""
+    """Table, plot and summary.json from the per-run files of the sweep in ``out``."""
     from istr_viz.viz.figures import new_figure
 
+    left_out = [p.name for kind in ("istr", "peer") for p in _run_files(out, kind)[1]]
+    if left_out:
+        print(f"not in this sweep ({MANIFEST}), left out: {', '.join(left_out)}", file=sys.stderr)
     istr_runs, peers = _records(out)
     istr, best = _best(istr_runs), _best(peers)
+    istr_kept, peer_kept = best_lr(istr_runs), best_lr(peers)
     timing_path = out / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    if timing and (timing["istr_lr"] != (istr or {}).get("lr")
-                   or timing["peer_lr"] != (best or {}).get("lr")):
+    timed = (timing.get("istr_run", run_name("istr", timing["istr_lr"])),
+             timing.get("peer_run", run_name("peer", timing["peer_lr"]))) if timing else None
+    if timed and (istr is None or best is None
+                  or timed != (_record_name(istr), _record_name(best))):
         timing = {}  # timed before another run changed the best: time again with --time
     ms = {"istr": timing.get("istr_ms"), "mask_rcnn": timing.get("mask_rcnn_ms")}
     budgets = {r["budget_minutes"] for r in istr_runs + peers}
@@ -433,48 +535,78 @@ def report(out: Path) -> dict:
               file=sys.stderr)
     for r in istr_runs + peers:
         if _over_budget(r):
-            print(f"warning: {r['model']} lr {r['lr']:g} trained {r['minutes']:.1f} of its "
+            print(f"warning: {_record_name(r)} trained {r['minutes']:.1f} of its "
                   f"{r['budget_minutes']:g} minutes: not eligible as the best lr", file=sys.stderr)
-    print(f"{'model':<26} {'lr':>8} {'iters':>6} {'minutes':>7} {'box AP':>7} {'mask AP':>8} "
-          f"{'infer ms':>9}")
+    kept_lrs = {"istr": istr_kept[0] if istr_kept else None,
+                "mask_rcnn": peer_kept[0] if peer_kept else None}
+    print(f"{'model':<26} {'lr':>8} {'rep':>3} {'iters':>6} {'minutes':>7} {'box AP':>7} "
+          f"{'mask AP':>8} {'infer ms':>9}")
     for r in istr_runs + peers:
-        kept = r is istr or r is best
         name = ("ISTR" if r["model"] == "istr" else "Mask R-CNN") + (
-            " (best lr)" if kept else " (over budget)" if _over_budget(r) else "")
-        infer = f"{ms[r['model']]:.1f}" if kept and ms[r["model"]] else "-"
-        print(f"{name:<26} {r['lr']:>8g} {r['iterations']:>6} {r['minutes']:>7.1f} "
-              f"{100 * r['box_AP']:>7.1f} {100 * r['mask_AP']:>8.1f} {infer:>9}")
+            " (over budget)" if _over_budget(r) else
+            " (best lr)" if r["lr"] == kept_lrs[r["model"]] else "")
+        timed = r is istr or r is best
+        infer = f"{ms[r['model']]:.1f}" if timed and ms[r["model"]] else "-"
+        print(f"{name:<26} {r['lr']:>8g} {r.get('repeat', 0):>3} {r['iterations']:>6} "
+              f"{r['minutes']:>7.1f} {100 * r['box_AP']:>7.1f} {100 * r['mask_AP']:>8.1f} "
+              f"{infer:>9}")
+    repeated = any(len(runs) > 1 for records in (istr_runs, peers)
+                   for runs in by_lr(records).values())
+    if repeated:
+        print("mean final mask AP per lr over its repeats (+- standard deviation, range):")
+        for records in (istr_runs, peers):
+            for lr, runs in sorted(by_lr(records).items()):
+                model = "ISTR" if runs[0]["model"] == "istr" else "Mask R-CNN"
+                print(f"  {model:<11} lr {lr:<8g} {len(runs)} runs: {_spread(runs)}")
     clips = sorted({r.get("clip_grad_norm", 0.0) for r in peers})
     if clips:
         print("Mask R-CNN's gradient norm clipped to " + " / ".join(f"{c:g}" for c in clips)
               + " (0: not clipped)" + (": the runs mixed clipping settings" if len(clips) > 1
                                         else ""))
-    summary = {"istr": istr_runs, "peers": peers, "best_istr_lr": istr["lr"] if istr else None,
-               "best_peer_lr": best["lr"] if best else None, "timing": timing or None}
+    summary = {"istr": istr_runs, "peers": peers, "best_istr_lr": kept_lrs["istr"],
+               "best_peer_lr": kept_lrs["mask_rcnn"], "timing": timing or None}
     if istr and best:
-        summary["mask_AP_ratio"] = istr["mask_AP"] / max(best["mask_AP"], 1e-9)
+        istr_mean, peer_mean = _mean_ap(istr_kept[1]), _mean_ap(peer_kept[1])
+        summary.update({"istr_mask_APs": [r["mask_AP"] for r in istr_kept[1]],
+                        "peer_mask_APs": [r["mask_AP"] for r in peer_kept[1]],
+                        "istr_mean_mask_AP": istr_mean, "peer_mean_mask_AP": peer_mean,
+                        "mask_AP_ratio": istr_mean / max(peer_mean, 1e-9)})
         line = f"ISTR / Mask R-CNN (best lr each): mask AP x{summary['mask_AP_ratio']:.2f}"
+        if len(istr_kept[1]) > 1 or len(peer_kept[1]) > 1:
+            line += (f" (means {100 * istr_mean:.1f} over {len(istr_kept[1])} runs against "
+                     f"{100 * peer_mean:.1f} over {len(peer_kept[1])})")
+        peer_by_repeat = {r.get("repeat", 0): r for r in peer_kept[1]}
+        pairs = {k: r["mask_AP"] / max(peer_by_repeat[k]["mask_AP"], 1e-9)
+                 for k, r in ((r.get("repeat", 0), r) for r in istr_kept[1])
+                 if k in peer_by_repeat}
+        if len(pairs) > 1:
+            summary["pair_ratios"] = {str(k): v for k, v in sorted(pairs.items())}
+            line += (f"; repeat by repeat x{min(pairs.values()):.2f}-x{max(pairs.values()):.2f}")
         if timing:
             summary["infer_ratio"] = timing["istr_ms"] / timing["mask_rcnn_ms"]
             line += f", inference time x{summary['infer_ratio']:.2f}"
         print(line)
-        rescored = {name: {r["lr"]: r for r in (json.loads(path.read_text())
-                                                if path.exists() else [])}
-                    for name, path in (("peer", out / "peer_rescored.json"),
-                                       ("istr", out / "istr_rescored.json"))}
-        if best["lr"] in rescored["peer"] and istr["lr"] in rescored["istr"]:
-            # --rescore: both kept models scored again by today's code at today's test size
-            # (the kept lrs stay those chosen by the recorded AP)
-            peer_now, istr_now = rescored["peer"][best["lr"]], rescored["istr"][istr["lr"]]
+        rescored = {}
+        for name in ("peer", "istr"):
+            path = out / f"{name}_rescored.json"
+            rows = json.loads(path.read_text()) if path.exists() else []
+            rescored[name] = {row.get("run", run_name(name, row["lr"])): row for row in rows}
+        now = {side: [rescored[side][_record_name(r)] for r in runs
+                      if _record_name(r) in rescored[side]]
+               for side, runs in (("istr", istr_kept[1]), ("peer", peer_kept[1]))}
+        if all(len(now[side]) == len(runs) for side, runs in (("istr", istr_kept[1]),
+                                                                ("peer", peer_kept[1]))):
+            # --rescore: every run of both kept lrs scored again by today's code at today's
+            # test size (the kept lrs stay those chosen by the recorded AP)
+            istr_now, peer_now = _mean_ap(now["istr"]), _mean_ap(now["peer"])
             summary["peer_rescored"] = list(rescored["peer"].values())
             summary["istr_rescored"] = list(rescored["istr"].values())
-            summary["mask_AP_ratio_rescored"] = istr_now["mask_AP"] / max(
-                peer_now["mask_AP"], 1e-9)
-            print(f"both kept models scored again by today's code at "
-                  f"{peer_now.get('test_min_size', '?')} px (*_rescored.json): mask AP "
-                  f"{100 * istr_now['mask_AP']:.1f} against {100 * peer_now['mask_AP']:.1f}, "
+            summary["mask_AP_ratio_rescored"] = istr_now / max(peer_now, 1e-9)
+            print(f"both kept lrs' runs scored again by today's code at "
+                  f"{now['peer'][0].get('test_min_size', '?')} px (*_rescored.json): mask AP "
+                  f"{100 * istr_now:.1f} against {100 * peer_now:.1f}, "
                   f"x{summary['mask_AP_ratio_rescored']:.2f}")
-        if best["mask_AP"] < 0.05:
+        if peer_mean < 0.05:
             print("warning: the peer is below 0.05 mask AP: broken, not beaten")
     for records in (istr_runs, peers):
         warning = sweep_warning(records)
@@ -483,11 +615,12 @@ def report(out: Path) -> dict:
     fig, axes = new_figure(1, 2, size_per_panel=(4.2, 3.2))
     for ax, key, title in zip(axes.flat, ("mask_AP", "box_AP"), ("mask AP", "box AP")):
         for r in istr_runs + peers:
-            label = f"{'ISTR' if r['model'] == 'istr' else 'Mask R-CNN'} lr {r['lr']:g}"
+            label = f"{'ISTR' if r['model'] == 'istr' else 'Mask R-CNN'} lr {r['lr']:g}" + (
+                f" r{r['repeat']}" if r.get("repeat") else "")
             xs = [0.0] + [c["minutes"] for c in r["curve"]]
             ys = [0.0] + [100 * c[key] for c in r["curve"]]
             ax.plot(xs, ys, marker="o" if r["model"] == "istr" else "s", label=label,
-                    lw=2.2 if r is istr or r is best else 1.0,
+                    lw=2.2 if r["lr"] == kept_lrs[r["model"]] else 1.0,
                     ls="-" if r["model"] == "istr" else "--")
         ax.set_xlabel("training minutes")
         ax.set_ylabel(title)
@@ -512,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     # (0.08 / 0.11 / 0.16 / 0.22 / 0.31: 21.3 / 22.6 / 21.9 / 16.6 / 16.9 mask AP)
     p.add_argument("--lrs", default="0.08,0.11,0.16", help="Mask R-CNN SGD learning rates")
     p.add_argument("--istr-lrs", default="2.8e-4,4e-4,5.6e-4", help="ISTR AdamW learning rates")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per learning rate, repeat k with the seed train.seed + k; the best "
+                        "lr is the best by its mean final mask AP")
     p.add_argument("--peer-clip", type=float, default=None,
                    help="clip Mask R-CNN's gradient norm to this before each step (0: off; "
                         "default: ISTR's train.clip_grad_norm, 1.0 in the presets)")
@@ -537,7 +673,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="score the saved models of both kinds again with today's code and "
                            "test size (both under the same autocast as the timing)")
     p.add_argument("--run", choices=["istr", "peer"], help=argparse.SUPPRESS)  # one job (internal)
+    p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)  # its repeat (internal)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.peer_clip is not None and args.peer_clip < 0:
         p.error(f"--peer-clip must be 0 (off) or positive, got {args.peer_clip:g}")
     if any(item.split("=")[0].strip() == "train.lr" for item in args.set or []):
@@ -569,17 +708,22 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.set or []:
             common += ["--set", item]
         istr_jobs = [] if args.peer_only else [
-            (f"istr_lr{float(lr):g}", common + ["--run", "istr", "--lr", lr])
-            for lr in args.istr_lrs.split(",")]
+            (run_name("istr", float(lr), k), common + ["--run", "istr", "--lr", lr,
+                                                       "--repeat", str(k)])
+            for k in range(args.repeats) for lr in args.istr_lrs.split(",")]
         peer_jobs = [] if args.istr_only else [
-            (f"peer_lr{float(lr):g}", common + ["--run", "peer", "--lr", lr])
-            for lr in args.lrs.split(",")]
+            (run_name("peer", float(lr), k), common + ["--run", "peer", "--lr", lr,
+                                                       "--repeat", str(k)])
+            for k in range(args.repeats) for lr in args.lrs.split(",")]
         # alternate the two models, so that with 2 jobs at a time each runs beside the other
         jobs = [job for pair in itertools.zip_longest(istr_jobs, peer_jobs) for job in pair if job]
         _paths(args.data)  # the built-in data set is written here once, not by every job
         out.mkdir(parents=True, exist_ok=True)
         for name, _ in jobs:  # results of an earlier run under these names are replaced
             (out / f"{name}.json").unlink(missing_ok=True)
+        list_runs(out, {side: [name for name, _ in side_jobs] for side, side_jobs
+                        in (("istr", istr_jobs), ("peer", peer_jobs)) if side_jobs},
+                  new_sweep=not (args.peer_only or args.istr_only))
         (out / "timing.json").unlink(missing_ok=True)
         running: list[subprocess.Popen] = []
         started: list[tuple[str, subprocess.Popen]] = []

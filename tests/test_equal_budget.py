@@ -1,5 +1,5 @@
-"""The equal-budget benchmark end to end on a tiny data set: both models, one learning rate each,
-the back-to-back timing, the table, the plot and summary.json."""
+"""The equal-budget benchmark end to end on a tiny data set: both models, one learning rate each
+(two repeats), the back-to-back timing, the table, the plot and summary.json."""
 
 from __future__ import annotations
 
@@ -24,23 +24,33 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
             for a in ("--set", s)]
     cmd = [sys.executable, str(SCRIPT), "--minutes", "0.2", "--data", str(root), "--out", str(out),
            "--points", "1", "--lrs", "0.01", "--istr-lrs", "1e-3", "--jobs", "2",
-           "--time-images", "2", "--peer-clip", "5", *sets]
+           "--time-images", "2", "--peer-clip", "5", "--repeats", "2", *sets]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ISTR (best lr)" in proc.stdout and "Mask R-CNN (best lr)" in proc.stdout
     assert "Mask R-CNN's gradient norm clipped to 5" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_istr_lr"] == 1e-3 and summary["best_peer_lr"] == 0.01
-    (istr,), (peer,) = summary["istr"], summary["peers"]
+    istr, istr_again = summary["istr"]
+    peer, peer_again = summary["peers"]
+    assert json.loads((out / "sweep.json").read_text()) == {
+        "istr": ["istr_lr0.001", "istr_lr0.001_r1"], "peer": ["peer_lr0.01", "peer_lr0.01_r1"]}
+    for first, second in ((istr, istr_again), (peer, peer_again)):  # repeat k: seed + k
+        assert (first["repeat"], second["repeat"]) == (0, 1)
+        assert second["seed"] == first["seed"] + 1
+    assert len(summary["istr_mask_APs"]) == len(summary["peer_mask_APs"]) == 2
+    assert set(summary["pair_ratios"]) == {"0", "1"}
     assert peer["clip_grad_norm"] == 5 and peer["grad_norm_max"] > 0 and 0 <= peer["clipped"] <= 1
-    for run in (istr, peer):
+    for run in (istr, peer, istr_again, peer_again):
         assert run["iterations"] >= 1 and len(run["curve"]) == 2  # one point during, one at the end
         assert 0 <= run["mask_AP"] <= 1 and 0 <= run["box_AP"] <= 1
         minutes = [c["minutes"] for c in run["curve"]]
         assert minutes == sorted(minutes) and minutes[-1] > 0
     # measured training minutes, evaluations left out: the ISTR run stops near its budget
     assert 0.1 < istr["minutes"] < 0.4 and istr["basis_fit_minutes"] > 0
+    assert (out / "istr_lr0.001_r1" / "last.pt").exists()
     timing = summary["timing"]
+    assert timing["istr_run"] in ("istr_lr0.001", "istr_lr0.001_r1")
     assert timing["images"] == 2 and timing["istr_ms"] > 0 and timing["mask_rcnn_ms"] > 0
     assert 0 < timing["istr_network_ms"]
     for model in ("istr", "mask_rcnn"):  # each timed with both RoIAlign kernels, the faster kept
@@ -48,7 +58,7 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
         assert set(by_kernel) == {"separable", "torchvision"}
         assert timing[f"{model}_ms"] == min(by_kernel.values()) == by_kernel[timing[f"{model}_kernel"]]
     assert (out / "ap_vs_minutes.png").stat().st_size > 0
-    assert (out / f"peer_lr0.01.pt").exists()
+    assert (out / "peer_lr0.01.pt").exists() and (out / "peer_lr0.01_r1.pt").exists()
     # --report alone re-reads the folder and gives the same numbers
     again = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
@@ -59,11 +69,13 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
                               timeout=300)
     assert rescored.returncode == 0, rescored.stderr[-2000:]
     for name, lr in (("peer", 0.01), ("istr", 1e-3)):
-        (row,) = json.loads((out / f"{name}_rescored.json").read_text())
-        assert row["lr"] == lr and row["test_min_size"] == 64
-        assert row["mask_AP"] == pytest.approx(row["recorded_mask_AP"], abs=1e-9)
-        assert row["box_AP"] == pytest.approx(row["recorded_box_AP"], abs=1e-9)
-    assert "both kept models scored again by today's code at 64 px" in rescored.stdout
+        rows = json.loads((out / f"{name}_rescored.json").read_text())
+        assert [row["run"] for row in rows] == [f"{name}_lr{lr:g}", f"{name}_lr{lr:g}_r1"]
+        for row in rows:
+            assert row["lr"] == lr and row["test_min_size"] == 64
+            assert row["mask_AP"] == pytest.approx(row["recorded_mask_AP"], abs=1e-9)
+            assert row["box_AP"] == pytest.approx(row["recorded_box_AP"], abs=1e-9)
+    assert "both kept lrs' runs scored again by today's code at 64 px" in rescored.stdout
     rescored_summary = json.loads((out / "summary.json").read_text())
     assert rescored_summary["mask_AP_ratio_rescored"] == pytest.approx(
         rescored_summary["mask_AP_ratio"])
@@ -74,8 +86,8 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
                             timeout=300)
     assert bigger.returncode == 0, bigger.stderr[-2000:]
     for name in ("peer", "istr"):
-        (row,) = json.loads((out / f"{name}_rescored.json").read_text())
-        assert row["test_min_size"] == 96
+        rows = json.loads((out / f"{name}_rescored.json").read_text())
+        assert len(rows) == 2 and all(row["test_min_size"] == 96 for row in rows)
 
 
 def _bench():
@@ -215,3 +227,82 @@ def test_report_prints_the_sweep_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Mask R-CNN's best lr 0.06 is the lowest of its sweep (0.06, 0.11)" in proc.stderr
     assert "ISTR's" not in proc.stderr and "ISTR trained" not in proc.stderr
+
+
+def _write_runs(folder: Path, runs: dict[str, dict]) -> None:
+    for name, record in runs.items():
+        (folder / f"{name}.json").write_text(json.dumps(record))
+
+
+def _report(folder: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(folder)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads((folder / "summary.json").read_text())
+
+
+def test_repeats_pick_the_lr_with_the_best_mean_and_report_its_spread(tmp_path):
+    """With repeats the best lr is the best by its mean, not by its luckiest run: 4e-4's single
+    best run (0.40) loses to 2e-4's steadier mean; the ratio is that of the two means, the run
+    nearest the mean stands for the lr, and each repeat pair gets its own ratio."""
+    bench = _bench()
+    rep = lambda model, lr, ap, k: dict(_record(model, lr, 20.0, ap), repeat=k)
+    istr = {(2e-4, 0): 0.30, (2e-4, 1): 0.32, (2e-4, 2): 0.34,
+            (4e-4, 0): 0.40, (4e-4, 1): 0.20, (4e-4, 2): 0.21}
+    peer = {(0.1, 0): 0.20, (0.1, 1): 0.25, (0.1, 2): 0.21, (0.2, 0): 0.05, (0.2, 1): 0.30,
+            (0.2, 2): 0.05}
+    runs = {bench.run_name("istr", lr, k): rep("istr", lr, ap, k) for (lr, k), ap in istr.items()}
+    runs |= {bench.run_name("peer", lr, k): rep("mask_rcnn", lr, ap, k)
+             for (lr, k), ap in peer.items()}
+    assert "istr_lr0.0002_r2" in runs and "peer_lr0.1" in runs  # repeat 0 keeps the old name
+    _write_runs(tmp_path, runs)
+    proc, summary = _report(tmp_path)
+    assert summary["best_istr_lr"] == 2e-4 and summary["best_peer_lr"] == 0.1
+    assert summary["istr_mean_mask_AP"] == pytest.approx(0.32)
+    assert summary["peer_mean_mask_AP"] == pytest.approx(0.22)
+    assert summary["mask_AP_ratio"] == pytest.approx(0.32 / 0.22)
+    assert summary["pair_ratios"] == pytest.approx({"0": 1.5, "1": 0.32 / 0.25, "2": 0.34 / 0.21})
+    assert "x1.45 (means 32.0 over 3 runs against 22.0 over 3)" in proc.stdout
+    assert "repeat by repeat x1.28-x1.62" in proc.stdout
+    assert "ISTR        lr 0.0002   3 runs: 32.0 +- 2.0 (30.0-34.0)" in proc.stdout
+    # the run nearest the mean stands for the lr (the timing's and the rescore's run)
+    assert bench._best(summary["istr"])["repeat"] == 1
+    assert bench._best(summary["peers"])["repeat"] == 2
+    # 2e-4 is the lowest lr: the warning follows the mean too
+    assert "ISTR's best lr 0.0002 is the lowest of its sweep" in proc.stderr
+    # scored again (--rescore's files): the ratio of the kept lrs' means, by today's scores
+    for side, kind, table, lr in (("istr", "istr", istr, 2e-4), ("peer", "peer", peer, 0.1)):
+        rows = [{"run": bench.run_name(kind, lr, k), "lr": lr, "repeat": k, "test_min_size": 240,
+                 "mask_AP": table[(lr, k)] + 0.01, "box_AP": 0.0} for k in range(3)]
+        (tmp_path / f"{side}_rescored.json").write_text(json.dumps(rows))
+    proc, summary = _report(tmp_path)
+    assert summary["mask_AP_ratio_rescored"] == pytest.approx(0.33 / 0.23)
+    assert "at 240 px (*_rescored.json): mask AP 33.0 against 23.0, x1.43" in proc.stdout
+
+
+def test_report_reads_only_the_listed_sweep(tmp_path):
+    """Runs of an earlier sweep in the same folder (here a peer at 0.22 that would win) stay out
+    of the report and are named; a one-sided launch adds to the list, a full one starts anew."""
+    bench = _bench()
+    _write_runs(tmp_path, {"istr_lr0.0004": _record("istr", 4e-4, 20.0, 0.3),
+                           "peer_lr0.16": _record("mask_rcnn", 0.16, 20.0, 0.2),
+                           "peer_lr0.22": _record("mask_rcnn", 0.22, 20.0, 0.25)})
+    _, summary = _report(tmp_path)  # a folder from before the list existed: every file counts
+    assert summary["best_peer_lr"] == 0.22
+    bench.list_runs(tmp_path, {"istr": ["istr_lr0.0004"], "peer": ["peer_lr0.16"]},
+                    new_sweep=True)
+    proc, summary = _report(tmp_path)
+    assert summary["best_peer_lr"] == 0.16 and len(summary["peers"]) == 1
+    assert "left out: peer_lr0.22.json" in proc.stderr
+    bench.list_runs(tmp_path, {"peer": ["peer_lr0.22"]}, new_sweep=False)  # --peer-only adds
+    assert json.loads((tmp_path / "sweep.json").read_text()) == {
+        "istr": ["istr_lr0.0004"], "peer": ["peer_lr0.16", "peer_lr0.22"]}
+    bench.list_runs(tmp_path, {"istr": ["istr_lr0.0004"], "peer": ["peer_lr0.16"]},
+                    new_sweep=True)
+    assert json.loads((tmp_path / "sweep.json").read_text())["peer"] == ["peer_lr0.16"]
+
+
+def test_repeats_must_be_positive(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--repeats", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--repeats must be at least 1, got 0" in proc.stderr
