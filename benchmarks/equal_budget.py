@@ -12,12 +12,13 @@ of training. The peer clips its gradient norm as ISTR does (``train.clip_grad_no
 Both clocks count everything a step costs (data loading included) and leave the evaluations out.
 Jobs run ``--jobs`` at a time (one per core, one thread each; with 2 each job has the other core
 busy, the same for both models). ``--repeats K`` trains every learning rate K times, repeat k
-with the seed ``train.seed + k`` (its initial weights and data order). For each model the
-learning rate with the best mean final mask AP over its repeats is kept (the same rule for both;
-chosen on the val set that is reported; a run that trained more than 5% past the budget, and a
-last step beyond it, is not eligible), and the ratio is that of the two means; with repeats the
-report adds each mean's spread and the ratio of every repeat pair. The kept lr's run nearest its
-mean stands for it in the timing.
+with the seed ``train.seed + k`` (its initial weights and data order; ISTR's mask basis fit
+too). For each model the learning rate with the best mean final mask AP over its repeats is kept
+(the same rule for both; chosen on the val set that is reported; a diverged run counts 0; a run
+that trained more than 5% past the budget, and a last step beyond it, is not eligible), and the
+ratio is that of the two means; with repeats the report adds each mean's spread and the ratio of
+every repeat pair. The kept lr's run nearest its mean (of those that did not diverge) stands for
+it in the timing.
 Then the two kept models are timed back to back, image by image, at the test size, one image at
 a time, one thread, bf16 autocast where the CPU has it (both with their linear and conv weights
 stored in bf16 first: the same outputs without a cast per call), each with the post-processing
@@ -265,8 +266,10 @@ def _listed(out: Path) -> dict[str, list[str]] | None:
 
 def list_runs(out: Path, names: dict[str, list[str]], new_sweep: bool) -> None:
     """Record in OUT/sweep.json the runs a launch makes (``names`` by side, "istr" / "peer"):
-    a new sweep replaces the list, a one-sided launch adds its runs to it."""
-    listed = {"istr": [], "peer": []} if new_sweep else (_listed(out) or {"istr": [], "peer": []})
+    a new sweep replaces the list, a one-sided launch adds its runs to it (in a folder written
+    before the list existed, to every run file already there, as the report counted them)."""
+    listed = {"istr": [], "peer": []} if new_sweep else _listed(out) or {
+        kind: [p.stem for p in sorted(out.glob(f"{kind}_lr*.json"))] for kind in ("istr", "peer")}
     for side, new in names.items():
         listed[side] = [n for n in listed.get(side, []) if n not in new] + new
     out.mkdir(parents=True, exist_ok=True)
@@ -327,20 +330,22 @@ def best_lr(records: list[dict]) -> tuple[float, list[dict]] | None:
 
 
 def _best(records: list[dict]) -> dict | None:
-    """The run that stands for the best lr (``best_lr``): the one whose final mask AP is
-    nearest the lr's mean (with one repeat, its only run)."""
+    """The run that stands for the best lr (``best_lr``) in the timing: of its runs that did not
+    diverge, the one whose final mask AP is nearest the lr's mean (a tie, as two repeats always
+    are, goes to the lower repeat; with one repeat, its only run)."""
     kept = best_lr(records)
     if kept is None:
         return None
     mean = _mean_ap(kept[1])
-    return min(kept[1], key=lambda r: (abs(r["mask_AP"] - mean), r.get("repeat", 0)))
+    trained = [r for r in kept[1] if not r.get("diverged")] or kept[1]
+    return min(trained, key=lambda r: (abs(r["mask_AP"] - mean), r.get("repeat", 0)))
 
 
 def sweep_warning(records: list[dict]) -> str | None:
     """A warning about one model's learning-rate sweep (``records``: its runs), or None when
     the sweep looks sound. Only runs that kept to the budget count. Warns when every run
-    diverged, when fewer than two learning rates trained, and when the best run's lr (the best
-    mean final mask AP among the runs that did not diverge) is the lowest or highest of the
+    diverged, when fewer than two learning rates trained, and when the best lr (``best_lr``: the
+    best mean final mask AP, a diverged run counting as 0) is the lowest or highest of the
     sweep, so that the best may lie beyond it."""
     eligible = [r for r in records if not _over_budget(r)]
     if not eligible:
@@ -353,7 +358,7 @@ def sweep_warning(records: list[dict]) -> str | None:
         return f"warning: every {name} run diverged (lr {listed}): sweep lower learning rates"
     if len(lrs) < 2:
         return f"warning: {name} trained at one lr only ({listed}): that is not a sweep"
-    best, _ = best_lr(trained)
+    best, _ = best_lr(eligible)  # as the report picks it: a diverged repeat counts as AP 0
     if lrs[0] < best < lrs[-1]:
         return None
     side, step = ("lowest", "lower") if best == lrs[0] else ("highest", "higher")
@@ -399,7 +404,8 @@ def time_best(out: Path, args) -> dict:
 
     istr, peer = _best(_records(out)[0]), _best(_records(out)[1])
     if istr is None or peer is None:
-        raise SystemExit(f"nothing to time in {out}: no run of one of the models kept to its budget")
+        raise SystemExit(f"nothing to time in {out}: no run of one of the models kept to its "
+                         "budget")
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset), peer["set"])  # as the peer was trained
     train, val, _ = _datasets(cfg, args.data)
@@ -441,7 +447,8 @@ def _rescored_row(record: dict, ap: dict, test_size: int, amp: bool) -> dict:
            "recorded_box_AP": record["box_AP"],
            "recorded_mask_AP": record["mask_AP"], "box_AP": ap["bbox"]["AP"],
            "mask_AP": ap["segm"]["AP"]}
-    print(f"{name} {_record_name(record)} at {test_size} px: box AP {100 * record['box_AP']:.1f} -> "
+    print(f"{name} {_record_name(record)} at {test_size} px: box AP "
+          f"{100 * record['box_AP']:.1f} -> "
           f"{100 * row['box_AP']:.1f}, mask AP {100 * record['mask_AP']:.1f} -> "
           f"{100 * row['mask_AP']:.1f}")
     return row
@@ -453,10 +460,10 @@ def rescore(out: Path, args) -> dict[str, list[dict]]:
     preset's test size, both models alike (both under ``train.amp``'s autocast, as they are
     timed; the ISTR runs' own evaluations during training are fp32), so that a change to either
     (post-processing, the test size) is compared on the same terms; the per-run files keep what
-    was recorded at the
-    time, and ``report`` adds the kept pair's ratio. Writes ``OUT/peer_rescored.json`` and
-    ``OUT/istr_rescored.json`` (per lr: the recorded and the new box/mask AP, the test size) and
-    returns both lists. A diverged ISTR run has no weights to score and is left out."""
+    was recorded at the time, and ``report`` adds the ratio of the kept lrs' means by the new
+    scores. Writes ``OUT/peer_rescored.json`` and ``OUT/istr_rescored.json`` (per run: its name,
+    lr and repeat, the recorded and the new box/mask AP, the test size) and returns both lists.
+    A diverged ISTR run has no weights to score and is left out (the report counts it 0)."""
     from dataclasses import replace
 
     from istr_viz.baseline import build_mask_rcnn, mask_rcnn_results
@@ -508,7 +515,8 @@ def _spread(runs: list[dict]) -> str:
     aps = [100 * r["mask_AP"] for r in runs]
     if len(aps) == 1:
         return f"{aps[0]:.1f}"
-    return f"{statistics.fmean(aps):.1f} +- {statistics.stdev(aps):.1f} ({min(aps):.1f}-{max(aps):.1f})"
+    return (f"{statistics.fmean(aps):.1f} +- {statistics.stdev(aps):.1f} "
+            f"({min(aps):.1f}-{max(aps):.1f})")
 
 
 def report(out: Path) -> dict:
@@ -581,7 +589,8 @@ def report(out: Path) -> dict:
                  if k in peer_by_repeat}
         if len(pairs) > 1:
             summary["pair_ratios"] = {str(k): v for k, v in sorted(pairs.items())}
-            line += (f"; repeat by repeat x{min(pairs.values()):.2f}-x{max(pairs.values()):.2f}")
+            line += (f"; {len(pairs)} repeat pairs (the same seed offset) "
+                     f"x{min(pairs.values()):.2f}-x{max(pairs.values()):.2f}")
         if timing:
             summary["infer_ratio"] = timing["istr_ms"] / timing["mask_rcnn_ms"]
             line += f", inference time x{summary['infer_ratio']:.2f}"
@@ -591,19 +600,20 @@ def report(out: Path) -> dict:
             path = out / f"{name}_rescored.json"
             rows = json.loads(path.read_text()) if path.exists() else []
             rescored[name] = {row.get("run", run_name(name, row["lr"])): row for row in rows}
-        now = {side: [rescored[side][_record_name(r)] for r in runs
-                      if _record_name(r) in rescored[side]]
+        # --rescore: every run of both kept lrs scored again by today's code at today's test
+        # size (the kept lrs stay those chosen by the recorded AP); a diverged run has no
+        # weights to score and counts 0, as it does in the recorded mean
+        now = {side: [rescored[side].get(_record_name(r), {"mask_AP": 0.0} if r.get("diverged")
+                                         else None) for r in runs]
                for side, runs in (("istr", istr_kept[1]), ("peer", peer_kept[1]))}
-        if all(len(now[side]) == len(runs) for side, runs in (("istr", istr_kept[1]),
-                                                                ("peer", peer_kept[1]))):
-            # --rescore: every run of both kept lrs scored again by today's code at today's
-            # test size (the kept lrs stay those chosen by the recorded AP)
+        scored = [row for rows in now.values() for row in rows if row and "test_min_size" in row]
+        if scored and all(row is not None for rows in now.values() for row in rows):
             istr_now, peer_now = _mean_ap(now["istr"]), _mean_ap(now["peer"])
             summary["peer_rescored"] = list(rescored["peer"].values())
             summary["istr_rescored"] = list(rescored["istr"].values())
             summary["mask_AP_ratio_rescored"] = istr_now / max(peer_now, 1e-9)
             print(f"both kept lrs' runs scored again by today's code at "
-                  f"{now['peer'][0].get('test_min_size', '?')} px (*_rescored.json): mask AP "
+                  f"{scored[0].get('test_min_size', '?')} px (*_rescored.json): mask AP "
                   f"{100 * istr_now:.1f} against {100 * peer_now:.1f}, "
                   f"x{summary['mask_AP_ratio_rescored']:.2f}")
         if peer_mean < 0.05:
@@ -721,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name, _ in jobs:  # results of an earlier run under these names are replaced
             (out / f"{name}.json").unlink(missing_ok=True)
+        for name in ("istr", "peer"):  # scores of models that are being replaced
+            (out / f"{name}_rescored.json").unlink(missing_ok=True)
         list_runs(out, {side: [name for name, _ in side_jobs] for side, side_jobs
                         in (("istr", istr_jobs), ("peer", peer_jobs)) if side_jobs},
                   new_sweep=not (args.peer_only or args.istr_only))

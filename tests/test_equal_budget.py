@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from istr_viz.checkpoint import load_checkpoint
 from istr_viz.data.shapes import make_shapes
 from test_engine import TINY
 
@@ -38,6 +40,14 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
     for first, second in ((istr, istr_again), (peer, peer_again)):  # repeat k: seed + k
         assert (first["repeat"], second["repeat"]) == (0, 1)
         assert second["seed"] == first["seed"] + 1
+    # the seeds reached the trainings: ISTR's checkpoints were trained with them, and the two
+    # peers started from (and so ended at) different weights
+    for run in (istr, istr_again):
+        assert load_checkpoint(run["checkpoint"])["config"]["train"]["seed"] == run["seed"]
+    peer_weights = [torch.load(out / f"{n}.pt", weights_only=True)
+                    for n in ("peer_lr0.01", "peer_lr0.01_r1")]
+    assert not all(torch.equal(a, b) for a, b in zip(peer_weights[0].values(),
+                                                     peer_weights[1].values()))
     assert len(summary["istr_mask_APs"]) == len(summary["peer_mask_APs"]) == 2
     assert set(summary["pair_ratios"]) == {"0", "1"}
     assert peer["clip_grad_norm"] == 5 and peer["grad_norm_max"] > 0 and 0 <= peer["clipped"] <= 1
@@ -56,7 +66,8 @@ def test_equal_budget_runs_both_models_and_reports(tmp_path):
     for model in ("istr", "mask_rcnn"):  # each timed with both RoIAlign kernels, the faster kept
         by_kernel = timing[f"{model}_kernels_ms"]
         assert set(by_kernel) == {"separable", "torchvision"}
-        assert timing[f"{model}_ms"] == min(by_kernel.values()) == by_kernel[timing[f"{model}_kernel"]]
+        kept = by_kernel[timing[f"{model}_kernel"]]
+        assert timing[f"{model}_ms"] == min(by_kernel.values()) == kept
     assert (out / "ap_vs_minutes.png").stat().st_size > 0
     assert (out / "peer_lr0.01.pt").exists() and (out / "peer_lr0.01_r1.pt").exists()
     # --report alone re-reads the folder and gives the same numbers
@@ -263,7 +274,7 @@ def test_repeats_pick_the_lr_with_the_best_mean_and_report_its_spread(tmp_path):
     assert summary["mask_AP_ratio"] == pytest.approx(0.32 / 0.22)
     assert summary["pair_ratios"] == pytest.approx({"0": 1.5, "1": 0.32 / 0.25, "2": 0.34 / 0.21})
     assert "x1.45 (means 32.0 over 3 runs against 22.0 over 3)" in proc.stdout
-    assert "repeat by repeat x1.28-x1.62" in proc.stdout
+    assert "3 repeat pairs (the same seed offset) x1.28-x1.62" in proc.stdout
     assert "ISTR        lr 0.0002   3 runs: 32.0 +- 2.0 (30.0-34.0)" in proc.stdout
     # the run nearest the mean stands for the lr (the timing's and the rescore's run)
     assert bench._best(summary["istr"])["repeat"] == 1
@@ -306,3 +317,28 @@ def test_repeats_must_be_positive(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--repeats", "0", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--repeats must be at least 1, got 0" in proc.stderr
+
+
+def test_a_diverged_repeat_counts_zero_and_never_stands_for_its_lr():
+    """Repeats 4e-4: [0.35, diverged] against 2e-4: [0.30, 0.30]: the mean (0.175 against 0.30)
+    keeps 2e-4, in the report's choice and in the warning alike; where the kept lr has a
+    diverged repeat, the run that stands for it in the timing is one that trained."""
+    bench = _bench()
+    rep = lambda lr, ap, k, **kw: dict(_record("istr", lr, 20.0, ap), repeat=k, **kw)
+    runs = [rep(2e-4, 0.30, 0), rep(2e-4, 0.30, 1), rep(4e-4, 0.35, 0),
+            rep(4e-4, 0.0, 1, diverged=True)]
+    assert bench.best_lr(runs)[0] == 2e-4
+    assert "best lr 0.0002 is the lowest of its sweep" in bench.sweep_warning(runs)
+    kept = [rep(2e-4, 0.0, 0, diverged=True), rep(2e-4, 0.30, 1), rep(4e-4, 0.1, 0)]
+    assert bench.best_lr(kept)[0] == 2e-4 and bench._best(kept)["repeat"] == 1
+
+
+def test_a_one_sided_launch_in_an_old_folder_keeps_its_runs(tmp_path):
+    """A folder from before sweep.json existed: a --peer-only launch adds its runs to every run
+    file already there (as the report counted them), rather than leaving them out."""
+    bench = _bench()
+    _write_runs(tmp_path, {"istr_lr0.0004": _record("istr", 4e-4, 20.0, 0.3),
+                           "peer_lr0.16": _record("mask_rcnn", 0.16, 20.0, 0.2)})
+    bench.list_runs(tmp_path, {"peer": ["peer_lr0.22"]}, new_sweep=False)
+    assert json.loads((tmp_path / "sweep.json").read_text()) == {
+        "istr": ["istr_lr0.0004"], "peer": ["peer_lr0.16", "peer_lr0.22"]}
