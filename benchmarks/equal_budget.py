@@ -316,7 +316,8 @@ def by_lr(records: list[dict]) -> dict[float, list[dict]]:
 
 
 def _mean_ap(runs: list[dict], key: str = "mask_AP") -> float:
-    return statistics.fmean(r[key] for r in runs)
+    """The mean final AP of ``runs``, a diverged run counting 0 (whatever its weights scored)."""
+    return statistics.fmean(0.0 if r.get("diverged") else r[key] for r in runs)
 
 
 def best_lr(records: list[dict]) -> tuple[float, list[dict]] | None:
@@ -531,10 +532,10 @@ def report(out: Path) -> dict:
     istr_kept, peer_kept = best_lr(istr_runs), best_lr(peers)
     timing_path = out / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    timed = (timing.get("istr_run", run_name("istr", timing["istr_lr"])),
-             timing.get("peer_run", run_name("peer", timing["peer_lr"]))) if timing else None
-    if timed and (istr is None or best is None
-                  or timed != (_record_name(istr), _record_name(best))):
+    timed_runs = (timing.get("istr_run", run_name("istr", timing["istr_lr"])),
+                  timing.get("peer_run", run_name("peer", timing["peer_lr"]))) if timing else None
+    if timed_runs and (istr is None or best is None
+                       or timed_runs != (_record_name(istr), _record_name(best))):
         timing = {}  # timed before another run changed the best: time again with --time
     ms = {"istr": timing.get("istr_ms"), "mask_rcnn": timing.get("mask_rcnn_ms")}
     budgets = {r["budget_minutes"] for r in istr_runs + peers}
@@ -583,9 +584,11 @@ def report(out: Path) -> dict:
         if len(istr_kept[1]) > 1 or len(peer_kept[1]) > 1:
             line += (f" (means {100 * istr_mean:.1f} over {len(istr_kept[1])} runs against "
                      f"{100 * peer_mean:.1f} over {len(peer_kept[1])})")
-        peer_by_repeat = {r.get("repeat", 0): r for r in peer_kept[1]}
+        # the repeats of the same seed offset that both trained (a diverged one has no ratio)
+        peer_by_repeat = {r.get("repeat", 0): r for r in peer_kept[1] if not r.get("diverged")}
         pairs = {k: r["mask_AP"] / max(peer_by_repeat[k]["mask_AP"], 1e-9)
-                 for k, r in ((r.get("repeat", 0), r) for r in istr_kept[1])
+                 for k, r in ((r.get("repeat", 0), r) for r in istr_kept[1]
+                              if not r.get("diverged"))
                  if k in peer_by_repeat}
         if len(pairs) > 1:
             summary["pair_ratios"] = {str(k): v for k, v in sorted(pairs.items())}
@@ -731,8 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name, _ in jobs:  # results of an earlier run under these names are replaced
             (out / f"{name}.json").unlink(missing_ok=True)
-        for name in ("istr", "peer"):  # scores of models that are being replaced
-            (out / f"{name}_rescored.json").unlink(missing_ok=True)
+        for name, side_jobs in (("istr", istr_jobs), ("peer", peer_jobs)):
+            if side_jobs:  # scores of models that are being replaced
+                (out / f"{name}_rescored.json").unlink(missing_ok=True)
         list_runs(out, {side: [name for name, _ in side_jobs] for side, side_jobs
                         in (("istr", istr_jobs), ("peer", peer_jobs)) if side_jobs},
                   new_sweep=not (args.peer_only or args.istr_only))

@@ -331,6 +331,24 @@ def test_a_diverged_repeat_counts_zero_and_never_stands_for_its_lr():
     assert "best lr 0.0002 is the lowest of its sweep" in bench.sweep_warning(runs)
     kept = [rep(2e-4, 0.0, 0, diverged=True), rep(2e-4, 0.30, 1), rep(4e-4, 0.1, 0)]
     assert bench.best_lr(kept)[0] == 2e-4 and bench._best(kept)["repeat"] == 1
+    # a diverged run counts 0 whatever its weights scored afterwards
+    assert bench.best_lr([rep(2e-4, 0.2, 0), rep(4e-4, 0.5, 0, diverged=True)])[0] == 2e-4
+
+
+def test_pair_ratios_leave_out_a_diverged_repeat(tmp_path):
+    """A peer repeat that diverged has no pair ratio (not ISTR's AP over a near-zero one); the
+    means still count it 0."""
+    bench = _bench()
+    runs = {bench.run_name("istr", 4e-4, k): dict(_record("istr", 4e-4, 20.0, ap), repeat=k)
+            for k, ap in enumerate((0.30, 0.33, 0.36))}
+    runs |= {bench.run_name("peer", 0.16, k): dict(_record("mask_rcnn", 0.16, 20.0, ap),
+                                                   repeat=k)
+             for k, ap in enumerate((0.20, 0.22))}
+    runs["peer_lr0.16_r2"] = dict(_record("mask_rcnn", 0.16, 20.0, 1e-4), repeat=2, diverged=True)
+    _write_runs(tmp_path, runs)
+    _, summary = _report(tmp_path)
+    assert summary["pair_ratios"] == pytest.approx({"0": 1.5, "1": 1.5})
+    assert summary["peer_mean_mask_AP"] == pytest.approx(0.42 / 3)
 
 
 def test_a_one_sided_launch_in_an_old_folder_keeps_its_runs(tmp_path):
