@@ -513,7 +513,8 @@ def _write(path: Path, record: dict) -> None:
 
 
 def _spread(runs: list[dict]) -> str:
-    aps = [100 * r["mask_AP"] for r in runs]
+    """Mean +- standard deviation (range) of ``runs``' final mask AP, a diverged run as 0."""
+    aps = [0.0 if r.get("diverged") else 100 * r["mask_AP"] for r in runs]
     if len(aps) == 1:
         return f"{aps[0]:.1f}"
     return (f"{statistics.fmean(aps):.1f} +- {statistics.stdev(aps):.1f} "
