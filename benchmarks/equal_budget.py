@@ -278,7 +278,7 @@ def list_runs(out: Path, names: dict[str, list[str]], new_sweep: bool) -> None:
 
 def _run_files(out: Path, kind: str) -> tuple[list[Path], list[Path]]:
     """OUT's ``kind`` ("istr" / "peer") run files: those of the listed sweep, and the others."""
-    paths = [p for p in sorted(out.glob(f"{kind}_lr*.json"))]
+    paths = sorted(out.glob(f"{kind}_lr*.json"))
     listed = _listed(out)
     if listed is None:
         return paths, []
@@ -403,7 +403,8 @@ def time_best(out: Path, args) -> dict:
     from istr_viz.config import apply_overrides, get_preset
     from istr_viz.predictor import load_model
 
-    istr, peer = _best(_records(out)[0]), _best(_records(out)[1])
+    istr_runs, peer_runs = _records(out)
+    istr, peer = _best(istr_runs), _best(peer_runs)
     if istr is None or peer is None:
         raise SystemExit(f"nothing to time in {out}: no run of one of the models kept to its "
                          "budget")
