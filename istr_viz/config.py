@@ -266,6 +266,9 @@ class TrainConfig:
     # a lr tuned for training from scratch is too high; 0 = train.lr
     fine_tune_lr: float = 0.0
     weight_decay: float = 1e-4
+    # AdamW's second-moment decay (ISTR: torch's default 0.999, a memory of about 1,000 steps);
+    # a run of ~1,000 iterations spans that memory once
+    adam_beta2: float = 0.999
     max_iters: int = 270_000
     warmup_iters: int = 1000
     warmup_factor: float = 0.01
@@ -310,6 +313,9 @@ class TrainConfig:
         if not self.fine_tune_lr >= 0:
             raise ConfigError(f"train.fine_tune_lr must be positive, or 0 for train.lr, got "
                               f"{self.fine_tune_lr}", entry="train.fine_tune_lr")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise ConfigError(f"train.adam_beta2 must be in (0, 1), got {self.adam_beta2}",
+                              entry="train.adam_beta2")
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(f"train.lr_decay must be {' or '.join(LR_DECAYS)}, got "
                               f"{self.lr_decay!r}", entry="train.lr_decay")

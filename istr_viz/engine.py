@@ -587,7 +587,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     # 15 ms a step against 57 ms for the default per-tensor loop)
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(param_groups(model, tc.backbone_lr_mult), lr=tc.lr,
-                                  weight_decay=tc.weight_decay, fused=fused)
+                                  betas=(0.9, tc.adam_beta2), weight_decay=tc.weight_decay,
+                                  fused=fused)
 
     budget = {"max_iters": max_iters or tc.max_iters, "from_minutes": max_minutes}
     start_iter, best_ap, train_s0 = 0, -1.0, 0.0
