@@ -576,6 +576,26 @@ def test_ema_checkpoint_holds_the_average_and_resume_continues_it(shapes, tmp_pa
         assert torch.allclose(resumed["train_state"]["raw_model"][key], raw[key], atol=1e-6)
 
 
+def test_adam_beta2_reaches_the_optimiser_and_is_checked(shapes, tmp_path):
+    """train.adam_beta2 is AdamW's second-moment decay in the run (the checkpoint's optimiser
+    state carries it, so a resumed run keeps it); values outside (0, 1) are refused."""
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    basis = MaskBasis.load(basis_path)
+    for beta2 in (0.95, None):  # None: the preset's, torch's default 0.999
+        cfg = apply_overrides(get_preset("shapes-cpu"),
+                              TINY + ([f"train.adam_beta2={beta2}"] if beta2 else []))
+        out = tmp_path / str(beta2)
+        train(cfg, split_paths(root, "train"), out, basis=basis, max_iters=1, device="cpu",
+              progress=False)
+        groups = load_checkpoint(out / "last.pt")["train_state"]["optimizer"]["param_groups"]
+        assert {tuple(g["betas"]) for g in groups} == {(0.9, beta2 or 0.999)}
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(ConfigError, match="train.adam_beta2"):
+            apply_overrides(get_preset("shapes-cpu"), [f"train.adam_beta2={bad}"])
+
+
 def test_ema_decay_ramps_up_from_a_copy():
     from istr_viz.engine import build_ema
 
