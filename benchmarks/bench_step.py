@@ -91,8 +91,8 @@ def main() -> None:
     criterion = SetCriterion(cfg.loss, basis)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.backbone_lr_mult),
-                                  lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=True)
+                                  lr=cfg.train.lr, betas=(0.9, cfg.train.adam_beta2),
+                                  weight_decay=cfg.train.weight_decay, fused=True)
     ema = build_ema(model, cfg.train.ema_decay, cfg.train.ema_ramp) \
         if cfg.train.ema_decay > 0 else None
     forward_model = model

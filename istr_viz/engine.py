@@ -689,9 +689,13 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             return None
         t_eval = time.perf_counter()
         trained = train_seconds()
+        # training draws from the global RNG (the denoising queries' noise): an evaluation must
+        # not move it, so that where the evaluations fall does not change the training
+        rng = _rng_state()
         metrics = evaluate_model(eval_model, val_data, cfg, device=device,
                                  max_images=tc.eval_max_images or None, progress=False,
                                  category_ids=ann.label_to_cat_id)
+        _set_rng_state(rng)
         log({"iter": iteration, "train_s": trained, "eval": {
             "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
             "per_stage_segm_AP": [s["segm"]["AP"] for s in metrics["per_stage"]]}})

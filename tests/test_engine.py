@@ -576,6 +576,28 @@ def test_ema_checkpoint_holds_the_average_and_resume_continues_it(shapes, tmp_pa
         assert torch.allclose(resumed["train_state"]["raw_model"][key], raw[key], atol=1e-6)
 
 
+def test_evaluations_do_not_change_the_training(shapes, tmp_path):
+    """Where the evaluations fall does not move the training: a run that evaluates every 2
+    iterations has the losses of one that evaluates only at the end (the denoising queries draw
+    their noise from the global RNG, which an evaluation leaves as it found it)."""
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    basis = MaskBasis.load(basis_path)
+    losses = {}
+    for every in (0, 2):
+        cfg = apply_overrides(get_preset("shapes-cpu"),
+                              TINY + [f"train.eval_every={every}", "train.eval_max_images=2"])
+        assert cfg.model.dn_groups > 0  # the training does draw from the global RNG
+        train(cfg, split_paths(root, "train"), tmp_path / str(every),
+              val_data=split_paths(root, "val"), basis=basis, max_iters=5, device="cpu",
+              progress=False)
+        losses[every] = _losses(tmp_path / str(every))
+    evals = [r["iter"] for r in read_metrics(tmp_path / "2" / "metrics.jsonl") if "eval" in r]
+    assert evals[:2] == [2, 4] and len(losses[2]) == 5
+    assert losses[2] == losses[0]
+
+
 def test_adam_beta2_reaches_the_optimiser_and_is_checked(shapes, tmp_path):
     """train.adam_beta2 is AdamW's second-moment decay in the run (the checkpoint's optimiser
     state carries it, so a resumed run keeps it); values outside (0, 1) are refused."""
@@ -594,6 +616,11 @@ def test_adam_beta2_reaches_the_optimiser_and_is_checked(shapes, tmp_path):
     for bad in ("0", "1", "1.5"):
         with pytest.raises(ConfigError, match="train.adam_beta2"):
             apply_overrides(get_preset("shapes-cpu"), [f"train.adam_beta2={bad}"])
+    # a run written before the field resumes at torch's default, the betas it trained with
+    from istr_viz.engine import resumed_config
+    stored = cfg.to_dict()
+    del stored["train"]["adam_beta2"]
+    assert resumed_config(stored).train.adam_beta2 == 0.999
 
 
 def test_ema_decay_ramps_up_from_a_copy():
