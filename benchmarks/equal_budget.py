@@ -171,8 +171,9 @@ def run_peer(args) -> None:
     curve = []
 
     def evaluate(minutes: float, iteration: int) -> None:
-        ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp,
-                                                   max_images=args.eval_images))
+        with torch.random.fork_rng():  # as ISTR's engine: evaluating leaves the training's RNG
+            ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp,
+                                                       max_images=args.eval_images))
         curve.append({"minutes": minutes, "iteration": iteration,
                       "box_AP": ap["bbox"]["AP"], "mask_AP": ap["segm"]["AP"]})
 
