@@ -171,7 +171,9 @@ def run_peer(args) -> None:
     curve = []
 
     def evaluate(minutes: float, iteration: int) -> None:
-        with torch.random.fork_rng():  # as ISTR's engine: evaluating leaves the training's RNG
+        # a guard, as in ISTR's engine: evaluating leaves the training's RNG as it was (the
+        # peer's evaluation indexes the data set directly and likely draws nothing)
+        with torch.random.fork_rng(devices=[]):
             ap = _coco_ap(val_paths, mask_rcnn_results(model, val, amp=cfg.train.amp,
                                                        max_images=args.eval_images))
         curve.append({"minutes": minutes, "iteration": iteration,

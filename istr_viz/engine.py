@@ -689,8 +689,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
             return None
         t_eval = time.perf_counter()
         trained = train_seconds()
-        # training draws from the global RNG (the denoising queries' noise): an evaluation must
-        # not move it, so that where the evaluations fall does not change the training
+        # training draws from the global RNG (the denoising queries' noise), and so does an
+        # evaluation (its DataLoader's base seed): put it back, so that where the evaluations
+        # fall does not change the training. (Every process is seeded alike and draws alike;
+        # only process 0 evaluates, and its RNG state is the one a checkpoint keeps for all.)
         rng = _rng_state()
         metrics = evaluate_model(eval_model, val_data, cfg, device=device,
                                  max_images=tc.eval_max_images or None, progress=False,

@@ -596,6 +596,16 @@ def test_evaluations_do_not_change_the_training(shapes, tmp_path):
     evals = [r["iter"] for r in read_metrics(tmp_path / "2" / "metrics.jsonl") if "eval" in r]
     assert evals[:2] == [2, 4] and len(losses[2]) == 5
     assert losses[2] == losses[0]
+    # and an evaluation does draw from the global RNG (its DataLoader's base seed), so the
+    # equality above is the engine's doing, not an evaluation that never drew
+    from istr_viz.evaluate import evaluate_model
+    from istr_viz.predictor import load_model
+
+    model = load_model(tmp_path / "2" / "last.pt", device="cpu")[0]
+    before = torch.get_rng_state()
+    evaluate_model(model, split_paths(root, "val"), cfg, device="cpu", max_images=2,
+                   progress=False)
+    assert not torch.equal(before, torch.get_rng_state())
 
 
 def test_adam_beta2_reaches_the_optimiser_and_is_checked(shapes, tmp_path):
