@@ -42,7 +42,7 @@ from istr_viz.engine import (DistInfo, _all_reduce_sum,
                              _global_terms, build_ema, param_groups, transform_configs)
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
-from istr_viz.runtime import autocast_dtype
+from istr_viz.runtime import autocast_dtype, machine_summary
 
 # torch.compile experiment (--compile): what it compiles in each stage (the RoI pooling, with its
 # data-dependent sparse matrices, stays eager)
@@ -159,7 +159,8 @@ def main() -> None:
               "processes": world, "images_per_process": args.batch, "threads": args.threads,
               "autocast": str(amp), "warmup_iterations": args.warmup,
               "warmup_s": round(warmup_s, 1), "ms_per_iteration": parts,
-              "ms_per_iteration_total": round(sum(parts.values()), 1)}
+              "ms_per_iteration_total": round(sum(parts.values()), 1),
+              "machine": machine_summary()}
     if rank == 0:
         print(f"{args.preset} {' '.join(args.set)}: {world} process(es) x {args.batch} images, "
               f"{args.threads} thread(s), autocast {amp}, compile {args.compile}; first "

@@ -56,6 +56,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _machine() -> dict:
+    """The CPU, threads and torch of this process: what a pace or a timing depends on."""
+    from istr_viz.runtime import machine_summary
+
+    return machine_summary()
+
+
 def _paths(data: str | None):
     from istr_viz.data.layout import default_data_root, split_paths
 
@@ -195,7 +202,8 @@ def run_peer(args) -> None:
               "budget_minutes": args.minutes,
               "set": args.set or [], "eval_images": args.eval_images, "curve": curve,
               "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
-              "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+              "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+              "machine": _machine()}
     _write(out / f"{name}.json", record)
 
 
@@ -253,7 +261,8 @@ def run_istr(args) -> None:
               "per_stage_mask_AP": None if diverged else evals[-1]["eval"]["per_stage_segm_AP"],
               "eval_images": args.eval_images,
               "checkpoint": str(last_ckpt.resolve()),
-              "params_M": sum(p.numel() for p in model.parameters()) / 1e6 if model else None}
+              "params_M": sum(p.numel() for p in model.parameters()) / 1e6 if model else None,
+              "machine": _machine()}
     _write(Path(args.out) / f"{name}.json", record)
 
 
@@ -434,7 +443,7 @@ def time_best(out: Path, args) -> dict:
     timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "istr_run": _record_name(istr),
               "peer_run": _record_name(peer), "images": len(images),
               "threads": args.threads, "test_min_size": cfg.data.test_min_size,
-              "test_max_size": cfg.data.test_max_size}
+              "test_max_size": cfg.data.test_max_size, "machine": _machine()}
     for model in ("istr", "mask_rcnn"):
         by_kernel = {kernel: times[f"{model}_{kernel}"] for kernel in KERNELS}
         kept = min(by_kernel, key=by_kernel.get)

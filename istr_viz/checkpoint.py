@@ -97,7 +97,9 @@ def export_for_inference(ckpt: dict, half: bool = True, card: dict | None = None
     float16's range; :func:`istr_viz.predictor.load_model` brings the rest back to float32),
     and ``card`` (data, command, time, hardware: anything JSON-like) is stored beside the metrics.
     Where the run started from another checkpoint (``train_state["init_from"]``: path and
-    SHA-256), the card records that as ``init_from`` unless it says so itself.
+    SHA-256), the card records that as ``init_from`` unless it says so itself, and likewise the
+    machines the run trained on (``train_state["machines"]``, each a
+    :func:`istr_viz.runtime.machine_summary`) as ``machines``.
     """
     weights = {}
     for name, value in ckpt["model"].items():
@@ -107,8 +109,10 @@ def export_for_inference(ckpt: dict, half: bool = True, card: dict | None = None
         weights[name] = value
     keep = {k: v for k, v in ckpt.items() if k not in ("train_state", "model", "format_version")}
     card = dict(card or ckpt.get("card") or {})
-    start = (ckpt.get("train_state") or {}).get("init_from")
-    if start and "init_from" not in card:
-        card["init_from"] = dict(start)
+    state = ckpt.get("train_state") or {}
+    if state.get("init_from") and "init_from" not in card:
+        card["init_from"] = dict(state["init_from"])
+    if state.get("machines") and "machines" not in card:
+        card["machines"] = [dict(m) for m in state["machines"]]
     return {**keep, "model": weights, "card": card}
 

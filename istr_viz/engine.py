@@ -36,7 +36,7 @@ from istr_viz.errors import ConfigError, DataError, IstrVizError, NonFiniteError
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
 from istr_viz.model.activations import library_elu_for, library_elu_is_faster, set_elu_kernel
-from istr_viz.runtime import autocast_dtype, default_device
+from istr_viz.runtime import autocast_dtype, default_device, machine_summary
 
 
 class TrainingDiverged(NonFiniteError):
@@ -519,6 +519,11 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     if tc.threads > 0 and device.type == "cpu":
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # the same initial weights in every process
+    # the machines this run trained on, one entry each time a resume lands on another: its pace
+    # depends on them (train_state["machines"], runtime.machine_summary)
+    machines = list(ckpt["train_state"].get("machines", [])) if ckpt is not None else []
+    if not machines or machines[-1] != machine_summary():
+        machines.append(machine_summary())
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
     hint = None
@@ -674,6 +679,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "time_done": budget.get("time_done"),
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
                          "init_from": started_from,
+                         "machines": machines,
                          "train_s": train_seconds() if train_s is None else train_s,
                          **extra})
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import platform
 from pathlib import Path
 
 import torch
@@ -31,6 +33,32 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what CPU kernels pick paths by
+
+
+def machine_summary(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+    """What a timing or a training pace depends on, JSON-ready: the CPU's model name, its
+    logical CPUs (``os.cpu_count``), the ``_CPU_FLAGS`` it has, torch's version and intra-op
+    threads, and the GPU's name when CUDA is present (else None). Where ``cpuinfo`` cannot be
+    read (not Linux), ``cpu`` is ``platform.processor()`` and ``cpu_flags`` None: unknown, not
+    absent. The same code trains at another pace on another CPU (benchmarks/results_log.md,
+    session 43), so every recorded pace carries this."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = None
+    cpu, flags = platform.processor() or platform.machine(), None
+    if text is not None:
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = fields.get("model name", cpu)
+        present = set(fields.get("flags", "").split())
+        flags = [f for f in _CPU_FLAGS if f in present]
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "cpu_flags": flags,
+            "torch": str(torch.__version__), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:

@@ -1306,3 +1306,24 @@ def test_training_batches_follow_data_group_by_orientation(tmp_path, monkeypatch
     assert engine.resumed_config(stored).data.group_by_orientation == grouped
     del stored["data"]["group_by_orientation"]  # a checkpoint from before the option
     assert engine.resumed_config(stored).data.group_by_orientation is False
+
+
+def test_the_checkpoint_records_each_machine_the_run_trained_on(shapes, tmp_path, monkeypatch):
+    """``train_state["machines"]``: the machine of the run; a resume on the same machine adds
+    nothing, a resume on another appends it (the run's pace mixes both)."""
+    import istr_viz.engine as engine
+
+    root, basis_path = shapes
+    cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "train.checkpoint_every=0"])
+    basis, run, data = MaskBasis.load(basis_path), tmp_path / "run", split_paths(root, "train")
+    first, second = {"cpu": "first", "cpu_flags": ["avx2"]}, {"cpu": "second", "cpu_flags": None}
+
+    def on(machine, **budget):
+        monkeypatch.setattr(engine, "machine_summary", lambda: dict(machine))
+        engine.train(cfg, data, run, basis=basis, device="cpu", progress=False, **budget)
+        return load_checkpoint(run / "last.pt")["train_state"]["machines"]
+
+    assert on(first, max_iters=2) == [first]
+    assert on(first, resume=True, max_iters=3) == [first]
+    assert on(second, resume=True, max_iters=4) == [first, second]
+    assert on(second, resume=True, max_iters=5) == [first, second]

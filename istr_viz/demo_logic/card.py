@@ -25,6 +25,22 @@ def config_dict(served: ServedModel) -> dict:
     return served.config.to_dict() if served.ok else {}
 
 
+def machine_line(machine: dict) -> str:
+    """One machine of :func:`istr_viz.runtime.machine_summary` in words: CPU, logical CPUs,
+    the flags that pick CPU kernels, torch, and the GPU where there was one."""
+    flags = machine.get("cpu_flags")
+    parts = [str(machine.get("cpu") or "unknown CPU")]
+    if machine.get("logical_cpus"):
+        parts.append(f"{machine['logical_cpus']} logical CPUs")
+    parts.append("CPU flags unknown" if flags is None else
+                 "flags " + (" ".join(flags) if flags else "none of avx2 / avx512 / amx"))
+    if machine.get("torch"):
+        parts.append(f"torch {machine['torch']}")
+    if machine.get("gpu"):
+        parts.append(f"GPU {machine['gpu']}")
+    return ", ".join(parts)
+
+
 def model_card(served: ServedModel, data: DemoData) -> str:
     """Markdown: the checkpoint, what it was trained on, its model, basis and evaluation."""
     if not served.ok:
@@ -51,6 +67,8 @@ def model_card(served: ServedModel, data: DemoData) -> str:
         f"{p.model.basis.mask_size} masks, recipe `{p.model.basis.recipe}`",
         f"- **input size**: shorter side {cfg.data.test_min_size}, longer at most "
         f"{cfg.data.test_max_size} pixels",
+        *(["- **trained on**: " + "; then ".join(machine_line(m) for m in served.machines)]
+          if served.machines else []),
         f"- **served on**: {p.device}",
     ]
     metrics = p.metrics or {}
@@ -61,8 +79,8 @@ def model_card(served: ServedModel, data: DemoData) -> str:
         lines.append("- **evaluation**: none stored in this checkpoint; run `python -m istr_viz "
                      f"evaluate --checkpoint {served.path}`")
     for key, value in served.card.items():  # what an exported checkpoint says about itself
-        if key == "init_from" and served.started_from:  # (its line is above)
-            continue
+        if (key == "init_from" and served.started_from) or (key == "machines" and served.machines):
+            continue  # (their lines are above)
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         lines.append(f"- **{key}** (card): {text[:300]}")
     if data.ok and not data.categories_match(p):
@@ -71,4 +89,4 @@ def model_card(served: ServedModel, data: DemoData) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AP_COLUMNS", "ap_rows", "config_dict", "model_card"]
+__all__ = ["AP_COLUMNS", "ap_rows", "config_dict", "machine_line", "model_card"]

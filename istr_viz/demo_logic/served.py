@@ -38,7 +38,9 @@ class ServedModel:
     checkpoint's training state when it has one; ``card`` is the card an exported (shipped)
     checkpoint carries (data, command, time, hardware: JSON-like), else {}. ``started_from``: the
     checkpoint the run's weights started from (``{"path", "sha256"}``, from the training state or
-    the card), {} for a run from scratch or one that did not record it.
+    the card), {} for a run from scratch or one that did not record it. ``machines``: the machines
+    the run trained on (:func:`istr_viz.runtime.machine_summary` each, from the training state or
+    the card), [] where it did not record them.
     """
 
     path: Path
@@ -48,6 +50,7 @@ class ServedModel:
     data_record: dict = field(default_factory=dict)
     card: dict = field(default_factory=dict)
     started_from: dict = field(default_factory=dict)
+    machines: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -103,9 +106,12 @@ def open_checkpoint(path: str | Path, device: str | None = None) -> ServedModel:
         iteration = None
     record = state.get("data") or card.get("data")
     start = state.get("init_from") or card.get("init_from")
+    machines = state.get("machines") or card.get("machines")
     return ServedModel(path, predictor, iteration=iteration,
                        data_record=dict(record) if isinstance(record, dict) else {}, card=card,
-                       started_from=dict(start) if isinstance(start, dict) else {})
+                       started_from=dict(start) if isinstance(start, dict) else {},
+                       machines=[dict(m) for m in machines if isinstance(m, dict)]
+                       if isinstance(machines, list) else [])
 
 
 @dataclass
