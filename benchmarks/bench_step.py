@@ -160,7 +160,7 @@ def main() -> None:
               "autocast": str(amp), "warmup_iterations": args.warmup,
               "warmup_s": round(warmup_s, 1), "ms_per_iteration": parts,
               "ms_per_iteration_total": round(sum(parts.values()), 1),
-              "machine": machine_summary()}
+              "machine": machine_summary(device="cpu")}
     if rank == 0:
         print(f"{args.preset} {' '.join(args.set)}: {world} process(es) x {args.batch} images, "
               f"{args.threads} thread(s), autocast {amp}, compile {args.compile}; first "

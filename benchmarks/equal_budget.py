@@ -56,11 +56,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _machine() -> dict:
-    """The CPU, threads and torch of this process: what a pace or a timing depends on."""
+def _machine(device: str | None = None) -> dict:
+    """The CPU, threads, torch and GPU (on ``device``; None: the default) of this process: what a
+    pace or a timing depends on."""
     from istr_viz.runtime import machine_summary
 
-    return machine_summary()
+    return machine_summary(device=device)
 
 
 def _paths(data: str | None):
@@ -443,7 +444,7 @@ def time_best(out: Path, args) -> dict:
     timing = {"istr_lr": istr["lr"], "peer_lr": peer["lr"], "istr_run": _record_name(istr),
               "peer_run": _record_name(peer), "images": len(images),
               "threads": args.threads, "test_min_size": cfg.data.test_min_size,
-              "test_max_size": cfg.data.test_max_size, "machine": _machine()}
+              "test_max_size": cfg.data.test_max_size, "machine": _machine("cpu")}
     for model in ("istr", "mask_rcnn"):
         by_kernel = {kernel: times[f"{model}_{kernel}"] for kernel in KERNELS}
         kept = min(by_kernel, key=by_kernel.get)

@@ -36,7 +36,10 @@ from istr_viz.errors import ConfigError, DataError, IstrVizError, NonFiniteError
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
 from istr_viz.model.activations import library_elu_for, library_elu_is_faster, set_elu_kernel
-from istr_viz.runtime import autocast_dtype, default_device, machine_summary
+from istr_viz.runtime import autocast_dtype, default_device, machine_summary, same_machine
+
+
+UNKNOWN_MACHINE = {"cpu": None, "cpu_flags": None}  # where a run trained before machines were kept
 
 
 class TrainingDiverged(NonFiniteError):
@@ -519,11 +522,14 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     if tc.threads > 0 and device.type == "cpu":
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # the same initial weights in every process
-    # the machines this run trained on, one entry each time a resume lands on another: its pace
-    # depends on them (train_state["machines"], runtime.machine_summary)
-    machines = list(ckpt["train_state"].get("machines", [])) if ckpt is not None else []
-    if not machines or machines[-1] != machine_summary():
-        machines.append(machine_summary())
+    # the machines this run trained on, one entry more each time a resume lands on another: its
+    # pace depends on them (train_state["machines"], runtime.machine_summary); a checkpoint from
+    # before they were recorded trained on an unknown one so far
+    here = machine_summary(device=device)
+    machines = [] if ckpt is None else \
+        list(ckpt["train_state"].get("machines") or [UNKNOWN_MACHINE])
+    if not machines or not same_machine(machines[-1], here):
+        machines.append(here)
     train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
     hint = None

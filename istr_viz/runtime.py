@@ -38,27 +38,37 @@ def cpu_has_bf16() -> bool:
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what CPU kernels pick paths by
 
 
-def machine_summary(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+def machine_summary(cpuinfo: str | Path = "/proc/cpuinfo",
+                    device: str | torch.device | None = None) -> dict:
     """What a timing or a training pace depends on, JSON-ready: the CPU's model name, its
     logical CPUs (``os.cpu_count``), the ``_CPU_FLAGS`` it has, torch's version and intra-op
-    threads, and the GPU's name when CUDA is present (else None). Where ``cpuinfo`` cannot be
-    read (not Linux), ``cpu`` is ``platform.processor()`` and ``cpu_flags`` None: unknown, not
-    absent. The same code trains at another pace on another CPU (benchmarks/results_log.md,
-    session 43), so every recorded pace carries this."""
+    threads, and ``gpu``: the name of the CUDA device the work runs on (``device``; None: as
+    :func:`default_device` picks), None when it runs on the CPU. Where ``cpuinfo`` cannot be
+    read (not Linux) or lists no ``flags`` (ARM names them ``Features``), ``cpu_flags`` is None:
+    unknown, not absent; without a ``model name`` line ``cpu`` is ``platform.processor()``. The
+    same code trains at another pace on another CPU (benchmarks/results_log.md, session 43), so
+    every recorded pace carries this."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        text = None
-    cpu, flags = platform.processor() or platform.machine(), None
-    if text is not None:
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        cpu = fields.get("model name", cpu)
-        present = set(fields.get("flags", "").split())
+        text = ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    flags = None
+    if "flags" in fields:
+        present = set(fields["flags"].split())
         flags = [f for f in _CPU_FLAGS if f in present]
+    used = default_device(device)
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "cpu_flags": flags,
             "torch": str(torch.__version__), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name(used) if used.type == "cuda" else None}
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two :func:`machine_summary` records name the same machine: CPU, logical CPUs,
+    flags and GPU; torch's version and threads may differ (a resume with another process count)."""
+    return all(a.get(k) == b.get(k) for k in ("cpu", "logical_cpus", "cpu_flags", "gpu"))
 
 
 def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from istr_viz.demo_logic.card import AP_COLUMNS, ap_rows, model_card
+from istr_viz.demo_logic.card import AP_COLUMNS, ap_rows, machine_line, model_card
 from istr_viz.demo_logic.images import ImageLimits, from_array, load_upload
 from istr_viz.demo_logic.mask_basis import prepare_basis, render_basis
 from istr_viz.demo_logic.matching import (
@@ -331,3 +331,7 @@ def test_the_machines_a_run_trained_on_reach_its_export_and_the_model_card(tmp_p
     assert line in text and text.count("Example A") == 1  # not the card's copy as well
     own = export_for_inference(load_checkpoint(trained), card={"machines": [second]})
     assert own["card"]["machines"] == [second]
+    unknown = {"cpu": None, "cpu_flags": None}  # engine.UNKNOWN_MACHINE
+    assert machine_line(unknown) == "unknown CPU, CPU flags unknown"
+    assert machine_line({"cpu": "Example C", "cpu_flags": []}) == \
+        "Example C, flags none of avx2 / avx512 / amx"

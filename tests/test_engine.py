@@ -1310,20 +1310,27 @@ def test_training_batches_follow_data_group_by_orientation(tmp_path, monkeypatch
 
 def test_the_checkpoint_records_each_machine_the_run_trained_on(shapes, tmp_path, monkeypatch):
     """``train_state["machines"]``: the machine of the run; a resume on the same machine adds
-    nothing, a resume on another appends it (the run's pace mixes both)."""
+    nothing (other threads or another torch included), a resume on another appends it (the run's
+    pace mixes both), and one of a checkpoint that kept no machines starts with an unknown one."""
     import istr_viz.engine as engine
+    from istr_viz.checkpoint import save_checkpoint
 
     root, basis_path = shapes
     cfg = apply_overrides(get_preset("shapes-cpu"), [*TINY, "train.checkpoint_every=0"])
     basis, run, data = MaskBasis.load(basis_path), tmp_path / "run", split_paths(root, "train")
-    first, second = {"cpu": "first", "cpu_flags": ["avx2"]}, {"cpu": "second", "cpu_flags": None}
+    first = {"cpu": "first", "logical_cpus": 2, "cpu_flags": ["avx2"], "torch_threads": 1}
+    second = {"cpu": "second", "logical_cpus": 2, "cpu_flags": None, "torch_threads": 1}
 
     def on(machine, **budget):
-        monkeypatch.setattr(engine, "machine_summary", lambda: dict(machine))
+        monkeypatch.setattr(engine, "machine_summary", lambda **_: dict(machine))
         engine.train(cfg, data, run, basis=basis, device="cpu", progress=False, **budget)
         return load_checkpoint(run / "last.pt")["train_state"]["machines"]
 
     assert on(first, max_iters=2) == [first]
-    assert on(first, resume=True, max_iters=3) == [first]
+    assert on({**first, "torch_threads": 2}, resume=True, max_iters=3) == [first]
     assert on(second, resume=True, max_iters=4) == [first, second]
     assert on(second, resume=True, max_iters=5) == [first, second]
+    old = load_checkpoint(run / "last.pt")
+    del old["train_state"]["machines"]  # as a checkpoint written before machines were kept
+    save_checkpoint(run / "last.pt", **old)
+    assert on(first, resume=True, max_iters=6) == [engine.UNKNOWN_MACHINE, first]

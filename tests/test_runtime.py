@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from istr_viz.runtime import machine_summary
+from istr_viz.runtime import machine_summary, same_machine
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -23,8 +23,8 @@ flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16
 def test_machine_summary_reads_the_cpu_name_and_the_flags_that_pick_kernels(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO)
-    got = machine_summary(path)
-    assert got["cpu"] == "Example Xeon 9999"
+    got = machine_summary(path, device="cpu")
+    assert got["cpu"] == "Example Xeon 9999" and got["gpu"] is None  # a run on the CPU
     assert got["cpu_flags"] == ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
     # a plain str: torch.__version__'s own class is refused by safe loading (weights_only=True)
     assert type(got["torch"]) is str and got["torch"] == torch.__version__
@@ -38,3 +38,20 @@ def test_machine_summary_reads_the_cpu_name_and_the_flags_that_pick_kernels(tmp_
 def test_machine_summary_without_cpuinfo_says_the_flags_are_unknown(tmp_path):
     got = machine_summary(tmp_path / "missing")
     assert got["cpu_flags"] is None and isinstance(got["cpu"], str)
+
+
+def test_a_cpuinfo_without_a_flags_line_leaves_the_flags_unknown(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nFeatures\t: fp asimd\nmodel name\t: Example ARM\n")
+    got = machine_summary(path)
+    assert got["cpu"] == "Example ARM" and got["cpu_flags"] is None
+
+
+def test_same_machine_ignores_torch_and_its_threads_but_not_the_cpu(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    a = machine_summary(path, device="cpu")
+    assert same_machine(a, {**a, "torch_threads": a["torch_threads"] + 1, "torch": "0.0"})
+    assert not same_machine(a, {**a, "cpu": "Example EPYC"})
+    assert not same_machine(a, {**a, "cpu_flags": ["avx2"]})
+    assert not same_machine(a, {**a, "gpu": "Example GPU"})
