@@ -204,7 +204,7 @@ def run_peer(args) -> None:
               "set": args.set or [], "eval_images": args.eval_images, "curve": curve,
               "box_AP": curve[-1]["box_AP"], "mask_AP": curve[-1]["mask_AP"],
               "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-              "machine": _machine()}
+              "machine": _machine("cpu")}  # the peer trains on the CPU
     _write(out / f"{name}.json", record)
 
 

@@ -527,7 +527,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     # before they were recorded trained on an unknown one so far
     here = machine_summary(device=device)
     machines = [] if ckpt is None else \
-        list(ckpt["train_state"].get("machines") or [UNKNOWN_MACHINE])
+        list(ckpt["train_state"].get("machines") or [dict(UNKNOWN_MACHINE)])
     if not machines or not same_machine(machines[-1], here):
         machines.append(here)
     train_tf, test_tf = transform_configs(cfg)

@@ -55,3 +55,10 @@ def test_same_machine_ignores_torch_and_its_threads_but_not_the_cpu(tmp_path):
     assert not same_machine(a, {**a, "cpu": "Example EPYC"})
     assert not same_machine(a, {**a, "cpu_flags": ["avx2"]})
     assert not same_machine(a, {**a, "gpu": "Example GPU"})
+
+
+def test_machine_summary_names_the_gpu_only_where_the_work_runs_on_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Example GPU")
+    assert machine_summary(tmp_path / "missing", device="cpu")["gpu"] is None
+    assert machine_summary(tmp_path / "missing", device="cuda")["gpu"] == "Example GPU"
