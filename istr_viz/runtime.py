@@ -25,14 +25,29 @@ def default_device(requested: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+def read_cpuinfo(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str | None, set[str] | None]:
+    """The first CPU's ``model name`` and ``flags`` in a Linux cpuinfo file: (None, None) where
+    it cannot be read (not Linux), flags None where it lists none (ARM names them ``Features``):
+    unknown, not absent."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+        return None, None
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:  # the first processor's block
+            fields[key.strip()] = value.strip()
+    flags = set(fields["flags"].split()) if "flags" in fields else None
+    return fields.get("model name") or None, flags
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast
+    pays off; False where the flags are unknown."""
+    _, flags = read_cpuinfo(cpuinfo)
+    return bool(flags and flags & {"avx512_bf16", "amx_bf16"})
 
 
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what CPU kernels pick paths by
@@ -48,17 +63,9 @@ def machine_summary(cpuinfo: str | Path = "/proc/cpuinfo",
     unknown, not absent; without a ``model name`` line ``cpu`` is ``platform.processor()``. The
     same code trains at another pace on another CPU (benchmarks/results_log.md, session 43), so
     every recorded pace carries this."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        text = ""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    cpu = fields.get("model name") or platform.processor() or platform.machine()
-    flags = None
-    if "flags" in fields:
-        present = set(fields["flags"].split())
-        flags = [f for f in _CPU_FLAGS if f in present]
+    cpu, present = read_cpuinfo(cpuinfo)
+    cpu = cpu or platform.processor() or platform.machine()
+    flags = None if present is None else [f for f in _CPU_FLAGS if f in present]
     used = default_device(device)
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "cpu_flags": flags,
             "torch": str(torch.__version__), "torch_threads": torch.get_num_threads(),

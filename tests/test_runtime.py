@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from istr_viz.runtime import machine_summary, same_machine
+from istr_viz.runtime import cpu_has_bf16, machine_summary, read_cpuinfo, same_machine
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -62,3 +62,23 @@ def test_machine_summary_names_the_gpu_only_where_the_work_runs_on_it(tmp_path, 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Example GPU")
     assert machine_summary(tmp_path / "missing", device="cpu")["gpu"] is None
     assert machine_summary(tmp_path / "missing", device="cuda")["gpu"] == "Example GPU"
+
+
+def test_bf16_autocast_is_picked_from_the_same_flags_the_record_shows(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    assert read_cpuinfo(path) == ("Example Xeon 9999", {"fpu", "sse2", "avx2", "avx512f",
+                                                        "avx512_bf16", "amx_tile", "amx_bf16"})
+    assert cpu_has_bf16(path)
+    amx_only = tmp_path / "amx_only"
+    amx_only.write_text(CPUINFO.replace(" avx512_bf16", ""))
+    assert cpu_has_bf16(amx_only)
+    none = tmp_path / "none"
+    none.write_text(CPUINFO.replace(" avx512_bf16 amx_tile amx_bf16", ""))
+    assert not cpu_has_bf16(none)
+    # a flag's name inside another line is not the flag
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("model name\t: not avx512_bf16\nflags\t\t: fpu avx2\n")
+    assert not cpu_has_bf16(elsewhere)
+    assert not cpu_has_bf16(tmp_path / "missing")
+    assert read_cpuinfo(tmp_path / "missing") == (None, None)
