@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from istr_viz.basis import MaskBasis
 from istr_viz.checkpoint import load_checkpoint, save_checkpoint
-from istr_viz.config import Config, apply_overrides, with_architecture_of
+from istr_viz.config import Config, apply_overrides, with_architecture_of, with_sizes_scaled
 from istr_viz.data.batching import IterationBatchSampler, SeededDataset, padding_options
 from istr_viz.data.coco import CocoDataset, collate, load_annotations
 from istr_viz.data.layout import DatasetPaths
@@ -487,7 +487,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     """
     from tqdm.auto import tqdm
 
-    from istr_viz.data.check import MAX_RAISED_QUERIES, fit_warnings, most_instances, queries_for
+    from istr_viz.data.check import (MAX_RAISED_QUERIES, fit_warnings, median_object_px,
+                                     most_instances, queries_for, size_factor_for)
     from istr_viz.evaluate import evaluate_model
 
     if max_iters is not None and max_minutes is not None:
@@ -530,8 +531,20 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         list(ckpt["train_state"].get("machines") or [dict(UNKNOWN_MACHINE)])
     if not machines or not same_machine(machines[-1], here):
         machines.append(here)
-    train_tf, test_tf = transform_configs(cfg)
     ann = load_annotations(train_data.ann_file)
+    factor = size_factor_for(cfg.data.median_object_px, ann, cfg.data.train_min_sizes,
+                             cfg.data.train_max_size)
+    if ckpt is None and cfg.data.median_object_px > 0:  # (a resumed run has its own sizes)
+        scaled = with_sizes_scaled(cfg, factor)
+        if info.is_main and factor != 1:
+            print(f"note: sizes x{factor:g}: training {list(scaled.data.train_min_sizes)} (at "
+                  f"most {scaled.data.train_max_size}), test {scaled.data.test_min_size} (at most "
+                  f"{scaled.data.test_max_size}): the median training instance is "
+                  f"{median_object_px(ann, cfg.data.train_min_sizes, cfg.data.train_max_size):.1f}"
+                  f" px at the middle training size, under data.median_object_px="
+                  f"{cfg.data.median_object_px:g}", file=sys.stderr, flush=True)
+        cfg = scaled
+    train_tf, test_tf = transform_configs(cfg)
     hint = None
     if info.is_main and ckpt is None and init_from is None and suggest_shipped:
         # the configuration as given: --init-from takes the shipped model's query count

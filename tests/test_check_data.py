@@ -8,7 +8,7 @@ import pytest
 
 import coco_factory as cf
 from istr_viz.data.check import (check_dataset, check_images, fit_warnings, format_summary,
-                                 most_instances, queries_for)
+                                 median_object_px, most_instances, queries_for, size_factor_for)
 from istr_viz.data.coco import CocoDataset, load_annotations
 from istr_viz.errors import DataError
 
@@ -206,3 +206,66 @@ def test_queries_for_raises_at_most_to_the_cap(quirky, monkeypatch):
     monkeypatch.setattr(check, "MAX_RAISED_QUERIES", 7)
     assert check.queries_for(4, 3.0, ann) == 7  # not 9
     assert check.queries_for(12, 3.0, ann) == 12  # a larger number given by hand stands
+
+
+def _median_by_hand(ann_file, middle: float, max_size: float) -> float:
+    """The median of sqrt(area) x the training resize's scale, from the JSON itself."""
+    import math
+    import statistics
+
+    data = json.loads(ann_file.read_text())
+    images = {i["id"]: i for i in data["images"]}
+    sizes = []
+    for a in data["annotations"]:
+        if a["iscrowd"]:
+            continue
+        h, w = images[a["image_id"]]["height"], images[a["image_id"]]["width"]
+        scale = min(middle / min(h, w), max_size / max(h, w))
+        sizes.append(math.sqrt(a["area"]) * scale)
+    return statistics.median(sizes)
+
+
+def test_median_object_px_is_the_median_instance_at_the_middle_training_size(quirky):
+    ann = load_annotations(quirky.ann_file)
+    want = _median_by_hand(quirky.ann_file, 96, 1000)
+    assert median_object_px(ann, (64, 96, 128), 1000) == pytest.approx(want)
+    assert median_object_px(ann, (80, 96, 112), 1000) == pytest.approx(want)  # the middle counts
+    # a cap on the longer side binds for the wider images: never larger than without it
+    capped = median_object_px(ann, (64, 96, 128), 120)
+    assert capped == pytest.approx(_median_by_hand(quirky.ann_file, 96, 120)) and capped < want
+
+
+def test_size_factor_steps_by_a_quarter_up_to_twice(quirky):
+    ann = load_annotations(quirky.ann_file)
+    median = median_object_px(ann, (96,), 1000)
+    assert median > 0
+    factor = lambda target: size_factor_for(target, ann, (96,), 1000)  # noqa: E731
+    assert factor(0) == 1.0  # off
+    assert factor(median * 0.9) == 1.0  # already larger than asked
+    assert factor(median * 1.2) == 1.0  # under the first step: left as it is
+    assert factor(median * 1.25) == 1.25 and factor(median * 1.4) == 1.25  # rounded down
+    assert factor(median * 1.6) == 1.5
+    assert factor(median * 10) == 2.0  # the cap
+
+
+def test_the_presets_object_size_leaves_the_built_in_shapes_as_they_are(tmp_path):
+    """shapes-cpu's data.median_object_px (28) is the built-in shapes' own median at the middle
+    training size (28.1 px over the 2,000 training images): a built-in-like set keeps its sizes."""
+    from istr_viz.config import get_preset
+    from istr_viz.data.shapes import make_shapes
+
+    make_shapes(tmp_path, num_train=60, num_val=1, size=256, seed=5, progress=False)
+    ann = load_annotations(tmp_path / "train" / "annotations.json")
+    data = get_preset("shapes-cpu").data
+    assert 22.4 < median_object_px(ann, data.train_min_sizes, data.train_max_size) < 40
+    assert size_factor_for(data.median_object_px, ann, data.train_min_sizes,
+                           data.train_max_size) == 1.0
+
+
+def test_median_object_px_must_be_a_sensible_number():
+    from istr_viz.config import apply_overrides, get_preset
+    from istr_viz.errors import ConfigError
+
+    for bad in ("-1", "1e9", "true"):
+        with pytest.raises(ConfigError, match="data.median_object_px"):
+            apply_overrides(get_preset("shapes-cpu"), [f"data.median_object_px={bad}"])

@@ -102,7 +102,8 @@ TINY_SET = ["model.backbone_base_channels=8", "model.num_queries=6", "model.num_
             "model.hidden_dim=16", "model.dim_dynamic=4", "model.dim_feedforward=32",
             "model.num_heads=2", "data.train_min_sizes=48", "data.train_max_size=48",
             "data.test_min_size=48", "data.test_max_size=48", "train.batch_size=2",
-            "train.threads=1", "basis.dim=8", "model.queries_per_instance=0"]
+            "train.threads=1", "basis.dim=8", "model.queries_per_instance=0",
+            "data.median_object_px=0"]
 
 
 @pytest.fixture(scope="module")

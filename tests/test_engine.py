@@ -37,6 +37,7 @@ TINY = [
     "train.warmup_iters=3", "train.lr=1e-3", "train.seed=3",
     "model.elu=library",  # one CPU kernel in every run, so that runs compare to the last bit
     "model.queries_per_instance=0",  # 8 queries, whatever the tiny set's crowding
+    "data.median_object_px=0",  # 64 px, whatever the tiny set's object sizes
 ]
 
 
@@ -1245,6 +1246,56 @@ def test_queries_per_instance_raises_the_queries_for_crowded_data_and_resume_kee
     train(off, split_paths(root, "train"), tmp_path / "off", basis=MaskBasis.load(basis_path),
           max_iters=1, device="cpu", progress=False)
     assert load_checkpoint(tmp_path / "off" / "last.pt")["config"]["model"]["num_queries"] == 8
+
+
+
+def test_median_object_px_trains_and_tests_data_with_small_objects_larger(shapes, tmp_path,
+                                                                          capsys):
+    """data.median_object_px: where the median training instance at the middle training size is
+    under the target, the run scales every size, says so, and stores the scaled sizes with the
+    rule off, so that a resume (or a second application) changes nothing; the equal-budget
+    benchmark gives its peer the same sizes."""
+    import importlib.util
+
+    from istr_viz.config import with_sizes_scaled
+    from istr_viz.data.check import median_object_px, size_factor_for
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    ann = load_annotations(split_paths(root, "train").ann_file)
+    median = median_object_px(ann, (64,), 64)
+    target = median * 1.6  # x1.5
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY + [f"data.median_object_px={target}"])
+    assert size_factor_for(target, ann, (64,), 64) == 1.5
+    train(cfg, split_paths(root, "train"), tmp_path / "run", basis=MaskBasis.load(basis_path),
+          max_iters=2, device="cpu", progress=False)
+    assert "note: sizes x1.5: training [96] (at most 96), test 96 (at most 96)" in \
+        capsys.readouterr().err
+    stored = load_checkpoint(tmp_path / "run" / "last.pt")["config"]["data"]
+    assert (list(stored["train_min_sizes"]), stored["train_max_size"]) == ([96], 96)
+    assert (stored["test_min_size"], stored["test_max_size"]) == (96, 96)
+    assert stored["median_object_px"] == 0
+    assert with_sizes_scaled(with_sizes_scaled(cfg, 1.5), 1.0).data == \
+        with_sizes_scaled(cfg, 1.5).data  # applied once
+    train(cfg, split_paths(root, "train"), tmp_path / "run", resume=True, max_iters=3,
+          device="cpu", progress=False)
+    again = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert again["train_state"]["iteration"] == 3 and again["config"]["data"] == stored
+    # the benchmark's peer: the same sizes as the ISTR run stored
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "equal_budget.py"
+    spec = importlib.util.spec_from_file_location("equal_budget", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    peer = bench._sized(cfg, str(root)).data
+    assert (list(peer.train_min_sizes), peer.train_max_size, peer.test_min_size,
+            peer.test_max_size) == ([96], 96, 96, 96)
+    # larger objects than the target: nothing changes and nothing is said
+    big = apply_overrides(get_preset("shapes-cpu"), TINY + [f"data.median_object_px={median}"])
+    train(big, split_paths(root, "train"), tmp_path / "big", basis=MaskBasis.load(basis_path),
+          max_iters=1, device="cpu", progress=False)
+    assert "note: sizes" not in capsys.readouterr().err
+    kept = load_checkpoint(tmp_path / "big" / "last.pt")["config"]["data"]
+    assert (list(kept["train_min_sizes"]), kept["test_min_size"]) == ([64], 64)
 
 
 def _elu_kernel_worker(rank: int, port: int, out_dir: str) -> None:
