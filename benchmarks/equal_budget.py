@@ -71,22 +71,6 @@ def _paths(data: str | None):
     return split_paths(root, "train"), split_paths(root, "val")
 
 
-def _sized(cfg, data: str | None):
-    """``cfg`` with ``data.median_object_px`` applied to the training data, as ``engine.train``
-    applies it to ISTR's run: the peer trains, is scored and is timed at the same sizes (on the
-    built-in shapes the rule changes nothing)."""
-    from istr_viz.config import with_sizes_scaled
-    from istr_viz.data.check import size_factor_for
-    from istr_viz.data.coco import load_annotations
-
-    if cfg.data.median_object_px <= 0:
-        return cfg
-    train_paths, _ = _paths(data)
-    factor = size_factor_for(cfg.data.median_object_px, load_annotations(train_paths.ann_file),
-                             cfg.data.train_min_sizes, cfg.data.train_max_size)
-    return with_sizes_scaled(cfg, factor)
-
-
 def _datasets(cfg, data: str | None):
     from istr_viz.data.coco import CocoDataset
     from istr_viz.data.transforms import build_transform
@@ -185,7 +169,7 @@ def run_peer(args) -> None:
     from istr_viz.data.batching import padding_options
 
     torch.set_num_threads(args.threads)
-    cfg = _sized(apply_overrides(get_preset(args.preset), args.set or []), args.data)
+    cfg = apply_overrides(get_preset(args.preset), args.set or [])
     train, val, val_paths = _datasets(cfg, args.data)
     seed = cfg.train.seed + args.repeat
     torch.manual_seed(seed)
@@ -438,7 +422,7 @@ def time_best(out: Path, args) -> dict:
         raise SystemExit(f"nothing to time in {out}: no run of one of the models kept to its "
                          "budget")
     torch.set_num_threads(args.threads)
-    cfg = _sized(apply_overrides(get_preset(args.preset), peer["set"]), args.data)  # as trained
+    cfg = apply_overrides(get_preset(args.preset), peer["set"])  # as the peer was trained
     train, val, _ = _datasets(cfg, args.data)
     # scored as the preset scores, as --rescore does
     istr_power = apply_overrides(get_preset(args.preset), istr["set"]).model.maskness_power
@@ -507,7 +491,7 @@ def rescore(out: Path, args) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {"peer": [], "istr": []}
     extra = args.set or []  # on top of each run's own: e.g. another test size
     for record in peer_records:
-        cfg = _sized(apply_overrides(get_preset(args.preset), record["set"] + extra), args.data)
+        cfg = apply_overrides(get_preset(args.preset), record["set"] + extra)  # as it was trained
         train, val, val_paths = _datasets(cfg, args.data)
         model = build_mask_rcnn(cfg, len(train.annotations.class_names))
         model.load_state_dict(torch.load(out / f"{_record_name(record)}.pt", map_location="cpu",
@@ -519,7 +503,7 @@ def rescore(out: Path, args) -> dict[str, list[dict]]:
     for record in istr_records:
         if record.get("diverged") or not Path(record.get("checkpoint", "")).is_file():
             continue
-        cfg = _sized(apply_overrides(get_preset(args.preset), record["set"] + extra), args.data)
+        cfg = apply_overrides(get_preset(args.preset), record["set"] + extra)
         model, predictor = load_model(record["checkpoint"], device="cpu")
         # the checkpoint's own configuration, tested at the preset's size as the peer is and
         # scored as the preset scores (model.maskness_power)

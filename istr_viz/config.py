@@ -250,11 +250,15 @@ class DataConfig:
     # 15 and 22.5 minutes and level at 30 (s35g against s35ng, one run each; results log,
     # session 35). Square images form one group and batch exactly as without it
     group_by_orientation: bool = True
-    # Data with small objects trains and tests larger (not in ISTR): where the training set's
-    # median instance (the square root of its area) is under this many px at the middle training
-    # size, every size above (training, test, and their caps) is raised in steps of x1.25, at
-    # most x2, to the largest step that keeps it at or under this (data.check.size_factor_for).
-    # 0 = off. A run applies it once, at its start, and stores the sizes it got with this at 0
+    # Scale matching for a run that starts from trained weights (not in ISTR; Yu et al., "Scale
+    # Match for Tiny Person Detection", WACV 2020): where the training set's median instance (the
+    # square root of its area) at the middle training size is at most 1 / 1.25 of this many px,
+    # every size above (training, test, and their caps) is raised x1.25, so that the objects come
+    # closer to the sizes the weights learned on (data.check.size_factor_for; larger steps were
+    # not measured). 0 = off. The presets' 28 is the built-in shapes' median, the shipped model's
+    # data: from a checkpoint trained on other data, set that data's median, or 0. Sizes set with
+    # --set are raised too. A run from scratch keeps its sizes. A run applies it once, at its
+    # start, and stores the sizes it got with this at 0
     median_object_px: float = 0.0
 
     def __post_init__(self) -> None:
@@ -435,12 +439,15 @@ PRESETS: dict[str, Config] = {
         # and 288 less. On 400 images no choice had seen (make-shapes --seed 11), 240 against 224:
         # +0.8 mask AP for the shipped model (68.8 / 68.0), +0.9 for a 30-minute run (c112,
         # 52.2 / 51.3) (session 29). The longer-side cap keeps the 800:1333 ratio.
-        # On data whose median object is smaller than the built-in shapes' (28 px at 192), all
-        # these sizes are raised x1.25 or more (data.median_object_px; the built-in shapes keep
-        # them): the second data set's 20 px gets x1.25, which gave 46.0 / 39.4 against 44.2 /
-        # 36.7 box / mask AP at 30 minutes from the shipped model, in 2,080 against 2,420
-        # iterations (s45r125 against s44ft, one run each, AMD EPYC; the sizes 208-272 tested at
-        # 272: 45.5 / 38.6, s45big; benchmarks/results_log.md, session 45)
+        # A run from trained weights (the train command's default start from the shipped model
+        # on data of other classes, or --init-from) on data whose median object is smaller than
+        # the built-in shapes' (28 px at 192; at most 22.4) raises all these sizes x1.25
+        # (data.median_object_px): the second data set's 20 px gets x1.25, which gave 46.0 / 39.4
+        # against 44.2 / 36.7 box / mask AP at 30 minutes from the shipped model, in 2,080 against
+        # 2,420 iterations (s45r125 against s44ft, one run each, AMD EPYC; the sizes 208-272
+        # tested at 272: 45.5 / 38.6, s45big). From scratch the same sizes cost 2.5 mask AP
+        # (s45lr: 21.7 / 17.9 against s44lr's 24.6 / 20.4 in 1,970 against 2,530 iterations), so
+        # a run from scratch keeps the sizes below (benchmarks/results_log.md, session 45)
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=373,
                         test_min_size=240, test_max_size=400, num_workers=0,
                         median_object_px=28.0),

@@ -23,7 +23,7 @@ from istr_viz.model.backbone import ChannelsLastMaxPool2d, ResNetBody
 
 TINY = ["model.backbone_base_channels=8", "model.hidden_dim=32", "data.train_min_sizes=64",
         "data.train_max_size=64", "data.test_min_size=64", "data.test_max_size=64",
-        "train.batch_size=2", "data.median_object_px=0"]
+        "train.batch_size=2"]
 
 
 def _tiny_shapes(tmp_path, num_train: int, num_val: int):

@@ -229,23 +229,29 @@ def test_median_object_px_is_the_median_instance_at_the_middle_training_size(qui
     ann = load_annotations(quirky.ann_file)
     want = _median_by_hand(quirky.ann_file, 96, 1000)
     assert median_object_px(ann, (64, 96, 128), 1000) == pytest.approx(want)
-    assert median_object_px(ann, (80, 96, 112), 1000) == pytest.approx(want)  # the middle counts
+    assert median_object_px(ann, (90, 96, 200), 1000) == pytest.approx(want)  # the median size
     # a cap on the longer side binds for the wider images: never larger than without it
     capped = median_object_px(ann, (64, 96, 128), 120)
     assert capped == pytest.approx(_median_by_hand(quirky.ann_file, 96, 120)) and capped < want
 
 
-def test_size_factor_steps_by_a_quarter_up_to_twice(quirky):
+def test_size_factor_is_x125_where_the_median_object_is_at_most_08_of_the_target(quirky):
     ann = load_annotations(quirky.ann_file)
     median = median_object_px(ann, (96,), 1000)
     assert median > 0
     factor = lambda target: size_factor_for(target, ann, (96,), 1000)  # noqa: E731
     assert factor(0) == 1.0  # off
     assert factor(median * 0.9) == 1.0  # already larger than asked
-    assert factor(median * 1.2) == 1.0  # under the first step: left as it is
-    assert factor(median * 1.25) == 1.25 and factor(median * 1.4) == 1.25  # rounded down
-    assert factor(median * 1.6) == 1.5
-    assert factor(median * 10) == 2.0  # the cap
+    assert factor(median * 1.2) == 1.0  # under the step: left as it is
+    assert factor(median * 1.25) == 1.25 and factor(median * 1.4) == 1.25
+    assert factor(median * 10) == 1.25  # larger steps were not measured
+
+
+def test_median_object_px_needs_training_sizes(quirky):
+    from istr_viz.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.train_min_sizes is empty"):
+        median_object_px(load_annotations(quirky.ann_file), (), 100)
 
 
 def test_the_presets_object_size_leaves_the_built_in_shapes_as_they_are(tmp_path):
@@ -269,3 +275,7 @@ def test_median_object_px_must_be_a_sensible_number():
     for bad in ("-1", "1e9", "true"):
         with pytest.raises(ConfigError, match="data.median_object_px"):
             apply_overrides(get_preset("shapes-cpu"), [f"data.median_object_px={bad}"])
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match="data.median_object_px"):  # not a bool, built directly
+        replace(get_preset("shapes-cpu").data, median_object_px=True)

@@ -1248,51 +1248,60 @@ def test_queries_per_instance_raises_the_queries_for_crowded_data_and_resume_kee
     assert load_checkpoint(tmp_path / "off" / "last.pt")["config"]["model"]["num_queries"] == 8
 
 
-
-def test_median_object_px_trains_and_tests_data_with_small_objects_larger(shapes, tmp_path,
-                                                                          capsys):
-    """data.median_object_px: where the median training instance at the middle training size is
-    under the target, the run scales every size, says so, and stores the scaled sizes with the
-    rule off, so that a resume (or a second application) changes nothing; the equal-budget
-    benchmark gives its peer the same sizes."""
-    import importlib.util
-
-    from istr_viz.config import with_sizes_scaled
+def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_objects(
+        shapes, tmp_path, capsys, monkeypatch):
+    """data.median_object_px: a run that starts from another checkpoint's weights, on data whose
+    median training instance at the middle training size is at most 0.8 of the target, trains
+    and tests at sizes x1.25, says so, and stores them with the rule off, so that a resume, or a
+    start from that checkpoint with its own configuration, keeps them; a run from scratch, or on
+    larger objects, keeps its sizes."""
+    from istr_viz import engine
+    from istr_viz.config import Config
     from istr_viz.data.check import median_object_px, size_factor_for
-    from istr_viz.engine import train
 
+    built = []  # (min sizes, max size) of every transform the runs build
+    real_build = engine.build_transform
+    monkeypatch.setattr(engine, "build_transform", lambda tc, train: built.append(
+        (tuple(tc.min_size), tc.max_size)) or real_build(tc, train=train))
     root, basis_path = shapes
     ann = load_annotations(split_paths(root, "train").ann_file)
     median = median_object_px(ann, (64,), 64)
-    target = median * 1.6  # x1.5
+    target = median * 1.3
     cfg = apply_overrides(get_preset("shapes-cpu"), TINY + [f"data.median_object_px={target}"])
-    assert size_factor_for(target, ann, (64,), 64) == 1.5
-    train(cfg, split_paths(root, "train"), tmp_path / "run", basis=MaskBasis.load(basis_path),
-          max_iters=2, device="cpu", progress=False)
-    assert "note: sizes x1.5: training [96] (at most 96), test 96 (at most 96)" in \
+    assert size_factor_for(target, ann, (64,), 64) == 1.25
+    # from scratch: the sizes as given
+    engine.train(cfg, split_paths(root, "train"), tmp_path / "scratch",
+                 basis=MaskBasis.load(basis_path), max_iters=1, device="cpu", progress=False)
+    assert "note: sizes" not in capsys.readouterr().err and set(built) == {((64,), 64)}
+    scratch = load_checkpoint(tmp_path / "scratch" / "last.pt")["config"]["data"]
+    assert (list(scratch["train_min_sizes"]), scratch["test_min_size"]) == ([64], 64)
+    # from that run's weights: trained at x1.25
+    built.clear()
+    engine.train(cfg, split_paths(root, "train"), tmp_path / "run",
+                 init_from=tmp_path / "scratch" / "last.pt", max_iters=2, device="cpu",
+                 progress=False)
+    assert "note: sizes x1.25: training [80] (at most 80), test 80 (at most 80)" in \
         capsys.readouterr().err
+    assert ((80,), 80) in built and ((64,), 64) not in built
     stored = load_checkpoint(tmp_path / "run" / "last.pt")["config"]["data"]
-    assert (list(stored["train_min_sizes"]), stored["train_max_size"]) == ([96], 96)
-    assert (stored["test_min_size"], stored["test_max_size"]) == (96, 96)
+    assert (list(stored["train_min_sizes"]), stored["train_max_size"]) == ([80], 80)
+    assert (stored["test_min_size"], stored["test_max_size"]) == (80, 80)
     assert stored["median_object_px"] == 0
-    assert with_sizes_scaled(with_sizes_scaled(cfg, 1.5), 1.0).data == \
-        with_sizes_scaled(cfg, 1.5).data  # applied once
-    train(cfg, split_paths(root, "train"), tmp_path / "run", resume=True, max_iters=3,
-          device="cpu", progress=False)
+    engine.train(cfg, split_paths(root, "train"), tmp_path / "run", resume=True, max_iters=3,
+                 device="cpu", progress=False)
     again = load_checkpoint(tmp_path / "run" / "last.pt")
     assert again["train_state"]["iteration"] == 3 and again["config"]["data"] == stored
-    # the benchmark's peer: the same sizes as the ISTR run stored
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "equal_budget.py"
-    spec = importlib.util.spec_from_file_location("equal_budget", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    peer = bench._sized(cfg, str(root)).data
-    assert (list(peer.train_min_sizes), peer.train_max_size, peer.test_min_size,
-            peer.test_max_size) == ([96], 96, 96, 96)
+    # a start from the scaled run with its own stored configuration: not scaled twice
+    built.clear()
+    engine.train(Config.from_dict(again["config"]), split_paths(root, "train"), tmp_path / "twice",
+                 init_from=tmp_path / "run" / "last.pt", max_iters=1, device="cpu",
+                 progress=False)
+    assert "note: sizes" not in capsys.readouterr().err and set(built) == {((80,), 80)}
     # larger objects than the target: nothing changes and nothing is said
     big = apply_overrides(get_preset("shapes-cpu"), TINY + [f"data.median_object_px={median}"])
-    train(big, split_paths(root, "train"), tmp_path / "big", basis=MaskBasis.load(basis_path),
-          max_iters=1, device="cpu", progress=False)
+    engine.train(big, split_paths(root, "train"), tmp_path / "big",
+                 init_from=tmp_path / "scratch" / "last.pt", max_iters=1, device="cpu",
+                 progress=False)
     assert "note: sizes" not in capsys.readouterr().err
     kept = load_checkpoint(tmp_path / "big" / "last.pt")["config"]["data"]
     assert (list(kept["train_min_sizes"]), kept["test_min_size"]) == ([64], 64)
