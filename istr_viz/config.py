@@ -255,7 +255,7 @@ class DataConfig:
     # square root of its area) at the middle training size is at most 1 / 1.25 of this many px,
     # every size above (training, test, and their caps) is raised x1.25, so that the objects come
     # closer to the sizes the weights learned on (data.check.size_factor_for; larger steps were
-    # not measured). 0 = off. The presets' 28 is the built-in shapes' median, the shipped model's
+    # not measured). 0 = off. shapes-cpu's 28 is the built-in shapes' median, the shipped model's
     # data: from a checkpoint trained on other data, set that data's median, or 0. Sizes set with
     # --set are raised too. A run from scratch keeps its sizes. A run applies it once, at its
     # start, and stores the sizes it got with this at 0
@@ -444,7 +444,8 @@ PRESETS: dict[str, Config] = {
         # the built-in shapes' (28 px at 192; at most 22.4) raises all these sizes x1.25
         # (data.median_object_px): the second data set's 20 px gets x1.25, which gave 46.0 / 39.4
         # against 44.2 / 36.7 box / mask AP at 30 minutes from the shipped model, in 2,080 against
-        # 2,420 iterations (s45r125 against s44ft, one run each, AMD EPYC; the sizes 208-272
+        # 2,420 iterations (s45r125 against s44ft, one run each, AMD EPYC; 45.1 / 37.9 with the
+        # seed 1, s45ft_s1, on a slower stretch of the machine; the sizes 208-272
         # tested at 272: 45.5 / 38.6, s45big). From scratch the same sizes cost 2.5 mask AP
         # (s45lr: 21.7 / 17.9 against s44lr's 24.6 / 20.4 in 1,970 against 2,530 iterations), so
         # a run from scratch keeps the sizes below (benchmarks/results_log.md, session 45)

@@ -259,9 +259,10 @@ def _check_finite_outputs(output, iteration: int) -> None:
 
 
 # What starting from the shipped model gave on the second data set of benchmarks/, 30 minutes on 2
-# CPU cores (benchmarks/results_log.md: s36ft36 from ship13, session 36, against s37lr, session 37)
-FINE_TUNE_EVIDENCE = ("on the second data set of benchmarks/, 39.4 mask AP after 30 minutes "
-                      "on 2 CPU cores against 20.4 from scratch")
+# CPU cores of an AMD EPYC (benchmarks/results_log.md: s45r125 and s45ft_s1, the seeds 0 and 1, at
+# the sizes of data.median_object_px, session 45, against s44lr from scratch, session 44)
+FINE_TUNE_EVIDENCE = ("on the second data set of benchmarks/, 39.4 and 37.9 mask AP (two seeds) "
+                      "after 30 minutes on 2 CPU cores against 20.4 from scratch")
 
 AUTO_START = "auto"  # training_start: the shipped model where shipped_start says so
 

@@ -205,7 +205,8 @@ def queries_for(num_queries: int, queries_per_instance: float, ann: CocoAnnotati
 
 # data.median_object_px's step: x1.25 where the median instance is at most 1 / 1.25 of the
 # target. Larger steps were not measured: x1.25 alone cost 16% more time an iteration from the
-# shipped model on the second data set (s45r125 against s44ft) and 2.5 mask AP from scratch
+# shipped model on the second data set (s45r125 against s44ft, one pair; the pace of two seeds
+# of the same run differed by 17%) and 2.5 mask AP from scratch (s45lr against s44lr)
 SIZE_STEP, MAX_SIZE_FACTOR = 0.25, 1.25
 
 
