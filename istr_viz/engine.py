@@ -491,7 +491,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     from tqdm.auto import tqdm
 
     from istr_viz.data.check import (MAX_RAISED_QUERIES, fit_warnings, median_object_px,
-                                     most_instances, queries_for, size_factor_for)
+                                     most_instances, queries_for, size_factor)
     from istr_viz.evaluate import evaluate_model
 
     if max_iters is not None and max_minutes is not None:
@@ -541,7 +541,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     if ckpt is None and init_from is not None and cfg.data.median_object_px > 0:
         d = cfg.data
         median = median_object_px(ann, d.train_min_sizes, d.train_max_size)
-        factor = size_factor_for(d.median_object_px, ann, d.train_min_sizes, d.train_max_size)
+        factor = size_factor(d.median_object_px, median)
         scaled = with_sizes_scaled(cfg, factor)
         if info.is_main and factor != 1:
             print(f"note: sizes x{factor:g}: training {list(scaled.data.train_min_sizes)} (at "

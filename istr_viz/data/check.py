@@ -227,19 +227,24 @@ def median_object_px(ann: CocoAnnotations, min_sizes: tuple[int, ...], max_size:
     return float(np.median(sizes)) if sizes else 0.0
 
 
+def size_factor(target_px: float, median_px: float) -> float:
+    """The factor for every training and test size, given the median instance ``median_px``
+    (:func:`median_object_px`): the largest of 1, 1.25, 1.5, ... (at most ``MAX_SIZE_FACTOR``)
+    that keeps it at or under ``target_px``; 1 where the rule is off (``target_px`` 0) or there
+    is no instance. A median over ``target_px`` / 1.25 is left as it is."""
+    if target_px <= 0 or median_px <= 0:
+        return 1.0
+    steps = math.floor(target_px / median_px / SIZE_STEP + 1e-9) * SIZE_STEP
+    return min(max(steps, 1.0), MAX_SIZE_FACTOR)
+
+
 def size_factor_for(target_px: float, ann: CocoAnnotations, min_sizes: tuple[int, ...],
                     max_size: int) -> float:
-    """``DataConfig.median_object_px`` applied: the factor for every training and test size, the
-    largest of 1, 1.25, 1.5, ... (at most ``MAX_SIZE_FACTOR``) that keeps the median instance
-    (:func:`median_object_px`) at or under ``target_px``; 1 where the rule is off (``target_px``
-    0) or there is no instance. A median over ``target_px`` / 1.25 is left as it is."""
+    """``DataConfig.median_object_px`` applied to ``ann``: :func:`size_factor` of its median
+    instance at the training resize (not measured where the rule is off)."""
     if target_px <= 0:
         return 1.0
-    median = median_object_px(ann, min_sizes, max_size)
-    if median <= 0:
-        return 1.0
-    steps = math.floor(target_px / median / SIZE_STEP + 1e-9) * SIZE_STEP
-    return min(max(steps, 1.0), MAX_SIZE_FACTOR)
+    return size_factor(target_px, median_object_px(ann, min_sizes, max_size))
 
 
 def fit_warnings(ann: CocoAnnotations, num_queries: int, test_min_size: int,
