@@ -255,10 +255,12 @@ class DataConfig:
     # square root of its area) at the middle training size is at most 1 / 1.25 of this many px,
     # every size above (training, test, and their caps) is raised x1.25, so that the objects come
     # closer to the sizes the weights learned on (data.check.size_factor_for; larger steps were
-    # not measured). 0 = off. shapes-cpu's 28 is the built-in shapes' median, the shipped model's
-    # data: from a checkpoint trained on other data, set that data's median, or 0. Sizes set with
-    # --set are raised too. A run from scratch keeps its sizes. A run applies it once, at its
-    # start, and stores the sizes it got with this at 0
+    # not measured). 0 = off. Every checkpoint records the median it trained at (train_state's
+    # "median_object_px"), and a start from one that does matches that median rather than this
+    # value; this is the target for one without the record, as the shipped model: shapes-cpu's
+    # 28 is the built-in shapes' median, its data. Sizes set with --set are raised too. A run
+    # from scratch keeps its sizes. A run applies it once, at its start, and stores the sizes it
+    # got with this at 0
     median_object_px: float = 0.0
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from istr_viz.basis import MaskBasis
-from istr_viz.checkpoint import load_checkpoint, save_checkpoint
+from istr_viz.checkpoint import load_checkpoint, save_checkpoint, trained_median_px
 from istr_viz.config import Config, apply_overrides, with_architecture_of, with_sizes_scaled
 from istr_viz.data.batching import IterationBatchSampler, SeededDataset, padding_options
 from istr_viz.data.coco import CocoDataset, collate, load_annotations
@@ -486,7 +486,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     fine-tuning lr (``train.fine_tune_lr``) of a run from trained weights, and a note is printed
     where ``cfg`` still holds one that was not applied. A fresh run with ``init_from`` on data
     with small objects trains and tests at ``data.median_object_px``'s larger sizes (a note says
-    so; the checkpoint stores them).
+    so; the checkpoint stores them), matched to the median that ``init_from`` recorded where it
+    did; every checkpoint records its own
+    (:func:`istr_viz.checkpoint.trained_median_px`).
     """
     from tqdm.auto import tqdm
 
@@ -536,20 +538,28 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         machines.append(here)
     ann = load_annotations(train_data.ann_file)
     transform_configs(cfg)  # the sizes as given are valid (a clear error where not)
+    source = load_checkpoint(init_from) if (init_from is not None and ckpt is None) else None
+    # the median training instance at this run's training resize, for its checkpoint: a start
+    # from it matches its scale (data.median_object_px)
+    trained_px = median_object_px(ann, cfg.data.train_min_sizes, cfg.data.train_max_size)
     # scale matching for a start from trained weights (a resumed run has its own sizes; a run
     # from scratch has no other data's scale to match, and its iterations count for more)
-    if ckpt is None and init_from is not None and cfg.data.median_object_px > 0:
+    if source is not None and cfg.data.median_object_px > 0:
         d = cfg.data
-        median = median_object_px(ann, d.train_min_sizes, d.train_max_size)
-        factor = size_factor(d.median_object_px, median)
-        scaled = with_sizes_scaled(cfg, factor)
-        if info.is_main and factor != 1:
-            print(f"note: sizes x{factor:g}: training {list(scaled.data.train_min_sizes)} (at "
-                  f"most {scaled.data.train_max_size}), test {scaled.data.test_min_size} (at most "
-                  f"{scaled.data.test_max_size}): the median training instance is {median:.1f} px "
-                  f"at the middle training size, under data.median_object_px="
-                  f"{d.median_object_px:g}", file=sys.stderr, flush=True)
-        cfg = scaled
+        recorded = trained_median_px(source)
+        target = recorded or d.median_object_px
+        factor = size_factor(target, trained_px)
+        if factor != 1:
+            cfg = with_sizes_scaled(cfg, factor)
+            if info.is_main:
+                under = (f"the {recorded:.1f} px that {init_from} trained on (its record)"
+                         if recorded else f"data.median_object_px={d.median_object_px:g}")
+                print(f"note: sizes x{factor:g}: training {list(cfg.data.train_min_sizes)} (at "
+                      f"most {cfg.data.train_max_size}), test {cfg.data.test_min_size} (at most "
+                      f"{cfg.data.test_max_size}): the median training instance is "
+                      f"{trained_px:.1f} px at the middle training size, under {under}",
+                      file=sys.stderr, flush=True)
+            trained_px = median_object_px(ann, cfg.data.train_min_sizes, cfg.data.train_max_size)
     train_tf, test_tf = transform_configs(cfg)
     hint = None
     if info.is_main and ckpt is None and init_from is None and suggest_shipped:
@@ -575,7 +585,6 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     if val_data is not None:
         _check_same_categories(ann, load_annotations(val_data.ann_file))
     _check_batch_fits(tc.batch_size, info.world_size, len(ann.image_ids), train_data.ann_file)
-    source = load_checkpoint(init_from) if (init_from is not None and ckpt is None) else None
     if basis is None and source is not None:  # the mask head was trained with that basis
         basis = MaskBasis.from_dict(source["basis"])
     if basis is None:
@@ -704,7 +713,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "time_done": budget.get("time_done"),
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
                          "init_from": started_from,
-                         "machines": machines,
+                         "machines": machines, "median_object_px": trained_px,
                          "train_s": train_seconds() if train_s is None else train_s,
                          **extra})
 

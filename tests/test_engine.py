@@ -16,7 +16,7 @@ import torch
 
 import coco_factory as cf
 from istr_viz.basis import MaskBasis
-from istr_viz.checkpoint import load_checkpoint
+from istr_viz.checkpoint import load_checkpoint, save_checkpoint, trained_median_px
 from istr_viz.config import apply_overrides, get_preset
 from istr_viz.data.coco import load_annotations
 from istr_viz.data.instance_masks import instance_masks
@@ -1273,12 +1273,18 @@ def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_ob
     engine.train(cfg, split_paths(root, "train"), tmp_path / "scratch",
                  basis=MaskBasis.load(basis_path), max_iters=1, device="cpu", progress=False)
     assert "note: sizes" not in capsys.readouterr().err and set(built) == {((64,), 64)}
-    scratch = load_checkpoint(tmp_path / "scratch" / "last.pt")["config"]["data"]
+    scratch_ckpt = load_checkpoint(tmp_path / "scratch" / "last.pt")
+    scratch = scratch_ckpt["config"]["data"]
     assert (list(scratch["train_min_sizes"]), scratch["test_min_size"]) == ([64], 64)
+    # every run records the median it trained at; a checkpoint from before the record (as the
+    # shipped model) is matched against data.median_object_px
+    assert trained_median_px(scratch_ckpt) == pytest.approx(median)
+    del scratch_ckpt["train_state"]["median_object_px"]
+    save_checkpoint(tmp_path / "unrecorded.pt", **scratch_ckpt)
     # from that run's weights: trained at x1.25
     built.clear()
     engine.train(cfg, split_paths(root, "train"), tmp_path / "run",
-                 init_from=tmp_path / "scratch" / "last.pt", max_iters=2, device="cpu",
+                 init_from=tmp_path / "unrecorded.pt", max_iters=2, device="cpu",
                  progress=False)
     assert "note: sizes x1.25: training [80] (at most 80), test 80 (at most 80)" in \
         capsys.readouterr().err
@@ -1300,11 +1306,50 @@ def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_ob
     # larger objects than the target: nothing changes and nothing is said
     big = apply_overrides(get_preset("shapes-cpu"), TINY + [f"data.median_object_px={median}"])
     engine.train(big, split_paths(root, "train"), tmp_path / "big",
-                 init_from=tmp_path / "scratch" / "last.pt", max_iters=1, device="cpu",
+                 init_from=tmp_path / "unrecorded.pt", max_iters=1, device="cpu",
                  progress=False)
     assert "note: sizes" not in capsys.readouterr().err
     kept = load_checkpoint(tmp_path / "big" / "last.pt")["config"]["data"]
     assert (list(kept["train_min_sizes"]), kept["test_min_size"]) == ([64], 64)
+
+
+def test_median_object_px_matches_the_median_that_the_start_checkpoint_recorded(
+        shapes, tmp_path, capsys):
+    """A checkpoint records the median instance it trained at; a start from it matches that
+    median, not data.median_object_px (which then only turns the rule on): the same data at
+    48 px where the source trained at 64 has objects 0.75 as large, so the run trains at x1.25
+    (60 px) though the configured target alone would not scale it."""
+    from istr_viz import engine
+    from istr_viz.data.check import median_object_px
+
+    root, basis_path = shapes
+    ann = load_annotations(split_paths(root, "train").ann_file)
+    median = median_object_px(ann, (64,), 64)
+    engine.train(apply_overrides(get_preset("shapes-cpu"), TINY), split_paths(root, "train"),
+                 tmp_path / "source", basis=MaskBasis.load(basis_path), max_iters=1,
+                 device="cpu", progress=False)
+    source = tmp_path / "source" / "last.pt"
+    assert trained_median_px(load_checkpoint(source)) == pytest.approx(median)
+    small = ["data.train_min_sizes=48", "data.train_max_size=48", "data.test_min_size=48",
+             "data.test_max_size=48"]
+    low_target = apply_overrides(get_preset("shapes-cpu"),
+                                 TINY + small + [f"data.median_object_px={median * 0.5}"])
+    capsys.readouterr()
+    engine.train(low_target, split_paths(root, "train"), tmp_path / "run", init_from=source,
+                 max_iters=1, device="cpu", progress=False)
+    err = capsys.readouterr().err
+    assert "note: sizes x1.25: training [60] (at most 60), test 60 (at most 60)" in err
+    assert f"under the {median:.1f} px that {source} trained on (its record)" in err
+    run = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert list(run["config"]["data"]["train_min_sizes"]) == [60]
+    assert trained_median_px(run) == pytest.approx(median_object_px(ann, (60,), 60))
+    # the rule off: the record alone changes nothing
+    off = apply_overrides(get_preset("shapes-cpu"), TINY + small)
+    engine.train(off, split_paths(root, "train"), tmp_path / "off", init_from=source,
+                 max_iters=1, device="cpu", progress=False)
+    assert "note: sizes" not in capsys.readouterr().err
+    assert list(load_checkpoint(tmp_path / "off" / "last.pt")["config"]["data"][
+        "train_min_sizes"]) == [48]
 
 
 def _elu_kernel_worker(rank: int, port: int, out_dir: str) -> None:

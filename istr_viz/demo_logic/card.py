@@ -67,6 +67,10 @@ def model_card(served: ServedModel, data: DemoData) -> str:
         f"{p.model.basis.mask_size} masks, recipe `{p.model.basis.recipe}`",
         f"- **input size**: shorter side {cfg.data.test_min_size}, longer at most "
         f"{cfg.data.test_max_size} pixels",
+        *([f"- **median training instance**: {served.median_object_px:.1f} px (the square root of "
+           f"its area, at the middle training size; a run that starts from this checkpoint "
+           f"matches it: `data.median_object_px`)"]
+          if served.median_object_px else []),
         *(["- **trained on**: " + "; then ".join(machine_line(m) for m in served.machines)]
           if served.machines else []),
         f"- **served on**: {p.device}",
@@ -79,7 +83,8 @@ def model_card(served: ServedModel, data: DemoData) -> str:
         lines.append("- **evaluation**: none stored in this checkpoint; run `python -m istr_viz "
                      f"evaluate --checkpoint {served.path}`")
     for key, value in served.card.items():  # what an exported checkpoint says about itself
-        if (key == "init_from" and served.started_from) or (key == "machines" and served.machines):
+        if (key == "init_from" and served.started_from) or (key == "machines" and served.machines) \
+                or (key == "median_object_px" and served.median_object_px):
             continue  # (their lines are above)
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         lines.append(f"- **{key}** (card): {text[:300]}")
