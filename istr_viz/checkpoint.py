@@ -7,6 +7,7 @@ moment leaves either the previous file or the new one, never a torn one. Loaded 
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import pickle
@@ -101,7 +102,7 @@ def export_for_inference(ckpt: dict, half: bool = True, card: dict | None = None
     SHA-256), the card records that as ``init_from`` unless it says so itself, and likewise the
     machines the run trained on (``train_state["machines"]``, each a
     :func:`istr_viz.runtime.machine_summary`) as ``machines``, and the median training instance
-    (:func:`trained_median_px`) as ``median_object_px``.
+    (:func:`trained_median_px`) as ``trained_median_px``.
     """
     weights = {}
     for name, value in ckpt["model"].items():
@@ -116,19 +117,21 @@ def export_for_inference(ckpt: dict, half: bool = True, card: dict | None = None
         card["init_from"] = dict(state["init_from"])
     if state.get("machines") and "machines" not in card:
         card["machines"] = [dict(m) for m in state["machines"]]
-    if trained_median_px(ckpt) and "median_object_px" not in card:
-        card["median_object_px"] = trained_median_px(ckpt)
+    median = trained_median_px(ckpt)
+    if median and "trained_median_px" not in card:
+        card["trained_median_px"] = median
     return {**keep, "model": weights, "card": card}
 
 
 def trained_median_px(ckpt: dict) -> float:
     """The median training instance that checkpoint ``ckpt`` trained on (the square root of its
     area, in px at the middle training size: :func:`istr_viz.data.check.median_object_px`), as
-    its run recorded it (``train_state``, or the card of an export); 0 for a checkpoint from
-    before the record (the shipped model's is ``data.median_object_px``'s 28)."""
-    for holder in (ckpt.get("train_state") or {}, ckpt.get("card") or {}):
-        value = holder.get("median_object_px")
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0:
+    its run recorded it (``train_state["trained_median_px"]``, or the card of an export); 0 where
+    there is no such record (a checkpoint from before it, as the shipped model, whose data's is
+    ``data.median_object_px``'s 28; or data without instances)."""
+    for holder in (ckpt.get("train_state"), ckpt.get("card")):
+        value = holder.get("trained_median_px") if isinstance(holder, dict) else None
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) \
+                and math.isfinite(value) and value > 0:
             return float(value)
     return 0.0
-

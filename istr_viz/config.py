@@ -254,13 +254,13 @@ class DataConfig:
     # Match for Tiny Person Detection", WACV 2020): where the training set's median instance (the
     # square root of its area) at the middle training size is at most 1 / 1.25 of this many px,
     # every size above (training, test, and their caps) is raised x1.25, so that the objects come
-    # closer to the sizes the weights learned on (data.check.size_factor_for; larger steps were
-    # not measured). 0 = off. Every checkpoint records the median it trained at (train_state's
-    # "median_object_px"), and a start from one that does matches that median rather than this
-    # value; this is the target for one without the record, as the shipped model: shapes-cpu's
-    # 28 is the built-in shapes' median, its data. Sizes set with --set are raised too. A run
-    # from scratch keeps its sizes. A run applies it once, at its start, and stores the sizes it
-    # got with this at 0
+    # closer to the sizes the weights learned on (engine._match_scale, data.check.size_factor;
+    # x1.4 was no better at 30 minutes). 0 = off. Every checkpoint records the median it trained
+    # at (checkpoint.trained_median_px), and a start from one that did matches that record: this
+    # value then only turns the rule on. It is the target for a checkpoint without the record,
+    # as the shipped model: shapes-cpu's 28 is the built-in shapes' median, its data. Sizes set
+    # with --set are raised too. A run from scratch keeps its sizes. A run applies it once, at
+    # its start, and stores the sizes it got
     median_object_px: float = 0.0
 
     def __post_init__(self) -> None:
@@ -447,10 +447,11 @@ PRESETS: dict[str, Config] = {
         # (data.median_object_px): the second data set's 20 px gets x1.25, which gave 46.0 / 39.4
         # against 44.2 / 36.7 box / mask AP at 30 minutes from the shipped model, in 2,080 against
         # 2,420 iterations (s45r125 against s44ft, one run each, AMD EPYC; 45.1 / 37.9 with the
-        # seed 1, s45ft_s1, on a slower stretch of the machine; the sizes 208-272
-        # tested at 272: 45.5 / 38.6, s45big). From scratch the same sizes cost 2.5 mask AP
+        # seed 1, s45ft_s1, on a slower stretch of the machine; 46.1 / 39.0 with the seed 2,
+        # s46s2; the sizes 208-272 tested at 272: 45.5 / 38.6, s45big; x1.4: 46.6 / 38.7,
+        # s46x14). From scratch the same sizes cost 2.5 mask AP
         # (s45lr: 21.7 / 17.9 against s44lr's 24.6 / 20.4 in 1,970 against 2,530 iterations), so
-        # a run from scratch keeps the sizes below (benchmarks/results_log.md, session 45)
+        # a run from scratch keeps the sizes below (benchmarks/results_log.md, sessions 45-46)
         data=DataConfig(train_min_sizes=(160, 176, 192, 208, 224), train_max_size=373,
                         test_min_size=240, test_max_size=400, num_workers=0,
                         median_object_px=28.0),
@@ -521,13 +522,14 @@ MAX_TEST_SIZE = 4096  # px on the shorter side: beyond it an image is more memor
 
 def with_sizes_scaled(cfg: Config, factor: float) -> Config:
     """``cfg`` with every size of ``cfg.data`` (the training sizes, the test size and both
-    caps) times ``factor``, rounded to whole pixels, and ``data.median_object_px`` at 0: the
-    sizes that rule picked, stored so that a second application changes nothing."""
+    caps) times ``factor``, rounded to whole pixels (``data.median_object_px``'s sizes: a start
+    from the run's checkpoint matches the median it recorded at them, so they are not raised
+    twice)."""
     d = cfg.data
     data = replace(d, train_min_sizes=tuple(round(s * factor) for s in d.train_min_sizes),
                    train_max_size=round(d.train_max_size * factor),
                    test_min_size=round(d.test_min_size * factor),
-                   test_max_size=round(d.test_max_size * factor), median_object_px=0.0)
+                   test_max_size=round(d.test_max_size * factor))
     return replace(cfg, data=data)
 
 

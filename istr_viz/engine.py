@@ -461,6 +461,37 @@ def _truncate_jsonl(path: Path, last_iter: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def _match_scale(cfg: Config, ann, source: dict | None, init_from: str | Path | None,
+                 is_main: bool) -> tuple[Config, float]:
+    """Scale matching (``data.median_object_px``) for a run that starts from checkpoint
+    ``source``: ``cfg`` with every size x1.25 where the training set's median instance at the
+    middle training size is at most 0.8 of the one ``source`` recorded
+    (:func:`istr_viz.checkpoint.trained_median_px`), or of ``data.median_object_px`` for a
+    checkpoint without the record (the shipped model); a note says so. A run from scratch or a
+    resumed one (``source`` None), or one with the rule off, keeps ``cfg``. Also returns the
+    median at the sizes returned, for the run's checkpoint."""
+    from istr_viz.data.check import median_object_px, size_factor
+
+    d = cfg.data
+    median = median_object_px(ann, d.train_min_sizes, d.train_max_size)
+    if source is None or d.median_object_px <= 0:
+        return cfg, median
+    recorded = trained_median_px(source)
+    factor = size_factor(recorded or d.median_object_px, median)
+    if factor == 1:
+        return cfg, median
+    scaled = with_sizes_scaled(cfg, factor)
+    if is_main:
+        under = (f"the {recorded:.1f} px that {init_from} trained on (its record)" if recorded
+                 else f"data.median_object_px={d.median_object_px:g}")
+        print(f"note: sizes x{factor:g}: training {list(scaled.data.train_min_sizes)} (at most "
+              f"{scaled.data.train_max_size}), test {scaled.data.test_min_size} (at most "
+              f"{scaled.data.test_max_size}): the median training instance is {median:.1f} px at "
+              f"the middle training size, under {under}", file=sys.stderr, flush=True)
+    s = scaled.data
+    return scaled, median_object_px(ann, s.train_min_sizes, s.train_max_size)
+
+
 def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
           val_data: DatasetPaths | None = None, basis: MaskBasis | None = None,
           init_from: str | Path | None = None, resume: bool = False,
@@ -492,8 +523,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     """
     from tqdm.auto import tqdm
 
-    from istr_viz.data.check import (MAX_RAISED_QUERIES, fit_warnings, median_object_px,
-                                     most_instances, queries_for, size_factor)
+    from istr_viz.data.check import MAX_RAISED_QUERIES, fit_warnings, most_instances, queries_for
     from istr_viz.evaluate import evaluate_model
 
     if max_iters is not None and max_minutes is not None:
@@ -539,27 +569,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     ann = load_annotations(train_data.ann_file)
     transform_configs(cfg)  # the sizes as given are valid (a clear error where not)
     source = load_checkpoint(init_from) if (init_from is not None and ckpt is None) else None
-    # the median training instance at this run's training resize, for its checkpoint: a start
-    # from it matches its scale (data.median_object_px)
-    trained_px = median_object_px(ann, cfg.data.train_min_sizes, cfg.data.train_max_size)
-    # scale matching for a start from trained weights (a resumed run has its own sizes; a run
-    # from scratch has no other data's scale to match, and its iterations count for more)
-    if source is not None and cfg.data.median_object_px > 0:
-        d = cfg.data
-        recorded = trained_median_px(source)
-        target = recorded or d.median_object_px
-        factor = size_factor(target, trained_px)
-        if factor != 1:
-            cfg = with_sizes_scaled(cfg, factor)
-            if info.is_main:
-                under = (f"the {recorded:.1f} px that {init_from} trained on (its record)"
-                         if recorded else f"data.median_object_px={d.median_object_px:g}")
-                print(f"note: sizes x{factor:g}: training {list(cfg.data.train_min_sizes)} (at "
-                      f"most {cfg.data.train_max_size}), test {cfg.data.test_min_size} (at most "
-                      f"{cfg.data.test_max_size}): the median training instance is "
-                      f"{trained_px:.1f} px at the middle training size, under {under}",
-                      file=sys.stderr, flush=True)
-            trained_px = median_object_px(ann, cfg.data.train_min_sizes, cfg.data.train_max_size)
+    cfg, trained_px = _match_scale(cfg, ann, source, init_from, info.is_main)
     train_tf, test_tf = transform_configs(cfg)
     hint = None
     if info.is_main and ckpt is None and init_from is None and suggest_shipped:
@@ -713,7 +723,7 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                          "time_done": budget.get("time_done"),
                          "world_size": info.world_size, "data": _data_record(train_data, val_data),
                          "init_from": started_from,
-                         "machines": machines, "median_object_px": trained_px,
+                         "machines": machines, "trained_median_px": trained_px,
                          "train_s": train_seconds() if train_s is None else train_s,
                          **extra})
 

@@ -8,7 +8,7 @@ import pytest
 
 import coco_factory as cf
 from istr_viz.data.check import (check_dataset, check_images, fit_warnings, format_summary,
-                                 median_object_px, most_instances, queries_for, size_factor_for)
+                                 median_object_px, most_instances, queries_for, size_factor)
 from istr_viz.data.coco import CocoDataset, load_annotations
 from istr_viz.errors import DataError
 
@@ -239,7 +239,7 @@ def test_size_factor_is_x125_where_the_median_object_is_at_most_08_of_the_target
     ann = load_annotations(quirky.ann_file)
     median = median_object_px(ann, (96,), 1000)
     assert median > 0
-    factor = lambda target: size_factor_for(target, ann, (96,), 1000)  # noqa: E731
+    factor = lambda target: size_factor(target, median)  # noqa: E731
     assert factor(0) == 1.0  # off
     assert factor(median * 0.9) == 1.0  # already larger than asked
     assert factor(median * 1.2) == 1.0  # under the step: left as it is
@@ -264,8 +264,8 @@ def test_the_presets_object_size_leaves_the_built_in_shapes_as_they_are(tmp_path
     ann = load_annotations(tmp_path / "train" / "annotations.json")
     data = get_preset("shapes-cpu").data
     assert 22.4 < median_object_px(ann, data.train_min_sizes, data.train_max_size) < 40
-    assert size_factor_for(data.median_object_px, ann, data.train_min_sizes,
-                           data.train_max_size) == 1.0
+    median = median_object_px(ann, data.train_min_sizes, data.train_max_size)
+    assert size_factor(data.median_object_px, median) == 1.0
 
 
 def test_median_object_px_must_be_a_sensible_number():

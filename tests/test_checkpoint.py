@@ -364,3 +364,19 @@ def test_the_card_file_and_the_model_card_give_the_same_commands():
     assert len(steps) == 3 and "train" in steps[1]
     for step in steps:
         assert step in readme, step
+
+
+def test_trained_median_px_reads_a_sound_record_and_ignores_anything_else():
+    from istr_viz.checkpoint import trained_median_px
+
+    assert trained_median_px({"train_state": {"trained_median_px": 20.5}}) == 20.5
+    assert trained_median_px({"card": {"trained_median_px": 24}}) == 24.0  # an export's card
+    assert trained_median_px({"train_state": {}, "card": {"trained_median_px": 3.0}}) == 3.0
+    for bad in ({}, {"card": "a card that is not a dict"}, {"train_state": None},
+                {"card": {"trained_median_px": float("inf")}},
+                {"card": {"trained_median_px": float("nan")}},
+                {"train_state": {"trained_median_px": True}},
+                {"train_state": {"trained_median_px": "20"}},
+                {"train_state": {"trained_median_px": 0.0}},  # data without instances
+                {"train_state": {"trained_median_px": -4.0}}):
+        assert trained_median_px(bad) == 0.0, bad

@@ -280,7 +280,7 @@ def test_an_exported_checkpoint_is_served_with_its_card(tmp_path, tiny_run, data
     served = open_checkpoint(shipped, device="cpu")
     assert served.ok and served.iteration is None
     assert {k: v for k, v in served.card.items()
-            if k not in ("machines", "median_object_px")} == card
+            if k not in ("machines", "trained_median_px")} == card
     text = model_card(served, data)
     assert "2 CPU cores" in text and "python -m istr_viz train --out runs/shapes" in text
     assert len(ap_rows(served.predictor.metrics)) == 2  # the metrics travel with the export
@@ -302,14 +302,14 @@ def test_where_a_run_started_reaches_its_export_and_the_model_card(tmp_path, tin
     exported = export_for_inference(load_checkpoint(trained))
     assert exported["card"]["init_from"] == start  # the training state is dropped, the start kept
     # and so is the median training instance, which a start from the export matches
-    median = ckpt["train_state"]["median_object_px"]
-    assert median > 0 and exported["card"]["median_object_px"] == median
+    median = ckpt["train_state"]["trained_median_px"]
+    assert median > 0 and exported["card"]["trained_median_px"] == median
     assert trained_median_px(exported) == median
     assert f"median training instance**: {median:.1f} px" in model_card(served, data)
     text = model_card(open_checkpoint(save_checkpoint(tmp_path / "ship.pt", **exported),
                                       device="cpu"), data)
     assert text.count("/data/ship.pt") == 1  # one line, not the card's copy as well
-    assert text.count("median training instance") == 1 and "median_object_px** (card)" not in text
+    assert text.count("median training instance") == 1 and "trained_median_px** (card)" not in text
     own = export_for_inference(load_checkpoint(trained), card={"init_from": "said by the card"})
     assert own["card"]["init_from"] == "said by the card"
 

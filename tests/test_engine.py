@@ -1257,7 +1257,7 @@ def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_ob
     larger objects, keeps its sizes."""
     from istr_viz import engine
     from istr_viz.config import Config
-    from istr_viz.data.check import median_object_px, size_factor_for
+    from istr_viz.data.check import median_object_px, size_factor
 
     built = []  # (min sizes, max size) of every transform the runs build
     real_build = engine.build_transform
@@ -1268,7 +1268,7 @@ def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_ob
     median = median_object_px(ann, (64,), 64)
     target = median * 1.3
     cfg = apply_overrides(get_preset("shapes-cpu"), TINY + [f"data.median_object_px={target}"])
-    assert size_factor_for(target, ann, (64,), 64) == 1.25
+    assert size_factor(target, median) == 1.25
     # from scratch: the sizes as given
     engine.train(cfg, split_paths(root, "train"), tmp_path / "scratch",
                  basis=MaskBasis.load(basis_path), max_iters=1, device="cpu", progress=False)
@@ -1279,7 +1279,7 @@ def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_ob
     # every run records the median it trained at; a checkpoint from before the record (as the
     # shipped model) is matched against data.median_object_px
     assert trained_median_px(scratch_ckpt) == pytest.approx(median)
-    del scratch_ckpt["train_state"]["median_object_px"]
+    del scratch_ckpt["train_state"]["trained_median_px"]
     save_checkpoint(tmp_path / "unrecorded.pt", **scratch_ckpt)
     # from that run's weights: trained at x1.25
     built.clear()
@@ -1292,12 +1292,17 @@ def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_ob
     stored = load_checkpoint(tmp_path / "run" / "last.pt")["config"]["data"]
     assert (list(stored["train_min_sizes"]), stored["train_max_size"]) == ([80], 80)
     assert (stored["test_min_size"], stored["test_max_size"]) == (80, 80)
-    assert stored["median_object_px"] == 0
+    assert stored["median_object_px"] == target  # the rule stays on; the record says the scale
+    scaled_px = median_object_px(ann, (80,), 80)
+    assert trained_median_px(load_checkpoint(tmp_path / "run" / "last.pt")) == \
+        pytest.approx(scaled_px)
     engine.train(cfg, split_paths(root, "train"), tmp_path / "run", resume=True, max_iters=3,
                  device="cpu", progress=False)
     again = load_checkpoint(tmp_path / "run" / "last.pt")
     assert again["train_state"]["iteration"] == 3 and again["config"]["data"] == stored
-    # a start from the scaled run with its own stored configuration: not scaled twice
+    assert trained_median_px(again) == pytest.approx(scaled_px)
+    # a start from the scaled run with its own stored configuration: its record matches the data
+    # at those sizes, so they are not raised twice
     built.clear()
     engine.train(Config.from_dict(again["config"]), split_paths(root, "train"), tmp_path / "twice",
                  init_from=tmp_path / "run" / "last.pt", max_iters=1, device="cpu",
@@ -1330,6 +1335,15 @@ def test_median_object_px_matches_the_median_that_the_start_checkpoint_recorded(
                  device="cpu", progress=False)
     source = tmp_path / "source" / "last.pt"
     assert trained_median_px(load_checkpoint(source)) == pytest.approx(median)
+    # the same data at the same sizes: the record wins over a target that alone would scale
+    high_target = apply_overrides(get_preset("shapes-cpu"),
+                                  TINY + [f"data.median_object_px={median * 1.3}"])
+    capsys.readouterr()
+    engine.train(high_target, split_paths(root, "train"), tmp_path / "same", init_from=source,
+                 max_iters=1, device="cpu", progress=False)
+    assert "note: sizes" not in capsys.readouterr().err
+    assert list(load_checkpoint(tmp_path / "same" / "last.pt")["config"]["data"][
+        "train_min_sizes"]) == [64]
     small = ["data.train_min_sizes=48", "data.train_max_size=48", "data.test_min_size=48",
              "data.test_max_size=48"]
     low_target = apply_overrides(get_preset("shapes-cpu"),

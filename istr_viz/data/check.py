@@ -204,9 +204,12 @@ def queries_for(num_queries: int, queries_per_instance: float, ann: CocoAnnotati
 
 
 # data.median_object_px's step: x1.25 where the median instance is at most 1 / 1.25 of the
-# target. Larger steps were not measured: x1.25 alone cost 16% more time an iteration from the
-# shipped model on the second data set (s45r125 against s44ft, one pair; the pace of two seeds
-# of the same run differed by 17%) and 2.5 mask AP from scratch (s45lr against s44lr)
+# target. x1.25 alone cost 16% more time an iteration from the shipped model on the second data
+# set (s45r125 against s44ft, one pair; the pace of two seeds of the same run differed by 17%)
+# and 2.5 mask AP from scratch (s45lr against s44lr). x1.4, which matches the second set's 20 px
+# to the shipped model's 28 exactly, was ahead at 7.5 to 22.5 minutes but level at 30 (38.7
+# mask AP in 1,830 iterations against x1.25's 39.4 / 37.9 / 39.0 over three seeds: s46x14,
+# session 46), so the step stays the largest one
 SIZE_STEP, MAX_SIZE_FACTOR = 0.25, 1.25
 
 
@@ -236,15 +239,6 @@ def size_factor(target_px: float, median_px: float) -> float:
         return 1.0
     steps = math.floor(target_px / median_px / SIZE_STEP + 1e-9) * SIZE_STEP
     return min(max(steps, 1.0), MAX_SIZE_FACTOR)
-
-
-def size_factor_for(target_px: float, ann: CocoAnnotations, min_sizes: tuple[int, ...],
-                    max_size: int) -> float:
-    """``DataConfig.median_object_px`` applied to ``ann``: :func:`size_factor` of its median
-    instance at the training resize (not measured where the rule is off)."""
-    if target_px <= 0:
-        return 1.0
-    return size_factor(target_px, median_object_px(ann, min_sizes, max_size))
 
 
 def fit_warnings(ann: CocoAnnotations, num_queries: int, test_min_size: int,

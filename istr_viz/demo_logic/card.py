@@ -67,10 +67,9 @@ def model_card(served: ServedModel, data: DemoData) -> str:
         f"{p.model.basis.mask_size} masks, recipe `{p.model.basis.recipe}`",
         f"- **input size**: shorter side {cfg.data.test_min_size}, longer at most "
         f"{cfg.data.test_max_size} pixels",
-        *([f"- **median training instance**: {served.median_object_px:.1f} px (the square root of "
-           f"its area, at the middle training size; a run that starts from this checkpoint "
-           f"matches it: `data.median_object_px`)"]
-          if served.median_object_px else []),
+        *([f"- **median training instance**: {served.trained_median_px:.1f} px (the square root "
+           f"of its area, at the middle training size; a run that starts from this checkpoint "
+           f"matches it: `data.median_object_px`)"] if served.trained_median_px else []),
         *(["- **trained on**: " + "; then ".join(machine_line(m) for m in served.machines)]
           if served.machines else []),
         f"- **served on**: {p.device}",
@@ -84,7 +83,7 @@ def model_card(served: ServedModel, data: DemoData) -> str:
                      f"evaluate --checkpoint {served.path}`")
     for key, value in served.card.items():  # what an exported checkpoint says about itself
         if (key == "init_from" and served.started_from) or (key == "machines" and served.machines) \
-                or (key == "median_object_px" and served.median_object_px):
+                or (key == "trained_median_px" and served.trained_median_px):
             continue  # (their lines are above)
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         lines.append(f"- **{key}** (card): {text[:300]}")

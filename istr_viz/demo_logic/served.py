@@ -40,7 +40,7 @@ class ServedModel:
     checkpoint the run's weights started from (``{"path", "sha256"}``, from the training state or
     the card), {} for a run from scratch or one that did not record it. ``machines``: the machines
     the run trained on (:func:`istr_viz.runtime.machine_summary` each, from the training state or
-    the card), [] where it did not record them. ``median_object_px``: the median training
+    the card), [] where it did not record them. ``trained_median_px``: the median training
     instance it recorded (:func:`istr_viz.checkpoint.trained_median_px`), 0 where it did not.
     """
 
@@ -52,7 +52,7 @@ class ServedModel:
     card: dict = field(default_factory=dict)
     started_from: dict = field(default_factory=dict)
     machines: list = field(default_factory=list)
-    median_object_px: float = 0.0
+    trained_median_px: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -114,7 +114,7 @@ def open_checkpoint(path: str | Path, device: str | None = None) -> ServedModel:
                        started_from=dict(start) if isinstance(start, dict) else {},
                        machines=[dict(m) for m in machines if isinstance(m, dict)]
                        if isinstance(machines, list) else [],
-                       median_object_px=trained_median_px(ckpt))
+                       trained_median_px=trained_median_px(ckpt))
 
 
 @dataclass
