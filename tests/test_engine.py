@@ -16,7 +16,8 @@ import torch
 
 import coco_factory as cf
 from istr_viz.basis import MaskBasis
-from istr_viz.checkpoint import load_checkpoint, save_checkpoint, trained_median_px
+from istr_viz.checkpoint import (export_for_inference, load_checkpoint, save_checkpoint,
+                                 trained_median_px)
 from istr_viz.config import apply_overrides, get_preset
 from istr_viz.data.coco import load_annotations
 from istr_viz.data.instance_masks import instance_masks
@@ -1356,6 +1357,13 @@ def test_median_object_px_matches_the_median_that_the_start_checkpoint_recorded(
     assert f"under the {median:.1f} px that {source} trained on (its record)" in err
     run = load_checkpoint(tmp_path / "run" / "last.pt")
     assert list(run["config"]["data"]["train_min_sizes"]) == [60]
+    # an export (half precision, no training state) carries the record in its card
+    exported = save_checkpoint(tmp_path / "export.pt",
+                               **export_for_inference(load_checkpoint(source)))
+    engine.train(low_target, split_paths(root, "train"), tmp_path / "from_export",
+                 init_from=exported, max_iters=1, device="cpu", progress=False)
+    assert f"under the {median:.1f} px that {exported} trained on (its record)" in \
+        capsys.readouterr().err
     assert trained_median_px(run) == pytest.approx(median_object_px(ann, (60,), 60))
     # the rule off: the record alone changes nothing
     off = apply_overrides(get_preset("shapes-cpu"), TINY + small)

@@ -206,10 +206,10 @@ def queries_for(num_queries: int, queries_per_instance: float, ann: CocoAnnotati
 # data.median_object_px's step: x1.25 where the median instance is at most 1 / 1.25 of the
 # target. x1.25 alone cost 16% more time an iteration from the shipped model on the second data
 # set (s45r125 against s44ft, one pair; the pace of two seeds of the same run differed by 17%)
-# and 2.5 mask AP from scratch (s45lr against s44lr). x1.4, which matches the second set's 20 px
-# to the shipped model's 28 exactly, was ahead at 7.5 to 22.5 minutes but level at 30 (38.7
-# mask AP in 1,830 iterations against x1.25's 39.4 / 37.9 / 39.0 over three seeds: s46x14,
-# session 46), so the step stays the largest one
+# and 2.5 mask AP from scratch (s45lr against s44lr). x1.4, which brings the second set's 20 px
+# almost exactly to the shipped model's 28, was ahead at 7.5 to 22.5 minutes but level at 30
+# (38.7 mask AP in 1,830 iterations against x1.25's 39.4 / 37.9 / 39.0 over three seeds: s46x14,
+# session 46, one run), so x1.25 stays the largest step (x1.5 was not run)
 SIZE_STEP, MAX_SIZE_FACTOR = 0.25, 1.25
 
 
