@@ -42,6 +42,7 @@ from istr_viz.engine import (DistInfo, _all_reduce_sum,
                              _global_terms, build_ema, param_groups, transform_configs)
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
+from istr_viz.model.backbone import freeze_backbone_at
 from istr_viz.runtime import autocast_dtype, machine_summary
 
 # torch.compile experiment (--compile): what it compiles in each stage (the RoI pooling, with its
@@ -63,6 +64,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and the stages' layers (an experiment)")
+    p.add_argument("--freeze-at", type=int, default=0, choices=range(6), metavar="N",
+                   help="freeze the ResNet's first N parts (0-5: 1 the stem, 2 and layer1, "
+                        "...), as train.fine_tune_freeze_at does in a run from trained weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json-out", type=Path, help="default: benchmarks/results/bench_step_1proc.json "
                    "(bench_step_ddp.json under torchrun)")
@@ -88,6 +92,7 @@ def main() -> None:
                           transform=build_transform(train_tf, train=True), annotations=ann)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(ann.class_names), basis)
+    freeze_backbone_at(model.backbone.body, args.freeze_at)
     criterion = SetCriterion(cfg.loss, basis)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.backbone_lr_mult),
@@ -155,7 +160,8 @@ def main() -> None:
             _global_terms(loss, terms, info)
             lap("collectives: logged loss terms", t)
     parts = {k: round(1000 * statistics.mean(v[args.warmup:]), 1) for k, v in times.items()}
-    report = {"preset": args.preset, "set": args.set, "compile": args.compile,
+    report = {"preset": args.preset, "set": args.set, "freeze_at": args.freeze_at,
+              "compile": args.compile,
               "processes": world, "images_per_process": args.batch, "threads": args.threads,
               "autocast": str(amp), "warmup_iterations": args.warmup,
               "warmup_s": round(warmup_s, 1), "ms_per_iteration": parts,
@@ -163,7 +169,8 @@ def main() -> None:
               "machine": machine_summary(device="cpu")}
     if rank == 0:
         print(f"{args.preset} {' '.join(args.set)}: {world} process(es) x {args.batch} images, "
-              f"{args.threads} thread(s), autocast {amp}, compile {args.compile}; first "
+              f"{args.threads} thread(s), autocast {amp}, compile {args.compile}, "
+              f"frozen to part {args.freeze_at}; first "
               f"{args.warmup} iterations {warmup_s:.1f} s")
         for name, ms in parts.items():
             print(f"  {name:<34} {ms:7.1f} ms")

@@ -36,6 +36,7 @@ from istr_viz.errors import ConfigError, DataError, IstrVizError, NonFiniteError
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
 from istr_viz.model.activations import library_elu_for, library_elu_is_faster, set_elu_kernel
+from istr_viz.model.backbone import FROZEN_PARTS, freeze_backbone_at
 from istr_viz.runtime import autocast_dtype, default_device, machine_summary, same_machine
 
 
@@ -630,6 +631,11 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                   f"model.fpn_output_conv={source_fpn} keeps them)", file=sys.stderr)
     started_from = ckpt["train_state"].get("init_from") if ckpt is not None else \
         start_record(init_from if source is not None else None)
+    if started_from is not None and tc.fine_tune_freeze_at:  # also on resume: the same groups
+        freeze_backbone_at(model.backbone.body, tc.fine_tune_freeze_at)
+        if info.is_main and progress and ckpt is None:
+            print(f"frozen: {FROZEN_PARTS[tc.fine_tune_freeze_at]} of the ResNet (train."
+                  f"fine_tune_freeze_at={tc.fine_tune_freeze_at}; 0 trains everything)")
     criterion = SetCriterion(cfg.loss, basis)
     params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel: one pass over all parameters (shapes-cpu, 10 M parameters, one core:

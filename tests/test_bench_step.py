@@ -19,10 +19,11 @@ def test_bench_step_times_every_part_of_an_iteration(tmp_path):
     sets = [a for s in [*TINY, "basis.dim=12", "train.ema_decay=0.998"] for a in ("--set", s)]
     out = tmp_path / "step.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(root), "--iters", "4",
-                           "--warmup", "1", "--json-out", str(out), *sets],
+                           "--warmup", "1", "--json-out", str(out), "--freeze-at", "2", *sets],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
+    assert report["freeze_at"] == 2
     parts = report["ms_per_iteration"]
     assert list(parts) == ["data", "forward", "matching+loss", "backward", "gradient clipping",
                            "optimizer step", "EMA update"]

@@ -1249,6 +1249,60 @@ def test_queries_per_instance_raises_the_queries_for_crowded_data_and_resume_kee
     assert load_checkpoint(tmp_path / "off" / "last.pt")["config"]["model"]["num_queries"] == 8
 
 
+def test_a_start_from_trained_weights_freezes_the_stem_and_layer1_and_a_resume_keeps_them(
+        shapes, tmp_path, capsys):
+    """train.fine_tune_freeze_at=2: a run from trained weights leaves the source's conv1, bn1
+    and layer1 parameters as they were, over a resume too, while their BatchNorm statistics
+    follow the new batches and layer2 trains; 0 (the preset's) trains them; a run from scratch
+    trains everything whatever the field; a run written before the field resumes with nothing
+    frozen."""
+    from istr_viz.engine import resumed_config, train
+
+    root, basis_path = shapes
+    paths, basis = split_paths(root, "train"), MaskBasis.load(basis_path)
+    assert get_preset("shapes-cpu").train.fine_tune_freeze_at == 0
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY + ["train.fine_tune_freeze_at=2"])
+    train(cfg, paths, tmp_path / "scratch", basis=basis, max_iters=2, device="cpu", progress=False)
+    src = load_checkpoint(tmp_path / "scratch" / "last.pt")["model"]
+
+    def frozen_keys(state):
+        return [k for k in state if k.startswith(("backbone.body.conv1.", "backbone.body.bn1.",
+                                                  "backbone.body.layer1."))
+                and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+
+    def moved(a, b, keys):
+        return [k for k in keys if not torch.equal(a[k], b[k])]
+
+    train(cfg, paths, tmp_path / "tuned", init_from=tmp_path / "scratch" / "last.pt",
+          max_iters=2, device="cpu")
+    assert "frozen: the stem and layer1 of the ResNet" in capsys.readouterr().out
+    tuned = load_checkpoint(tmp_path / "tuned" / "last.pt")["model"]
+    keys = frozen_keys(src)
+    assert len(keys) >= 6 and moved(src, tuned, keys) == []
+    assert moved(src, tuned, ["backbone.body.layer1.0.bn1.running_mean"])  # statistics adapt
+    assert moved(src, tuned, [k for k in src if k.startswith("backbone.body.layer2.")
+                              and k.endswith("conv1.weight")])
+    train(cfg, paths, tmp_path / "tuned", resume=True, max_iters=3, device="cpu", progress=False)
+    resumed = load_checkpoint(tmp_path / "tuned" / "last.pt")
+    assert resumed["train_state"]["iteration"] == 3 and moved(src, resumed["model"], keys) == []
+
+    off = apply_overrides(cfg, ["train.fine_tune_freeze_at=0"])
+    train(off, paths, tmp_path / "all", init_from=tmp_path / "scratch" / "last.pt", max_iters=2,
+          device="cpu", progress=False)
+    assert len(moved(src, load_checkpoint(tmp_path / "all" / "last.pt")["model"], keys)) == \
+        len(keys)
+    # from scratch nothing is frozen, even at 2: a resumed scratch run moves the stem and layer1
+    train(cfg, paths, tmp_path / "scratch", resume=True, max_iters=3, device="cpu", progress=False)
+    assert len(moved(src, load_checkpoint(tmp_path / "scratch" / "last.pt")["model"], keys)) == \
+        len(keys)
+    stored = cfg.to_dict()
+    del stored["train"]["fine_tune_freeze_at"]
+    assert resumed_config(stored).train.fine_tune_freeze_at == 0
+    for bad in ("-1", "6"):
+        with pytest.raises(ConfigError, match="train.fine_tune_freeze_at"):
+            apply_overrides(cfg, [f"train.fine_tune_freeze_at={bad}"])
+
+
 def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_objects(
         shapes, tmp_path, capsys, monkeypatch):
     """data.median_object_px: a run that starts from another checkpoint's weights, on data whose

@@ -488,6 +488,32 @@ def test_pretrained_weights_load_from_a_local_file_and_freeze_early_layers(tmp_p
             build_backbone("resnet18", pretrained_path=str(tmp_path / bad))
 
 
+@pytest.mark.parametrize("at", range(6))
+def test_freeze_backbone_at_stops_the_gradients_of_the_first_parts_only(at):
+    from istr_viz.model.backbone import freeze_backbone_at
+
+    backbone = build_backbone("resnet18", out_channels=16, norm="bn", base_channels=8)
+    freeze_backbone_at(backbone.body, at)
+    body = backbone.body
+    parts = [[body.conv1, body.bn1], [body.layer1], [body.layer2], [body.layer3], [body.layer4]]
+    for i, part in enumerate(parts):
+        grads = {p.requires_grad for m in part for p in m.parameters()}
+        assert grads == {i >= at}, (at, i)
+    assert all(p.requires_grad for p in backbone.fpn.parameters())
+    images = torch.randn(1, 3, 64, 64)
+    sum(f.sum() for f in backbone(images)).backward()
+    assert (body.conv1.weight.grad is None) == (at >= 1)
+    assert (body.layer4[1].conv2.weight.grad is None) == (at == 5)
+
+
+def test_freeze_backbone_at_refuses_points_outside_0_to_5():
+    from istr_viz.model.backbone import freeze_backbone_at
+
+    for bad in (-1, 6):
+        with pytest.raises(ConfigError, match="0-5"):
+            freeze_backbone_at(build_backbone("resnet18", base_channels=8).body, bad)
+
+
 def test_bad_names_and_sizes_raise_config_errors(basis):
     with pytest.raises(ConfigError, match="resnet18, resnet34, resnet50, resnet101"):
         build_backbone("resnet7")
