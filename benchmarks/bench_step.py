@@ -42,7 +42,7 @@ from istr_viz.engine import (DistInfo, _all_reduce_sum,
                              _global_terms, build_ema, param_groups, transform_configs)
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
-from istr_viz.model.backbone import freeze_backbone_at
+from istr_viz.model.backbone import FROZEN_PARTS, freeze_backbone_at
 from istr_viz.runtime import autocast_dtype, machine_summary
 
 # torch.compile experiment (--compile): what it compiles in each stage (the RoI pooling, with its
@@ -65,8 +65,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and the stages' layers (an experiment)")
     p.add_argument("--freeze-at", type=int, default=0, choices=range(6), metavar="N",
-                   help="freeze the ResNet's first N parts (0-5: 1 the stem, 2 and layer1, "
-                        "...), as train.fine_tune_freeze_at does in a run from trained weights")
+                   help="freeze the ResNet's first N parts (0 none, 1 the stem, 2 the stem and "
+                        "layer1, ..., 5 all), as train.fine_tune_freeze_at=N does in a run from "
+                        "trained weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json-out", type=Path, help="default: benchmarks/results/bench_step_1proc.json "
                    "(bench_step_ddp.json under torchrun)")
@@ -170,7 +171,7 @@ def main() -> None:
     if rank == 0:
         print(f"{args.preset} {' '.join(args.set)}: {world} process(es) x {args.batch} images, "
               f"{args.threads} thread(s), autocast {amp}, compile {args.compile}, "
-              f"frozen to part {args.freeze_at}; first "
+              f"frozen: {FROZEN_PARTS[args.freeze_at]}; first "
               f"{args.warmup} iterations {warmup_s:.1f} s")
         for name, ms in parts.items():
             print(f"  {name:<34} {ms:7.1f} ms")

@@ -284,12 +284,13 @@ class TrainConfig:
     # a lr tuned for training from scratch is too high; 0 = train.lr
     fine_tune_lr: float = 0.0
     # a run that starts from another checkpoint's weights freezes the first parts of its ResNet,
-    # as detectron2's FREEZE_AT: 0 none, 1 the stem, 2 the stem and layer1, ..., 5 the whole
-    # ResNet (BatchNorm still normalises with each batch's statistics). It saves the backward pass
+    # numbered as detectron2's FREEZE_AT: 0 none, 1 the stem, 2 the stem and layer1, ..., 5 the
+    # whole ResNet (their BatchNorm still normalises with each batch's statistics, where
+    # detectron2 fixes them). It saves the backward pass
     # through the high-resolution layers: at 2, shapes-cpu on the second data set took 11% less
     # time an iteration, but ended 1.3 mask AP under the mean of three seeds training everything
-    # (session 47, one run), so 0 is the default. A run from scratch trains everything; ImageNet
-    # weights (model.pretrained_path) freeze the stem and layer1 in any case
+    # (session 47, one run), so 0 is the default. A run from scratch trains everything, and one
+    # from ImageNet weights (model.pretrained_path) all but the stem and layer1
     fine_tune_freeze_at: int = 0
     weight_decay: float = 1e-4
     # AdamW's second-moment decay (ISTR: torch's default 0.999, a memory of about 1,000 steps);
@@ -339,7 +340,7 @@ class TrainConfig:
         if not self.fine_tune_lr >= 0:
             raise ConfigError(f"train.fine_tune_lr must be positive, or 0 for train.lr, got "
                               f"{self.fine_tune_lr}", entry="train.fine_tune_lr")
-        if not 0 <= self.fine_tune_freeze_at <= 5:
+        if not 0 <= self.fine_tune_freeze_at <= 5:  # model.backbone.FROZEN_PARTS
             raise ConfigError(f"train.fine_tune_freeze_at must be 0-5 (0 none, 1 the stem, 2 the "
                               f"stem and layer1, ..., 5 the whole ResNet), got "
                               f"{self.fine_tune_freeze_at}", entry="train.fine_tune_freeze_at")

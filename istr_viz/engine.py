@@ -36,7 +36,7 @@ from istr_viz.errors import ConfigError, DataError, IstrVizError, NonFiniteError
 from istr_viz.losses import SetCriterion
 from istr_viz.model import build_model
 from istr_viz.model.activations import library_elu_for, library_elu_is_faster, set_elu_kernel
-from istr_viz.model.backbone import FROZEN_PARTS, freeze_backbone_at
+from istr_viz.model.backbone import FROZEN_PARTS, IMAGENET_FREEZE_AT, freeze_backbone_at
 from istr_viz.runtime import autocast_dtype, default_device, machine_summary, same_machine
 
 
@@ -260,10 +260,11 @@ def _check_finite_outputs(output, iteration: int) -> None:
 
 
 # What starting from the shipped model gave on the second data set of benchmarks/, 30 minutes on 2
-# CPU cores of an AMD EPYC (benchmarks/results_log.md: s45r125 and s45ft_s1, the seeds 0 and 1, at
-# the sizes of data.median_object_px, session 45, against s44lr from scratch, session 44)
-FINE_TUNE_EVIDENCE = ("on the second data set of benchmarks/, 39.4 and 37.9 mask AP (two seeds) "
-                      "after 30 minutes on 2 CPU cores against 20.4 from scratch")
+# CPU cores of an AMD EPYC (benchmarks/results_log.md: s45r125, s45ft_s1 and s46s2, the seeds 0, 1
+# and 2, at the sizes of data.median_object_px, sessions 45 and 46, against s44lr from scratch,
+# session 44)
+FINE_TUNE_EVIDENCE = ("on the second data set of benchmarks/, 39.4, 37.9 and 39.0 mask AP (three "
+                      "seeds) after 30 minutes on 2 CPU cores against 20.4 from scratch")
 
 AUTO_START = "auto"  # training_start: the shipped model where shipped_start says so
 
@@ -516,7 +517,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     start from the shipped model (``False`` where the caller asked for scratch on purpose).
     ``init_from`` trains at ``cfg.train.lr``: :func:`training_start` gives a configuration the
     fine-tuning lr (``train.fine_tune_lr``) of a run from trained weights, and a note is printed
-    where ``cfg`` still holds one that was not applied. A fresh run with ``init_from`` on data
+    where ``cfg`` still holds one that was not applied; ``train.fine_tune_freeze_at`` freezes the
+    first parts of its ResNet here, in this run and its resumes. A fresh run with ``init_from`` on data
     with small objects trains and tests at ``data.median_object_px``'s larger sizes (a note says
     so; the checkpoint stores them), matched to the median that ``init_from`` recorded where it
     did; every checkpoint records its own
@@ -631,11 +633,16 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                   f"model.fpn_output_conv={source_fpn} keeps them)", file=sys.stderr)
     started_from = ckpt["train_state"].get("init_from") if ckpt is not None else \
         start_record(init_from if source is not None else None)
-    if started_from is not None and tc.fine_tune_freeze_at:  # also on resume: the same groups
-        freeze_backbone_at(model.backbone.body, tc.fine_tune_freeze_at)
-        if info.is_main and progress and ckpt is None:
-            print(f"frozen: {FROZEN_PARTS[tc.fine_tune_freeze_at]} of the ResNet (train."
-                  f"fine_tune_freeze_at={tc.fine_tune_freeze_at}; 0 trains everything)")
+    # what does not train, decided here for a fresh run and its resumes alike (the optimiser's
+    # groups must match): ImageNet weights freeze the stem and layer1 (the model was built so on
+    # a fresh run; a resume builds it without the file), a start from trained weights
+    # train.fine_tune_freeze_at parts
+    freeze_at = tc.fine_tune_freeze_at if started_from is not None else \
+        IMAGENET_FREEZE_AT if cfg.model.pretrained_path else 0
+    freeze_backbone_at(model.backbone.body, freeze_at)
+    if info.is_main and progress and ckpt is None and started_from is not None and freeze_at:
+        print(f"frozen: {FROZEN_PARTS[freeze_at]} (train.fine_tune_freeze_at={freeze_at}; 0 "
+              f"trains everything)", flush=True)
     criterion = SetCriterion(cfg.loss, basis)
     params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel: one pass over all parameters (shapes-cpu, 10 M parameters, one core:

@@ -1254,8 +1254,8 @@ def test_a_start_from_trained_weights_freezes_the_stem_and_layer1_and_a_resume_k
     """train.fine_tune_freeze_at=2: a run from trained weights leaves the source's conv1, bn1
     and layer1 parameters as they were, over a resume too, while their BatchNorm statistics
     follow the new batches and layer2 trains; 0 (the preset's) trains them; a run from scratch
-    trains everything whatever the field; a run written before the field resumes with nothing
-    frozen."""
+    trains everything whatever the field; the configuration of a run written before the field
+    reads 0."""
     from istr_viz.engine import resumed_config, train
 
     root, basis_path = shapes
@@ -1275,7 +1275,8 @@ def test_a_start_from_trained_weights_freezes_the_stem_and_layer1_and_a_resume_k
 
     train(cfg, paths, tmp_path / "tuned", init_from=tmp_path / "scratch" / "last.pt",
           max_iters=2, device="cpu")
-    assert "frozen: the stem and layer1 of the ResNet" in capsys.readouterr().out
+    assert "frozen: the ResNet's stem and layer1 (train.fine_tune_freeze_at=2" in \
+        capsys.readouterr().out
     tuned = load_checkpoint(tmp_path / "tuned" / "last.pt")["model"]
     keys = frozen_keys(src)
     assert len(keys) >= 6 and moved(src, tuned, keys) == []
@@ -1301,6 +1302,34 @@ def test_a_start_from_trained_weights_freezes_the_stem_and_layer1_and_a_resume_k
     for bad in ("-1", "6"):
         with pytest.raises(ConfigError, match="train.fine_tune_freeze_at"):
             apply_overrides(cfg, [f"train.fine_tune_freeze_at={bad}"])
+
+
+def test_a_run_from_imagenet_weights_resumes_with_its_stem_and_layer1_still_frozen(shapes,
+                                                                                   tmp_path):
+    """ImageNet weights (a file the test writes) train all but the stem and layer1; a resume,
+    which builds the model without the file, freezes the same parts, so the optimiser's groups
+    match and those weights stay the file's."""
+    from torchvision.models import resnet18
+
+    from istr_viz.engine import train
+
+    root, basis_path = shapes
+    weights = tmp_path / "r18.pth"
+    torch.save(resnet18().state_dict(), weights)
+    imagenet = torch.load(weights, weights_only=True)
+    cfg = apply_overrides(get_preset("shapes-cpu"), TINY + [
+        "model.backbone_base_channels=64", f"model.pretrained_path={weights}"])
+    out, paths = tmp_path / "run", split_paths(root, "train")
+    train(cfg, paths, out, basis=MaskBasis.load(basis_path), max_iters=2, device="cpu",
+          progress=False)
+    train(cfg, paths, out, resume=True, max_iters=3, device="cpu", progress=False)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["train_state"]["iteration"] == 3
+    model = ckpt["model"]
+    for key in ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.1.bn2.bias"):
+        assert torch.equal(model[f"backbone.body.{key}"], imagenet[key]), key
+    assert not torch.equal(model["backbone.body.layer2.0.conv1.weight"],
+                           imagenet["layer2.0.conv1.weight"])
 
 
 def test_median_object_px_trains_a_start_from_trained_weights_larger_on_small_objects(

@@ -207,21 +207,25 @@ def load_pretrained(body: ResNetBody, path: str | Path) -> None:
 
 
 # what freeze_backbone_at(body, at) freezes, by ``at``
-FROZEN_PARTS = ("nothing", "the stem", "the stem and layer1", "the stem, layer1 and layer2",
-                "the stem and layer1-3", "the whole ResNet")
+FROZEN_PARTS = ("nothing", "the ResNet's stem", "the ResNet's stem and layer1",
+                "the ResNet's stem, layer1 and layer2", "the ResNet's stem and layers 1-3",
+                "the whole ResNet")
+IMAGENET_FREEZE_AT = 2  # ImageNet weights train all but the stem and layer1 (detectron2's default)
 
 
 def freeze_backbone_at(body: ResNetBody, at: int) -> None:
-    """No gradients for the first ``at`` parts of the ResNet, as detectron2's FREEZE_AT: 0 none,
-    1 the stem (conv1, bn1), 2 the stem and layer1, ..., 5 the whole ResNet.
+    """No gradients for the first ``at`` parts of the ResNet, numbered as detectron2's FREEZE_AT:
+    0 none, 1 the stem (conv1, bn1), 2 the stem and layer1, ..., 5 the whole ResNet.
 
-    Only the gradients stop: in training mode a frozen BatchNorm still normalises with the batch's
-    statistics and updates its running ones, so frozen layers still adapt their scale to new
-    images. Autograd then never runs backward through the frozen prefix (the input needs no
-    gradient), which is where the saving is.
+    Only the gradients stop (detectron2 also fixes the frozen stages' BatchNorm statistics): in
+    training mode a frozen BatchNorm here still normalises with the batch's statistics and
+    updates its running ones, so frozen layers still adapt their scale to new images. Autograd
+    never runs backward through the frozen prefix (the input needs no gradient), which is where
+    the saving is.
     """
-    if not 0 <= at <= 5:
-        raise ConfigError(f"the freeze point must be 0-5 (stem, layer1, ..., layer4), got {at}")
+    if not 0 <= at < len(FROZEN_PARTS):
+        raise ConfigError(f"the freeze point must be 0-{len(FROZEN_PARTS) - 1} (0 nothing, 1 the "
+                          f"stem, 2 the stem and layer1, ..., 5 the whole ResNet), got {at}")
     parts = [(body.conv1, body.bn1), body.layer1, body.layer2, body.layer3, body.layer4]
     for part in parts[:at]:
         for module in part if isinstance(part, tuple) else (part,):
@@ -255,6 +259,6 @@ def build_backbone(name: str = "resnet50", out_channels: int = 256, norm: str = 
                               entry="model.pretrained_path")
         load_pretrained(body, pretrained_path)
     if freeze_early if freeze_early is not None else pretrained_path is not None:
-        freeze_backbone_at(body, 2)
+        freeze_backbone_at(body, IMAGENET_FREEZE_AT)
     return Backbone(body, out_channels, fpn_norm="gn" if norm == "gn" else None,
                     fpn_output_conv=fpn_output_conv)
