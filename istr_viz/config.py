@@ -288,7 +288,7 @@ class TrainConfig:
     # whole ResNet (their BatchNorm still normalises with each batch's statistics, where
     # detectron2 fixes them). It saves the backward pass
     # through the high-resolution layers: at 2, shapes-cpu on the second data set took 11% less
-    # time an iteration, but ended 1.3 mask AP under the mean of three seeds training everything
+    # time an iteration, but ended 1.2 mask AP under the mean of three seeds training everything
     # (session 47, one run), so 0 is the default. A run from scratch trains everything, and one
     # from ImageNet weights (model.pretrained_path) all but the stem and layer1
     fine_tune_freeze_at: int = 0
