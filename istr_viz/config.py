@@ -292,6 +292,11 @@ class TrainConfig:
     # (session 47, one run), so 0 is the default. A run from scratch trains everything, and one
     # from ImageNet weights (model.pretrained_path) all but the stem and layer1
     fine_tune_freeze_at: int = 0
+    # the weight average (train.ema_decay) and the lr drop at the steps (train.lr_gamma) of a run
+    # from trained weights, applied as train.fine_tune_lr is (engine.training_start); None = the
+    # run's own train.ema_decay / train.lr_gamma
+    fine_tune_ema_decay: float | None = None
+    fine_tune_lr_gamma: float | None = None
     weight_decay: float = 1e-4
     # AdamW's second-moment decay (ISTR: torch's default 0.999, a memory of about 1,000 steps);
     # a run of ~1,000 iterations spans that memory once
@@ -344,6 +349,14 @@ class TrainConfig:
             raise ConfigError(f"train.fine_tune_freeze_at must be 0-5 (0 none, 1 the stem, 2 the "
                               f"stem and layer1, ..., 5 the whole ResNet), got "
                               f"{self.fine_tune_freeze_at}", entry="train.fine_tune_freeze_at")
+        if self.fine_tune_ema_decay is not None and not 0.0 <= self.fine_tune_ema_decay < 1.0:
+            raise ConfigError(f"train.fine_tune_ema_decay must be in [0, 1), or none for "
+                              f"train.ema_decay, got {self.fine_tune_ema_decay}",
+                              entry="train.fine_tune_ema_decay")
+        if self.fine_tune_lr_gamma is not None and not self.fine_tune_lr_gamma > 0:
+            raise ConfigError(f"train.fine_tune_lr_gamma must be positive (1 = no drop), or none "
+                              f"for train.lr_gamma, got {self.fine_tune_lr_gamma}",
+                              entry="train.fine_tune_lr_gamma")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ConfigError(f"train.adam_beta2 must be in (0, 1), got {self.adam_beta2}",
                               entry="train.adam_beta2")
@@ -574,6 +587,8 @@ def _coerce(text: str, current, annotation: str):
     """Parse ``text`` into the type of the field (from its current value and annotation)."""
     if text.lower() in ("none", "null") and "None" in str(annotation):
         return None
+    if current is None:  # an optional field that is unset: its annotation names the type
+        current = 0.0 if "float" in str(annotation) else 0 if "int" in str(annotation) else ""
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True

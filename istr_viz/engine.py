@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from istr_viz.basis import MaskBasis
 from istr_viz.checkpoint import load_checkpoint, save_checkpoint, trained_median_px
-from istr_viz.config import Config, apply_overrides, with_architecture_of, with_sizes_scaled
+from istr_viz.config import (Config, TrainConfig, apply_overrides, with_architecture_of,
+                             with_sizes_scaled)
 from istr_viz.data.batching import IterationBatchSampler, SeededDataset, padding_options
 from istr_viz.data.coco import CocoDataset, collate, load_annotations
 from istr_viz.data.layout import DatasetPaths
@@ -364,14 +365,14 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
         source_cfg = replace(source_cfg, model=replace(
             source_cfg.model, queries_per_instance=preset.model.queries_per_instance))
     started = with_architecture_of(preset, source_cfg)
-    # a start from trained weights takes the fine-tuning lr (as overridden), then the overrides
-    # (so that train.lr=X still wins)
-    fine_tune_lr = apply_overrides(started, list(overrides)).train.fine_tune_lr
-    if fine_tune_lr:
-        started = replace(started, train=replace(started.train, lr=fine_tune_lr))
-    started = apply_overrides(started, list(overrides))
-    # applied: the run's lr is train.lr (0 also tells train() that nothing is left to apply)
-    started = replace(started, train=replace(started.train, fine_tune_lr=0.0))
+    # a start from trained weights takes the fine-tuning settings (as overridden), then the
+    # overrides (so that train.lr=X still wins)
+    fine_tune = fine_tune_settings(apply_overrides(started, list(overrides)).train)
+    started = apply_overrides(replace(started, train=replace(started.train, **fine_tune)),
+                              list(overrides))
+    # applied: the run's settings are train.lr, ... (which also tells train() that nothing is
+    # left to apply)
+    started = replace(started, train=replace(started.train, **FINE_TUNE_APPLIED))
     if auto:  # once the data have set the query count, every weight but the per-query ones
         # (which start afresh where the count rises) must still fit
         queries = queries_for(started.model.num_queries, started.model.queries_per_instance, ann)
@@ -380,6 +381,23 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
                                    source["model"], also_skip=_PER_QUERY_WEIGHTS):
             return cfg, None
     return started, Path(init_from)
+
+
+# the fine-tuning fields of TrainConfig once training_start has applied them
+FINE_TUNE_APPLIED = {"fine_tune_lr": 0.0, "fine_tune_ema_decay": None, "fine_tune_lr_gamma": None}
+
+
+def fine_tune_settings(tc: TrainConfig) -> dict:
+    """The ``train`` fields that a run from trained weights takes from ``tc``'s fine-tuning ones
+    (``{"lr": tc.fine_tune_lr, "ema_decay": ..., "lr_gamma": ...}``, each where set)."""
+    pairs = {"lr": tc.fine_tune_lr or None, "ema_decay": tc.fine_tune_ema_decay,
+             "lr_gamma": tc.fine_tune_lr_gamma}
+    return {name: value for name, value in pairs.items() if value is not None}
+
+
+def _number(value: float) -> str:
+    """``2.8e-04`` for a lr, ``0.995`` for a decay or a factor."""
+    return f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:g}"
 
 
 def start_record(init_from: str | Path | None) -> dict | None:
@@ -616,10 +634,15 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
         if info.is_main and progress:
             print(f"initialised from {init_from} (lr {cfg.train.lr:.1e}); re-initialised: "
                   f"{', '.join(reinitialised) or 'none'}")
-        if info.is_main and tc.fine_tune_lr and tc.fine_tune_lr != tc.lr:
-            print(f"note: train.fine_tune_lr={tc.fine_tune_lr:.1e} is not applied (engine."
-                  f"training_start applies it to a run from trained weights, as the train command "
-                  f"does); training at train.lr={tc.lr:.1e}", file=sys.stderr, flush=True)
+        unapplied = {name: value for name, value in fine_tune_settings(tc).items()
+                     if value != getattr(tc, name)}
+        if info.is_main and unapplied:
+            given = ", ".join(f"train.fine_tune_{n}={_number(v)}" for n, v in unapplied.items())
+            used = ", ".join(f"train.{n}={_number(getattr(tc, n))}" for n in unapplied)
+            print(f"note: {given} {'is' if len(unapplied) == 1 else 'are'} not applied (engine."
+                  f"training_start applies {'it' if len(unapplied) == 1 else 'them'} to a run "
+                  f"from trained weights, as the train command does); training at {used}",
+                  file=sys.stderr, flush=True)
         source_norm = source.get("config", {}).get("model", {}).get("norm", cfg.model.norm)
         if info.is_main and source_norm != cfg.model.norm:
             print(f"note: {init_from} was trained with model.norm={source_norm}, this run uses "

@@ -743,7 +743,8 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     err = capsys.readouterr().err
     assert "hint: " not in err
     # cfg (not from training_start) still holds a fine-tuning lr it does not train at: a note
-    assert cfg.train.fine_tune_lr and "is not applied" in err and "at train.lr=1.0e-03" in err
+    assert cfg.train.fine_tune_lr and "not applied" in err and "train.lr=1.0e-03" in err
+    assert f"train.fine_tune_lr={cfg.train.fine_tune_lr:.1e}" in err
     train(cfg, paths, tmp_path / "asked", max_iters=1, device="cpu", progress=False,
           suggest_shipped=False)  # a caller that chose scratch on purpose
     assert "hint: " not in capsys.readouterr().err
@@ -825,6 +826,46 @@ def test_a_start_from_trained_weights_takes_the_fine_tuning_lr(tiny_run, tmp_pat
         apply_overrides(preset, ["train.fine_tune_lr=-1e-4"])
 
 
+def test_a_start_from_trained_weights_takes_the_fine_tuning_average_and_lr_drop(tiny_run,
+                                                                                 tmp_path):
+    """train.fine_tune_ema_decay and train.fine_tune_lr_gamma become a run's train.ema_decay and
+    train.lr_gamma when it starts from a checkpoint, unless the overrides set those; none leaves
+    the run's own; a run from scratch keeps its own; out-of-range values are refused."""
+    from istr_viz.engine import FINE_TUNE_APPLIED, training_start
+
+    from dataclasses import replace
+
+    root, shipped = tiny_run
+    shapes = get_preset("shapes-cpu")
+    preset = replace(shapes, train=replace(shapes.train, ema_decay=0.5, lr_gamma=0.2))
+    quirky = cf.write_quirky_coco(tmp_path / "quirky").ann_file
+    tiny = [*TINY, "basis.dim=12"]
+    fine = ["train.fine_tune_ema_decay=0.99", "train.fine_tune_lr_gamma=1"]
+
+    def run(overrides, start="auto"):
+        cfg, began = training_start(preset, [*tiny, *overrides], quirky, start, shipped=shipped)
+        return cfg.train, began is not None
+
+    tc, began = run(fine)
+    assert began and (tc.ema_decay, tc.lr_gamma) == (0.99, 1.0)
+    assert {name: getattr(tc, name) for name in FINE_TUNE_APPLIED} == FINE_TUNE_APPLIED
+    assert run(fine, start=shipped)[0].ema_decay == 0.99  # an explicit start too
+    # an explicit setting wins, before or after; none: the run's own
+    tc, _ = run([*fine, "train.ema_decay=0.9"])
+    assert (tc.ema_decay, tc.lr_gamma) == (0.9, 1.0)
+    tc, _ = run(["train.lr_gamma=0.3", *fine])
+    assert (tc.ema_decay, tc.lr_gamma) == (0.99, 0.3)
+    tc, _ = run([*fine, "train.fine_tune_ema_decay=none", "train.fine_tune_lr_gamma=none"])
+    assert (tc.ema_decay, tc.lr_gamma) == (0.5, 0.2)
+    tc, began = run(fine, start=None)  # from scratch: the run's own, the fine-tuning ones kept
+    assert not began and (tc.ema_decay, tc.lr_gamma) == (0.5, 0.2)
+    assert (tc.fine_tune_ema_decay, tc.fine_tune_lr_gamma) == (0.99, 1.0)
+    for bad in ("train.fine_tune_ema_decay=1", "train.fine_tune_ema_decay=-0.1",
+                "train.fine_tune_lr_gamma=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            apply_overrides(preset, [bad])
+
+
 def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_run, tmp_path,
                                                                             capsys, monkeypatch):
     """The CLI's default start on data of other classes is the shipped model (one line says so,
@@ -855,10 +896,26 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     for item in [*TINY, "basis.dim=12"]:
         preset_lr += [] if item.startswith("train.lr=") else ["--set", item]
     assert main([*preset_lr, "--out", str(tmp_path / "ftlr")]) == 0
-    fine = get_preset("shapes-cpu").train.fine_tune_lr
-    assert f"at lr {fine:.1e} (train.fine_tune_lr)" in capsys.readouterr().err
-    stored = load_checkpoint(tmp_path / "ftlr" / "last.pt")["config"]["train"]
+    preset = get_preset("shapes-cpu").train
+    fine = preset.fine_tune_lr
+    err = capsys.readouterr().err
+    assert f"at lr {fine:.1e} (train.fine_tune_lr)" in err
+    if preset.fine_tune_ema_decay:
+        assert f"weight average {preset.fine_tune_ema_decay:g} (train.fine_tune_ema_decay)" in err
+    if preset.fine_tune_lr_gamma == 1:
+        assert "no lr drop (train.fine_tune_lr_gamma)" in err
+    ftlr = load_checkpoint(tmp_path / "ftlr" / "last.pt")
+    stored = ftlr["config"]["train"]
     assert stored["lr"] == fine and stored["fine_tune_lr"] == 0.0
+    average = preset.ema_decay if preset.fine_tune_ema_decay is None else \
+        preset.fine_tune_ema_decay
+    assert stored["ema_decay"] == average and stored["fine_tune_ema_decay"] is None
+    assert ("raw_model" in ftlr["train_state"]) == bool(average)  # the average is kept
+    # the settings that --set gives are named as such
+    assert main([*preset_lr, "--out", str(tmp_path / "given"), "--set", "train.ema_decay=0.9",
+                 "--set", "train.lr_gamma=0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "weight average 0.9 (train.ema_decay), lr x0.5 at the steps (train.lr_gamma)" in err
     assert main([*base, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
     out = capsys.readouterr()
     assert "starting from the shipped model" not in out.err and "initialised from" not in out.out
