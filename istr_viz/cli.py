@@ -12,8 +12,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from istr_viz.errors import DataError, IstrVizError
+
+if TYPE_CHECKING:  # for annotations; imported where used, as elsewhere in this module
+    from istr_viz.config import Config
 
 PREDICT_THRESHOLD = 0.4  # predict's score threshold for a checkpoint that records none
 
@@ -173,7 +177,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         wanted = None if args.from_scratch else args.init_from or (None if args.basis else AUTO_START)
         cfg, init_from = training_start(preset, args.set or [], train_paths.ann_file, wanted)
         if os.environ.get("RANK", "0") == "0" and wanted == AUTO_START:
-            _say_where_training_starts(init_from, _fine_tune_words(preset, args.set or [], cfg))
+            _say_where_training_starts(init_from, preset, args.set or [], cfg)
     if args.processes != 1:  # the children start where this process decided
         child = strip_start_flags(args.argv)
         if init_from is not None and wanted == AUTO_START:  # the automatic start's query rule
@@ -195,44 +199,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fine_tune_words(preset, overrides: list[str], cfg) -> str:
+def _fine_tune_words(preset: Config, overrides: list[str], cfg: Config) -> str:
     """What a run from trained weights trains with, and which setting gave each: ``lr 2.8e-04
     (train.fine_tune_lr), weight average 0.995 (train.fine_tune_ema_decay), no lr drop
     (train.fine_tune_lr_gamma)``. ``cfg``: the run's configuration from ``training_start``."""
     from istr_viz.config import apply_overrides
     from istr_viz.engine import fine_tune_settings
 
-    given = {item.split("=")[0].strip() for item in overrides}
-    fine_tune = fine_tune_settings(apply_overrides(preset, overrides).train)
+    fine_tune = fine_tune_settings(apply_overrides(preset, overrides).train, overrides)
 
     def source(name: str) -> str:
-        return f"train.fine_tune_{name}" if name in fine_tune and f"train.{name}" not in given \
-            else f"train.{name}"
+        return f"train.fine_tune_{name}" if name in fine_tune else f"train.{name}"
 
     tc = cfg.train
     average = f"weight average {tc.ema_decay:g}" if tc.ema_decay else "no weight average"
     if tc.lr_decay != "step":
         drop = f"lr decay {tc.lr_decay} (train.lr_decay)"
-    elif tc.lr_gamma != 1 and tc.lr_steps:
+    elif not tc.lr_steps:
+        drop = "no lr drop (train.lr_steps)"
+    elif tc.lr_gamma != 1:
         drop = f"lr x{tc.lr_gamma:g} at the steps ({source('lr_gamma')})"
     else:
         drop = f"no lr drop ({source('lr_gamma')})"
     return f"lr {tc.lr:.1e} ({source('lr')}), {average} ({source('ema_decay')}), {drop}"
 
 
-
-def _say_where_training_starts(init_from: Path | None, settings: str) -> None:
+def _say_where_training_starts(init_from: Path | None, preset: Config, overrides: list[str],
+                               cfg: Config) -> None:
     """The line ``train`` prints where it chose the start itself: from the shipped model (with
-    ``settings``, :func:`_fine_tune_words`), or from scratch because the shipped model is missing
-    (a package installed without ``checkpoints/``)."""
+    what it trains with, :func:`_fine_tune_words`), or from scratch because the shipped model is
+    missing (a package installed without ``checkpoints/``)."""
     from istr_viz.engine import FINE_TUNE_EVIDENCE
     from istr_viz.predictor import SHIPPED_CHECKPOINT
 
     if init_from is not None:
         print(f"starting from the shipped model {init_from}: all its weights but the class heads "
               f"(and the per-query ones where the data raise the query count), and its mask basis "
-              f"({FINE_TUNE_EVIDENCE}), at {settings}; --from-scratch trains from scratch",
-              file=sys.stderr, flush=True)
+              f"({FINE_TUNE_EVIDENCE}), at {_fine_tune_words(preset, overrides, cfg)}; "
+              f"--from-scratch trains from scratch", file=sys.stderr, flush=True)
     elif not SHIPPED_CHECKPOINT.is_file():
         print(f"note: no shipped model at {SHIPPED_CHECKPOINT}: training from scratch",
               file=sys.stderr, flush=True)

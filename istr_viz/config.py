@@ -514,15 +514,21 @@ PRESETS: dict[str, Config] = {
         # 5.6e-4, on one that sped up: lr and pace not separated). A start from trained weights
         # (the train command's default on data of other classes) keeps 2.8e-4: from the shipped
         # model on the second data set, 4e-4 was 3.3 mask AP behind it at 15 minutes (s37ft: 27.8
-        # against s36ft36's 31.1).
+        # against s36ft36's 31.1). Such a start also averages its weights (EMA 0.995, about the
+        # last 200 iterations) in place of the lr drop (x1 at the step): from the shipped model
+        # on the second data set, 39.9 / 39.9 / 39.7 mask AP at 30 minutes over the seeds 0 / 1 /
+        # 2 against 39.4 / 38.8 / 39.0 for the same seeds with the x0.1 step and no average
+        # (s47emac, s48emac_s1, s47emac_s2 against s45r125, s48s1, s46s2; sessions 47-48); the
+        # average with the step ended 0.6 behind (s47ema, 38.8).
         train=TrainConfig(batch_size=8, lr=4e-4, fine_tune_lr=2.8e-4, backbone_lr_mult=3.0,
+                          fine_tune_ema_decay=0.995, fine_tune_lr_gamma=1.0,
                           max_iters=1500,
                           warmup_iters=100,
                           lr_steps=(0.8,), checkpoint_every=100, seed=0, threads=1),
-        # No weight EMA (train.ema_decay=0): at 30 minutes a 0.998 average lags the raw weights,
-        # which scored +1.3 / +1.0 / +0.8 mask AP over it at the end of three runs (b8fine, ov5,
-        # c112: each the same run's two sets of weights); at 110 minutes the two were level (ship12
-        # raw 75.1 / 68.2 against 75.3 / 68.3; session 29).
+        # No weight EMA from scratch (train.ema_decay=0): at 30 minutes a 0.998 average lags the
+        # raw weights, which scored +1.3 / +1.0 / +0.8 mask AP over it at the end of three runs
+        # (b8fine, ov5, c112: each the same run's two sets of weights); at 110 minutes the two
+        # were level (ship12 raw 75.1 / 68.2 against 75.3 / 68.3; session 29).
 
     ),
 }
@@ -588,7 +594,10 @@ def _coerce(text: str, current, annotation: str):
     if text.lower() in ("none", "null") and "None" in str(annotation):
         return None
     if current is None:  # an optional field that is unset: its annotation names the type
-        current = 0.0 if "float" in str(annotation) else 0 if "int" in str(annotation) else ""
+        kinds = {"float | None": 0.0, "int | None": 0, "str | None": ""}
+        if str(annotation) not in kinds:
+            raise ValueError(f"cannot parse a value for a field of type {annotation}")
+        current = kinds[str(annotation)]
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True

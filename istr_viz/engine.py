@@ -261,10 +261,10 @@ def _check_finite_outputs(output, iteration: int) -> None:
 
 
 # What starting from the shipped model gave on the second data set of benchmarks/, 30 minutes on 2
-# CPU cores of an AMD EPYC (benchmarks/results_log.md: s45r125, s45ft_s1 and s46s2, the seeds 0, 1
-# and 2, at the sizes of data.median_object_px, sessions 45 and 46, against s44lr from scratch,
-# session 44)
-FINE_TUNE_EVIDENCE = ("on the second data set of benchmarks/, 39.4, 37.9 and 39.0 mask AP (three "
+# CPU cores of an AMD EPYC (benchmarks/results_log.md: s47emac, s48emac_s1 and s47emac_s2, the
+# seeds 0, 1 and 2, with shapes-cpu's fine-tuning weight average and no lr drop, at the sizes of
+# data.median_object_px, sessions 47 and 48, against s44lr from scratch, session 44)
+FINE_TUNE_EVIDENCE = ("on the second data set of benchmarks/, 39.9, 39.9 and 39.7 mask AP (three "
                       "seeds) after 30 minutes on 2 CPU cores against 20.4 from scratch")
 
 AUTO_START = "auto"  # training_start: the shipped model where shipped_start says so
@@ -340,9 +340,11 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
     query features then start afresh; 36 queries from ship13 on the second data set of
     benchmarks/ gave 36.0 against 34.2 mask AP with its 24 copied, s36ft36 / s36ft), then the
     overrides. A run that starts from a checkpoint trains at ``train.fine_tune_lr`` where that is
-    set (0: ``train.lr``), unless the overrides set ``train.lr``; its configuration then has
-    ``train.lr`` the lr it trains at and ``train.fine_tune_lr`` 0. ``shipped``: as in
-    :func:`shipped_start`.
+    set (0: ``train.lr``), unless the overrides set ``train.lr``, and so with
+    ``train.fine_tune_ema_decay`` and ``train.fine_tune_lr_gamma`` for ``train.ema_decay`` and
+    ``train.lr_gamma`` (None: the run's own; :func:`fine_tune_settings`); its configuration then
+    has them in ``train.lr``, ``train.ema_decay`` and ``train.lr_gamma``, and the fine-tuning
+    ones unset (``FINE_TUNE_APPLIED``). ``shipped``: as in :func:`shipped_start`.
     """
     from istr_viz.data.check import queries_for
 
@@ -365,14 +367,12 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
         source_cfg = replace(source_cfg, model=replace(
             source_cfg.model, queries_per_instance=preset.model.queries_per_instance))
     started = with_architecture_of(preset, source_cfg)
-    # a start from trained weights takes the fine-tuning settings (as overridden), then the
-    # overrides (so that train.lr=X still wins)
-    fine_tune = fine_tune_settings(apply_overrides(started, list(overrides)).train)
-    started = apply_overrides(replace(started, train=replace(started.train, **fine_tune)),
-                              list(overrides))
-    # applied: the run's settings are train.lr, ... (which also tells train() that nothing is
-    # left to apply)
-    started = replace(started, train=replace(started.train, **FINE_TUNE_APPLIED))
+    # a start from trained weights takes the fine-tuning settings (as overridden) where the
+    # overrides do not set the run's own (train.lr=X still wins); once applied they are cleared,
+    # which also tells train() that nothing is left to apply
+    started = apply_overrides(started, list(overrides))
+    started = replace(started, train=replace(
+        started.train, **fine_tune_settings(started.train, overrides), **FINE_TUNE_APPLIED))
     if auto:  # once the data have set the query count, every weight but the per-query ones
         # (which start afresh where the count rises) must still fit
         queries = queries_for(started.model.num_queries, started.model.queries_per_instance, ann)
@@ -383,16 +383,21 @@ def training_start(preset: Config, overrides: list[str] | tuple[str, ...], train
     return started, Path(init_from)
 
 
-# the fine-tuning fields of TrainConfig once training_start has applied them
+# the fine-tuning settings of TrainConfig once training_start has applied them (their unset
+# values; train.fine_tune_freeze_at is not one of them: train() applies it, on resumes too)
 FINE_TUNE_APPLIED = {"fine_tune_lr": 0.0, "fine_tune_ema_decay": None, "fine_tune_lr_gamma": None}
 
 
-def fine_tune_settings(tc: TrainConfig) -> dict:
-    """The ``train`` fields that a run from trained weights takes from ``tc``'s fine-tuning ones
-    (``{"lr": tc.fine_tune_lr, "ema_decay": ..., "lr_gamma": ...}``, each where set)."""
+def fine_tune_settings(tc: TrainConfig, overrides: list[str] | tuple = ()) -> dict:
+    """The ``train`` fields that a run from trained weights takes from ``tc``'s fine-tuning
+    settings: ``{"lr": tc.fine_tune_lr, "ema_decay": tc.fine_tune_ema_decay, "lr_gamma":
+    tc.fine_tune_lr_gamma}``, each where set and where ``overrides`` (``--set`` items) do not set
+    the field itself (``train.lr=X`` wins over ``train.fine_tune_lr``)."""
+    given = {item.split("=")[0].strip() for item in overrides}
     pairs = {"lr": tc.fine_tune_lr or None, "ema_decay": tc.fine_tune_ema_decay,
              "lr_gamma": tc.fine_tune_lr_gamma}
-    return {name: value for name, value in pairs.items() if value is not None}
+    return {name: value for name, value in pairs.items()
+            if value is not None and f"train.{name}" not in given}
 
 
 def _number(value: float) -> str:
@@ -533,9 +538,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     after each evaluation; a notebook uses it to redraw a live loss plot.
     ``suggest_shipped``: print :func:`fine_tune_hint`'s line where a new run from scratch could
     start from the shipped model (``False`` where the caller asked for scratch on purpose).
-    ``init_from`` trains at ``cfg.train.lr``: :func:`training_start` gives a configuration the
-    fine-tuning lr (``train.fine_tune_lr``) of a run from trained weights, and a note is printed
-    where ``cfg`` still holds one that was not applied; ``train.fine_tune_freeze_at`` freezes the
+    ``init_from`` trains at ``cfg.train.lr``, ``ema_decay`` and ``lr_gamma``:
+    :func:`training_start` gives a configuration the fine-tuning settings of a run from trained
+    weights (``train.fine_tune_lr``, ``fine_tune_ema_decay``, ``fine_tune_lr_gamma``), and a note
+    is printed where ``cfg`` still holds ones that were not applied; ``train.fine_tune_freeze_at`` freezes the
     first parts of its ResNet here, in this run and its resumes. A fresh run with ``init_from`` on data
     with small objects trains and tests at ``data.median_object_px``'s larger sizes (a note says
     so; the checkpoint stores them), matched to the median that ``init_from`` recorded where it
@@ -632,8 +638,10 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                 and list(source["class_names"]) == ann.class_names)
         reinitialised = _init_from(model, source, keep_class_head=same)
         if info.is_main and progress:
-            print(f"initialised from {init_from} (lr {cfg.train.lr:.1e}); re-initialised: "
-                  f"{', '.join(reinitialised) or 'none'}")
+            average = f"weight average {tc.ema_decay:g}" if tc.ema_decay else "no weight average"
+            drop = f"lr x{tc.lr_gamma:g} at the steps" if tc.lr_gamma != 1 else "no lr drop"
+            print(f"initialised from {init_from} (lr {tc.lr:.1e}, {average}, {drop}); "
+                  f"re-initialised: {', '.join(reinitialised) or 'none'}")
         unapplied = {name: value for name, value in fine_tune_settings(tc).items()
                      if value != getattr(tc, name)}
         if info.is_main and unapplied:

@@ -831,9 +831,9 @@ def test_a_start_from_trained_weights_takes_the_fine_tuning_average_and_lr_drop(
     """train.fine_tune_ema_decay and train.fine_tune_lr_gamma become a run's train.ema_decay and
     train.lr_gamma when it starts from a checkpoint, unless the overrides set those; none leaves
     the run's own; a run from scratch keeps its own; out-of-range values are refused."""
-    from istr_viz.engine import FINE_TUNE_APPLIED, training_start
-
     from dataclasses import replace
+
+    from istr_viz.engine import training_start
 
     root, shipped = tiny_run
     shapes = get_preset("shapes-cpu")
@@ -848,22 +848,24 @@ def test_a_start_from_trained_weights_takes_the_fine_tuning_average_and_lr_drop(
 
     tc, began = run(fine)
     assert began and (tc.ema_decay, tc.lr_gamma) == (0.99, 1.0)
-    assert {name: getattr(tc, name) for name in FINE_TUNE_APPLIED} == FINE_TUNE_APPLIED
+    assert (tc.fine_tune_lr, tc.fine_tune_ema_decay, tc.fine_tune_lr_gamma) == (0.0, None, None)
     assert run(fine, start=shipped)[0].ema_decay == 0.99  # an explicit start too
     # an explicit setting wins, before or after; none: the run's own
     tc, _ = run([*fine, "train.ema_decay=0.9"])
     assert (tc.ema_decay, tc.lr_gamma) == (0.9, 1.0)
     tc, _ = run(["train.lr_gamma=0.3", *fine])
     assert (tc.ema_decay, tc.lr_gamma) == (0.99, 0.3)
-    tc, _ = run([*fine, "train.fine_tune_ema_decay=none", "train.fine_tune_lr_gamma=none"])
-    assert (tc.ema_decay, tc.lr_gamma) == (0.5, 0.2)
+    tc, began = run([*fine, "train.fine_tune_ema_decay=none", "train.fine_tune_lr_gamma=none"])
+    assert began and (tc.ema_decay, tc.lr_gamma) == (0.5, 0.2)
     tc, began = run(fine, start=None)  # from scratch: the run's own, the fine-tuning ones kept
     assert not began and (tc.ema_decay, tc.lr_gamma) == (0.5, 0.2)
     assert (tc.fine_tune_ema_decay, tc.fine_tune_lr_gamma) == (0.99, 1.0)
     for bad in ("train.fine_tune_ema_decay=1", "train.fine_tune_ema_decay=-0.1",
                 "train.fine_tune_lr_gamma=0"):
-        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        with pytest.raises(ConfigError, match=f"{bad.split('=')[0]} must be"):
             apply_overrides(preset, [bad])
+    with pytest.raises(ConfigError, match="bad value 'high' for train.fine_tune_ema_decay"):
+        apply_overrides(preset, ["train.fine_tune_ema_decay=high"])
 
 
 def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_run, tmp_path,
@@ -887,7 +889,8 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     assert main([*base, "--out", str(tmp_path / "auto")]) == 0
     out = capsys.readouterr()
     assert f"starting from the shipped model {shipped}" in out.err and "hint: " not in out.err
-    assert f"initialised from {shipped} (lr 1.0e-03)" in out.out  # TINY's train.lr wins
+    # TINY's train.lr wins; the preset's fine-tuning average and lr drop apply
+    assert f"initialised from {shipped} (lr 1.0e-03, weight average 0.995, no lr drop)" in out.out
     assert "at lr 1.0e-03 (train.lr)" in out.err and "is not applied" not in out.err
     started = load_checkpoint(tmp_path / "auto" / "last.pt")["train_state"]["init_from"]
     assert started["path"] == str(Path(shipped).resolve()) and len(started["sha256"]) == 64
@@ -896,24 +899,24 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     for item in [*TINY, "basis.dim=12"]:
         preset_lr += [] if item.startswith("train.lr=") else ["--set", item]
     assert main([*preset_lr, "--out", str(tmp_path / "ftlr")]) == 0
-    preset = get_preset("shapes-cpu").train
-    fine = preset.fine_tune_lr
-    err = capsys.readouterr().err
-    assert f"at lr {fine:.1e} (train.fine_tune_lr)" in err
-    if preset.fine_tune_ema_decay:
-        assert f"weight average {preset.fine_tune_ema_decay:g} (train.fine_tune_ema_decay)" in err
-    if preset.fine_tune_lr_gamma == 1:
-        assert "no lr drop (train.fine_tune_lr_gamma)" in err
-    ftlr = load_checkpoint(tmp_path / "ftlr" / "last.pt")
-    stored = ftlr["config"]["train"]
+    fine = get_preset("shapes-cpu").train.fine_tune_lr
+    assert f"at lr {fine:.1e} (train.fine_tune_lr)" in capsys.readouterr().err
+    stored = load_checkpoint(tmp_path / "ftlr" / "last.pt")["config"]["train"]
     assert stored["lr"] == fine and stored["fine_tune_lr"] == 0.0
-    average = preset.ema_decay if preset.fine_tune_ema_decay is None else \
-        preset.fine_tune_ema_decay
-    assert stored["ema_decay"] == average and stored["fine_tune_ema_decay"] is None
-    assert ("raw_model" in ftlr["train_state"]) == bool(average)  # the average is kept
+    # a weight average and no lr drop for such runs alone: said, stored, trained with
+    assert main([*preset_lr, "--out", str(tmp_path / "average"), "--set",
+                 "train.fine_tune_ema_decay=0.995", "--set", "train.fine_tune_lr_gamma=1"]) == 0
+    assert (f"at lr {fine:.1e} (train.fine_tune_lr), weight average 0.995 "
+            f"(train.fine_tune_ema_decay), no lr drop (train.fine_tune_lr_gamma);"
+            in capsys.readouterr().err)
+    average = load_checkpoint(tmp_path / "average" / "last.pt")
+    stored = average["config"]["train"]
+    assert (stored["ema_decay"], stored["lr_gamma"]) == (0.995, 1.0)
+    assert stored["fine_tune_ema_decay"] is None and stored["fine_tune_lr_gamma"] is None
+    assert "raw_model" in average["train_state"]  # the average's raw weights travel for resuming
     # the settings that --set gives are named as such
     assert main([*preset_lr, "--out", str(tmp_path / "given"), "--set", "train.ema_decay=0.9",
-                 "--set", "train.lr_gamma=0.5"]) == 0
+                 "--set", "train.lr_gamma=0.5", "--set", "train.fine_tune_ema_decay=0.995"]) == 0
     err = capsys.readouterr().err
     assert "weight average 0.9 (train.ema_decay), lr x0.5 at the steps (train.lr_gamma)" in err
     assert main([*base, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
