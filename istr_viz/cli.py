@@ -204,24 +204,12 @@ def _fine_tune_words(preset: Config, overrides: list[str], cfg: Config) -> str:
     (train.fine_tune_lr), weight average 0.995 (train.fine_tune_ema_decay), no lr drop
     (train.fine_tune_lr_gamma)``. ``cfg``: the run's configuration from ``training_start``."""
     from istr_viz.config import apply_overrides
-    from istr_viz.engine import fine_tune_settings
+    from istr_viz.engine import fine_tune_settings, schedule_words
 
     fine_tune = fine_tune_settings(apply_overrides(preset, overrides).train, overrides)
-
-    def source(name: str) -> str:
-        return f"train.fine_tune_{name}" if name in fine_tune else f"train.{name}"
-
-    tc = cfg.train
-    average = f"weight average {tc.ema_decay:g}" if tc.ema_decay else "no weight average"
-    if tc.lr_decay != "step":
-        drop = f"lr decay {tc.lr_decay} (train.lr_decay)"
-    elif not tc.lr_steps:
-        drop = "no lr drop (train.lr_steps)"
-    elif tc.lr_gamma != 1:
-        drop = f"lr x{tc.lr_gamma:g} at the steps ({source('lr_gamma')})"
-    else:
-        drop = f"no lr drop ({source('lr_gamma')})"
-    return f"lr {tc.lr:.1e} ({source('lr')}), {average} ({source('ema_decay')}), {drop}"
+    sources = {name: f"train.fine_tune_{name}" if name in fine_tune else f"train.{name}"
+               for name in ("lr", "ema_decay", "lr_gamma")}
+    return schedule_words(cfg.train, sources)
 
 
 def _say_where_training_starts(init_from: Path | None, preset: Config, overrides: list[str],
@@ -480,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "other classes); its model, basis and mask-target frame replace the "
                             "preset's; the lr is train.fine_tune_lr where set (shapes-cpu: "
                             "2.8e-4 against 4e-4 from scratch) unless --set train.lr says "
-                            "otherwise, and so for train.fine_tune_ema_decay and "
-                            "train.fine_tune_lr_gamma. Default (also --init-from auto): the shipped model where "
+                            "otherwise; likewise train.fine_tune_ema_decay and "
+                            "train.fine_tune_lr_gamma replace train.ema_decay and "
+                            "train.lr_gamma (shapes-cpu: a 0.995 weight average and no lr drop, "
+                            "against none and x0.1 from scratch). Default (also --init-from auto): the shipped model where "
                             "the data's classes are not its own and the configuration has its "
                             "weights (a printed line says so), else from scratch")
     start.add_argument("--from-scratch", action="store_true",

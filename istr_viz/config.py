@@ -6,6 +6,7 @@ typed arguments. Override a field with ``dataclasses.replace(cfg, num_queries=50
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -353,9 +354,12 @@ class TrainConfig:
             raise ConfigError(f"train.fine_tune_ema_decay must be in [0, 1), or none for "
                               f"train.ema_decay, got {self.fine_tune_ema_decay}",
                               entry="train.fine_tune_ema_decay")
-        if self.fine_tune_lr_gamma is not None and not self.fine_tune_lr_gamma > 0:
-            raise ConfigError(f"train.fine_tune_lr_gamma must be positive (1 = no drop), or none "
-                              f"for train.lr_gamma, got {self.fine_tune_lr_gamma}",
+        if not 0 < self.lr_gamma < math.inf:
+            raise ConfigError(f"train.lr_gamma must be positive and finite (1 = no drop), got "
+                              f"{self.lr_gamma}", entry="train.lr_gamma")
+        if self.fine_tune_lr_gamma is not None and not 0 < self.fine_tune_lr_gamma < math.inf:
+            raise ConfigError(f"train.fine_tune_lr_gamma must be positive and finite (1 = no "
+                              f"drop), or none for train.lr_gamma, got {self.fine_tune_lr_gamma}",
                               entry="train.fine_tune_lr_gamma")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ConfigError(f"train.adam_beta2 must be in (0, 1), got {self.adam_beta2}",

@@ -400,6 +400,24 @@ def fine_tune_settings(tc: TrainConfig, overrides: list[str] | tuple = ()) -> di
             if value is not None and f"train.{name}" not in given}
 
 
+def schedule_words(tc: TrainConfig, sources: dict[str, str] | None = None) -> str:
+    """A run's lr, weight average and lr drop in words: ``lr 2.8e-04, weight average 0.995, no
+    lr drop``. ``sources`` (``{"lr": "train.fine_tune_lr", "ema_decay": ..., "lr_gamma": ...}``)
+    adds the setting that gave each."""
+    def named(words: str, name: str) -> str:
+        return f"{words} ({sources[name]})" if sources else words
+
+    average = f"weight average {tc.ema_decay:g}" if tc.ema_decay else "no weight average"
+    if tc.lr_decay != "step":
+        drop = f"{tc.lr_decay} lr decay to 0" + (" (train.lr_decay)" if sources else "")
+    elif not tc.lr_steps:
+        drop = "no lr drop" + (" (train.lr_steps)" if sources else "")
+    else:
+        drop = named(f"lr x{tc.lr_gamma:g} at the steps" if tc.lr_gamma != 1 else "no lr drop",
+                     "lr_gamma")
+    return f"{named(f'lr {tc.lr:.1e}', 'lr')}, {named(average, 'ema_decay')}, {drop}"
+
+
 def _number(value: float) -> str:
     """``2.8e-04`` for a lr, ``0.995`` for a decay or a factor."""
     return f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:g}"
@@ -638,10 +656,8 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
                 and list(source["class_names"]) == ann.class_names)
         reinitialised = _init_from(model, source, keep_class_head=same)
         if info.is_main and progress:
-            average = f"weight average {tc.ema_decay:g}" if tc.ema_decay else "no weight average"
-            drop = f"lr x{tc.lr_gamma:g} at the steps" if tc.lr_gamma != 1 else "no lr drop"
-            print(f"initialised from {init_from} (lr {tc.lr:.1e}, {average}, {drop}); "
-                  f"re-initialised: {', '.join(reinitialised) or 'none'}")
+            print(f"initialised from {init_from} ({schedule_words(tc)}); re-initialised: "
+                  f"{', '.join(reinitialised) or 'none'}")
         unapplied = {name: value for name, value in fine_tune_settings(tc).items()
                      if value != getattr(tc, name)}
         if info.is_main and unapplied:

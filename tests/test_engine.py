@@ -743,8 +743,9 @@ def test_a_run_from_scratch_on_other_classes_hints_at_the_shipped_model(tiny_run
     err = capsys.readouterr().err
     assert "hint: " not in err
     # cfg (not from training_start) still holds a fine-tuning lr it does not train at: a note
-    assert cfg.train.fine_tune_lr and "not applied" in err and "train.lr=1.0e-03" in err
-    assert f"train.fine_tune_lr={cfg.train.fine_tune_lr:.1e}" in err
+    assert (f"note: train.fine_tune_lr={cfg.train.fine_tune_lr:.1e}, train.fine_tune_ema_decay="
+            f"0.995, train.fine_tune_lr_gamma=1 are not applied" in err)
+    assert "training at train.lr=1.0e-03, train.ema_decay=0, train.lr_gamma=0.1" in err
     train(cfg, paths, tmp_path / "asked", max_iters=1, device="cpu", progress=False,
           suggest_shipped=False)  # a caller that chose scratch on purpose
     assert "hint: " not in capsys.readouterr().err
@@ -833,6 +834,7 @@ def test_a_start_from_trained_weights_takes_the_fine_tuning_average_and_lr_drop(
     the run's own; a run from scratch keeps its own; out-of-range values are refused."""
     from dataclasses import replace
 
+    from istr_viz.config import Config
     from istr_viz.engine import training_start
 
     root, shipped = tiny_run
@@ -864,8 +866,22 @@ def test_a_start_from_trained_weights_takes_the_fine_tuning_average_and_lr_drop(
                 "train.fine_tune_lr_gamma=0"):
         with pytest.raises(ConfigError, match=f"{bad.split('=')[0]} must be"):
             apply_overrides(preset, [bad])
+    # fields unset in a preset parse from text too; text that is no number is refused
+    paper = get_preset("coco-r50")
+    assert paper.train.fine_tune_ema_decay is None and paper.train.fine_tune_lr_gamma is None
+    parsed = apply_overrides(paper, ["train.fine_tune_ema_decay=0.99",
+                                     "train.fine_tune_lr_gamma=2"]).train
+    assert (parsed.fine_tune_ema_decay, parsed.fine_tune_lr_gamma) == (0.99, 2.0)
     with pytest.raises(ConfigError, match="bad value 'high' for train.fine_tune_ema_decay"):
-        apply_overrides(preset, ["train.fine_tune_ema_decay=high"])
+        apply_overrides(paper, ["train.fine_tune_ema_decay=high"])
+    for bad in ("train.lr_gamma=0", "train.lr_gamma=inf", "train.fine_tune_lr_gamma=inf"):
+        with pytest.raises(ConfigError, match=f"{bad.split('=')[0]} must be positive and finite"):
+            apply_overrides(preset, [bad])
+    # a configuration stored before these fields reads them as unset
+    stored = preset.to_dict()
+    del stored["train"]["fine_tune_ema_decay"], stored["train"]["fine_tune_lr_gamma"]
+    old = Config.from_dict(stored).train
+    assert (old.fine_tune_ema_decay, old.fine_tune_lr_gamma) == (None, None)
 
 
 def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_run, tmp_path,
@@ -891,7 +907,7 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     assert f"starting from the shipped model {shipped}" in out.err and "hint: " not in out.err
     # TINY's train.lr wins; the preset's fine-tuning average and lr drop apply
     assert f"initialised from {shipped} (lr 1.0e-03, weight average 0.995, no lr drop)" in out.out
-    assert "at lr 1.0e-03 (train.lr)" in out.err and "is not applied" not in out.err
+    assert "at lr 1.0e-03 (train.lr)" in out.err and "not applied" not in out.err
     started = load_checkpoint(tmp_path / "auto" / "last.pt")["train_state"]["init_from"]
     assert started["path"] == str(Path(shipped).resolve()) and len(started["sha256"]) == 64
     # without an lr of its own the run takes the preset's fine-tuning lr, and says so
@@ -900,20 +916,24 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
         preset_lr += [] if item.startswith("train.lr=") else ["--set", item]
     assert main([*preset_lr, "--out", str(tmp_path / "ftlr")]) == 0
     fine = get_preset("shapes-cpu").train.fine_tune_lr
-    assert f"at lr {fine:.1e} (train.fine_tune_lr)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"at lr {fine:.1e} (train.fine_tune_lr)" in err
     stored = load_checkpoint(tmp_path / "ftlr" / "last.pt")["config"]["train"]
     assert stored["lr"] == fine and stored["fine_tune_lr"] == 0.0
-    # a weight average and no lr drop for such runs alone: said, stored, trained with
-    assert main([*preset_lr, "--out", str(tmp_path / "average"), "--set",
-                 "train.fine_tune_ema_decay=0.995", "--set", "train.fine_tune_lr_gamma=1"]) == 0
+    # the preset's weight average and no lr drop for such runs alone: said, stored, trained with
     assert (f"at lr {fine:.1e} (train.fine_tune_lr), weight average 0.995 "
-            f"(train.fine_tune_ema_decay), no lr drop (train.fine_tune_lr_gamma);"
-            in capsys.readouterr().err)
-    average = load_checkpoint(tmp_path / "average" / "last.pt")
-    stored = average["config"]["train"]
+            f"(train.fine_tune_ema_decay), no lr drop (train.fine_tune_lr_gamma);" in err)
+    average = load_checkpoint(tmp_path / "ftlr" / "last.pt")
     assert (stored["ema_decay"], stored["lr_gamma"]) == (0.995, 1.0)
     assert stored["fine_tune_ema_decay"] is None and stored["fine_tune_lr_gamma"] is None
     assert "raw_model" in average["train_state"]  # the average's raw weights travel for resuming
+    # fine-tuning values of one's own
+    assert main([*preset_lr, "--out", str(tmp_path / "average"), "--set",
+                 "train.fine_tune_ema_decay=0.99", "--set", "train.fine_tune_lr_gamma=0.5"]) == 0
+    assert ("weight average 0.99 (train.fine_tune_ema_decay), lr x0.5 at the steps "
+            "(train.fine_tune_lr_gamma);" in capsys.readouterr().err)
+    stored = load_checkpoint(tmp_path / "average" / "last.pt")["config"]["train"]
+    assert (stored["ema_decay"], stored["lr_gamma"]) == (0.99, 0.5)
     # the settings that --set gives are named as such
     assert main([*preset_lr, "--out", str(tmp_path / "given"), "--set", "train.ema_decay=0.9",
                  "--set", "train.lr_gamma=0.5", "--set", "train.fine_tune_ema_decay=0.995"]) == 0
@@ -923,7 +943,13 @@ def test_train_command_starts_from_the_shipped_model_unless_told_otherwise(tiny_
     out = capsys.readouterr()
     assert "starting from the shipped model" not in out.err and "initialised from" not in out.out
     assert "hint: " not in out.err  # scratch was asked for: no suggestion to do otherwise
-    assert load_checkpoint(tmp_path / "scratch" / "last.pt")["train_state"]["init_from"] is None
+    scratch = load_checkpoint(tmp_path / "scratch" / "last.pt")
+    assert scratch["train_state"]["init_from"] is None
+    preset = get_preset("shapes-cpu").train  # the run's own average and drop, not the fine-tuning
+    stored = scratch["config"]["train"]
+    assert (stored["ema_decay"], stored["lr_gamma"]) == (preset.ema_decay, preset.lr_gamma) == \
+        (0.0, 0.1)
+    assert "raw_model" not in scratch["train_state"]
     # an explicit checkpoint: no line about the default; a basis of one's own: from scratch
     assert main([*base, "--out", str(tmp_path / "explicit"), "--init-from", str(shipped)]) == 0
     out = capsys.readouterr()
@@ -1604,3 +1630,25 @@ def test_the_checkpoint_records_each_machine_the_run_trained_on(shapes, tmp_path
     del old["train_state"]["machines"]  # as a checkpoint written before machines were kept
     save_checkpoint(run / "last.pt", **old)
     assert on(first, resume=True, max_iters=6) == [engine.UNKNOWN_MACHINE, first]
+
+
+def test_schedule_words_say_how_the_lr_and_the_weights_evolve():
+    """The words that the train command and train() print for a run's lr, weight average and lr
+    drop, and the settings they name, for a step schedule with and without a drop, one without
+    steps and a linear decay."""
+    from dataclasses import replace
+
+    from istr_viz.engine import schedule_words
+
+    tc = get_preset("shapes-cpu").train
+    assert schedule_words(tc) == "lr 4.0e-04, no weight average, lr x0.1 at the steps"
+    fine = replace(tc, lr=2.8e-4, ema_decay=0.995, lr_gamma=1.0)
+    sources = {"lr": "train.fine_tune_lr", "ema_decay": "train.fine_tune_ema_decay",
+               "lr_gamma": "train.lr_gamma"}
+    assert schedule_words(fine, sources) == ("lr 2.8e-04 (train.fine_tune_lr), weight average "
+                                             "0.995 (train.fine_tune_ema_decay), no lr drop "
+                                             "(train.lr_gamma)")
+    assert schedule_words(replace(tc, lr_steps=())).endswith(", no lr drop")
+    assert schedule_words(replace(tc, lr_steps=()), sources).endswith("no lr drop (train.lr_steps)")
+    assert schedule_words(replace(tc, lr_decay="linear"), sources).endswith(
+        "linear lr decay to 0 (train.lr_decay)")
