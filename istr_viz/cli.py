@@ -471,9 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "otherwise; likewise train.fine_tune_ema_decay and "
                             "train.fine_tune_lr_gamma replace train.ema_decay and "
                             "train.lr_gamma (shapes-cpu: a 0.995 weight average and no lr drop, "
-                            "against none and x0.1 from scratch). Default (also --init-from auto): the shipped model where "
-                            "the data's classes are not its own and the configuration has its "
-                            "weights (a printed line says so), else from scratch")
+                            "against none and x0.1 from scratch). Default (also --init-from "
+                            "auto): the shipped model where the data's classes are not its own "
+                            "and the configuration has its weights (a printed line says so), "
+                            "else from scratch")
     start.add_argument("--from-scratch", action="store_true",
                        help="train from scratch, also where the default would start from the "
                             "shipped model")

@@ -559,9 +559,9 @@ def train(cfg: Config, train_data: DatasetPaths, out_dir: str | Path,
     ``init_from`` trains at ``cfg.train.lr``, ``ema_decay`` and ``lr_gamma``:
     :func:`training_start` gives a configuration the fine-tuning settings of a run from trained
     weights (``train.fine_tune_lr``, ``fine_tune_ema_decay``, ``fine_tune_lr_gamma``), and a note
-    is printed where ``cfg`` still holds ones that were not applied; ``train.fine_tune_freeze_at`` freezes the
-    first parts of its ResNet here, in this run and its resumes. A fresh run with ``init_from`` on data
-    with small objects trains and tests at ``data.median_object_px``'s larger sizes (a note says
+    is printed where ``cfg`` still holds ones that were not applied; ``train.fine_tune_freeze_at``
+    freezes the first parts of its ResNet here, in this run and its resumes. A fresh run with
+    ``init_from`` on data with small objects trains and tests at ``data.median_object_px``'s larger sizes (a note says
     so; the checkpoint stores them), matched to the median that ``init_from`` recorded where it
     did; every checkpoint records its own
     (:func:`istr_viz.checkpoint.trained_median_px`).
